@@ -1,0 +1,1 @@
+"""Shared vocabulary of the stages: frozen artifacts, the error tree, small helpers."""
