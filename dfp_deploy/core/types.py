@@ -23,6 +23,9 @@ class ChannelGroup:
     reason: str = ""
     residual: bool = False
     macs: int = 0  # MACs of the producers + consumers touching this group (for budgets and reports)
+    # kinds of ops the channels pass through between producers and consumers, e.g. ("bn", "relu", "add"),
+    # so reconstruction can tell where a closed-form merge is valid (positively homogeneous paths only)
+    path_ops: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
