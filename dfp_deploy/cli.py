@@ -1,0 +1,113 @@
+"""Command-line entry point: `dfp-deploy build | inspect | backends | recipe-keys`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from dfp_deploy import __version__
+from dfp_deploy.core.errors import DfpError
+
+
+class _Cli(click.Group):
+    """Turns expected failures into one line on stderr and the documented exit code (DESIGN.md)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except DfpError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written to the output folder", err=True)
+            sys.exit(130)
+
+
+_set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                           help="override a recipe key, e.g. --set compress.prune.ratio=0.5 (repeatable)")
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dfp-deploy")
+def main():
+    """Data-free pruning and quantization of PyTorch CNNs, exported to measured deployment engines."""
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@_set_option
+@click.option("--out", type=str, default=None, help="output folder (overrides output.dir)")
+@click.option("--quiet", is_flag=True, help="no progress output")
+def build(recipe: Path, overrides, out, quiet):
+    """Compress, export, build and measure the model described by RECIPE."""
+    from dfp_deploy.pipeline import build as run_build
+    from dfp_deploy.recipe import load_recipe
+
+    r = load_recipe(recipe, list(overrides), out=out)
+    report = run_build(r, recipe, quiet=quiet)
+    click.echo(_summary(report))
+
+
+def _summary(r: dict) -> str:
+    parts = [f"params {r['params']['before']:,} -> {r['params']['after']:,}",
+             f"MACs {r['macs']['before'] / 1e6:.2f}M -> {r['macs']['after'] / 1e6:.2f}M"]
+    lat = r["latency"]
+    if "before" in lat:
+        parts.append(f"p50 {lat['before']['p50_ms']:.3f} -> {lat['after']['p50_ms']:.3f} ms "
+                     f"({lat['speedup']:.2f}x, {lat['backend']}, batch {lat['batch']})")
+    if "accuracy" in r:
+        parts.append(f"top-1 {r['accuracy']['before']:.2f} -> {r['accuracy']['after']:.2f}%")
+    parts.append(f"parity max|diff| {r['parity']['max_abs_err']:.1e}")
+    return "; ".join(parts) + f"\nwrote {r['artifacts']['dir']}/report.json and report.md"
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@_set_option
+def inspect(recipe: Path, overrides):
+    """Print the channel groups, channel counts and MACs of the recipe's model (and what the plan keeps)."""
+    from dfp_deploy.pipeline import inspect as run_inspect
+    from dfp_deploy.recipe import load_recipe
+
+    info = run_inspect(load_recipe(recipe, list(overrides)))
+    click.echo(f"{info['model']}: input {info['input_shape']}, {info['params']:,} params, "
+               f"{info['macs'] / 1e6:.2f} M MACs per image")
+    keep = info["plan"].keep
+    rows = [("group", "channels", "kept", "MACs(M)", "prunable", "notes")]
+    for g in info["groups"]:
+        note = g.reason or ("residual" if g.residual else "")
+        kept = len(keep[g.name]) if g.name in keep else g.channels
+        rows.append((g.name, str(g.channels), str(kept), f"{g.macs / 1e6:.2f}", "yes" if g.prunable else "no", note))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    for w in info["warnings"]:
+        click.echo(f"warning: {w}", err=True)
+
+
+@main.command()
+def backends():
+    """List the engine backends, whether they can run here, and why not."""
+    from dfp_deploy.backends.registry import list_backends
+
+    rows = [("backend", "available", "version", "device", "reason")]
+    for b in list_backends():
+        rows.append((b.name, "yes" if b.available else "no", b.version or "-", b.device or "-", b.reason or ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+@main.command("recipe-keys")
+def recipe_keys():
+    """List every recipe key with its type, default and meaning."""
+    from dfp_deploy.recipe import iter_keys
+
+    for key, typ, default, doc in iter_keys():
+        click.echo(f"{key}  ({typ}, default {default!r})\n    {doc}")
+
+
+if __name__ == "__main__":
+    main()

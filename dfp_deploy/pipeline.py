@@ -1,0 +1,320 @@
+"""The only module that sequences stages: recipe → model → analysis → compress → export → engine → measure → report.
+
+Every artifact is first written into a private staging folder next to the output folder; only a build that
+finished (parity checked, report written) replaces the output folder, so an interrupted or failed build never
+leaves files that look complete and never destroys the previous good output.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dfp_deploy import __version__
+from dfp_deploy.core.errors import DfpError, InputError
+from dfp_deploy.core.types import PrunePlan
+from dfp_deploy.recipe import Recipe, recipe_to_dict
+
+REPORT_NAME = "report.json"
+
+
+def default_round_to(backend: str, precision: str) -> int:
+    """Channel multiple a target likes (DESIGN.md): TensorRT int8 tensor cores want 32, fp16 8, CPUs 4."""
+    if backend in ("tensorrt", "ort-cuda", "torch-cuda"):
+        return 32 if precision == "int8" else 8
+    return 4
+
+
+@dataclass
+class Stages:
+    """Numbered progress lines on stderr, so a user sees where a slow build is."""
+
+    total: int
+    quiet: bool = False
+    done: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def __call__(self, what: str) -> None:
+        self.done += 1
+        if not self.quiet:
+            elapsed = time.perf_counter() - self.started
+            print(f"[{self.done}/{self.total}] {what} (t={elapsed:.1f}s)", file=sys.stderr, flush=True)
+
+
+def output_dir(recipe: Recipe, recipe_path: Path | None) -> Path:
+    if recipe.output.dir:
+        return Path(recipe.output.dir)
+    stem = recipe_path.stem if recipe_path else "default"
+    return Path("runs") / stem
+
+
+def _check_output_dir(out: Path) -> None:
+    """Refuse to replace a folder that is not a previous dfp-deploy output: we never delete a user's files."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT_NAME).is_file())):
+        raise InputError(f"output: {out} exists and is not a dfp-deploy output folder (no {REPORT_NAME}); "
+                         "choose another --out")
+
+
+def _load(recipe: Recipe):
+    from dfp_deploy.models import load_model
+
+    shape = recipe.model.input_size
+    if shape is not None and (len(shape) != 3 or min(shape) < 1):
+        raise InputError(f"model.input_size: expected [C, H, W] with positive sizes, got {shape}")
+    return load_model(recipe.model.name, recipe.model.weights, kwargs=recipe.model.kwargs or None,
+                      input_shape=tuple(shape) if shape else None)
+
+
+def _example_input(loaded, batch: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn((batch, *loaded.input_shape), generator=gen)
+
+
+def _plan(recipe: Recipe, model, analysis) -> PrunePlan:
+    from dfp_deploy.compress.plan import make_plan
+
+    p = recipe.compress.prune
+    if p.ratio == 0 and not p.ratios:
+        return PrunePlan()
+    round_to = p.round_to or default_round_to(recipe.target.backend, recipe.target.precision)
+    return make_plan(model, analysis, ratio=p.ratio, ratios=p.ratios, exclude=p.exclude, round_to=round_to,
+                     min_channels=p.min_channels, importance=p.importance, include_residual=p.include_residual)
+
+
+def _compress(recipe: Recipe, model, analysis, plan: PrunePlan):
+    method = recipe.compress.reconstruct
+    bits = recipe.compress.quantize.weight_bits
+    if method == "none" and bits is None:
+        from dfp_deploy.compress.prune import prune_model
+
+        return prune_model(model, analysis, plan)
+    from dfp_deploy.compress.reconstruct import compress_model
+
+    return compress_model(model, analysis, plan, method=method, weight_bits=bits)
+
+
+def _reference_inputs(recipe: Recipe, loaded, batch: int) -> tuple[np.ndarray, str]:
+    """Parity inputs: real evaluation images when the recipe has them, else seeded Gaussian noise."""
+    n = -(-recipe.measure.parity_samples // batch) * batch
+    if recipe.eval.data:
+        from dfp_deploy.measure.dataset import load_images, to_tensor
+
+        x, _ = load_images(recipe.eval.data, loaded.preprocess, limit=n, require_labels=False)
+        if len(x) >= batch:
+            x = x[: len(x) // batch * batch]
+            return to_tensor(x, loaded.preprocess), "eval images"
+    rng = np.random.default_rng(recipe.seed)
+    return rng.standard_normal((n, *loaded.input_shape), dtype=np.float32), "gaussian noise"
+
+
+def _torch_runner(model):
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+    return run
+
+
+def _chunked(run, batch: int):
+    """Feed an engine built for a static batch: split into chunks of exactly `batch` rows."""
+    def go(x: np.ndarray) -> np.ndarray:
+        return np.concatenate([run(x[i:i + batch]) for i in range(0, len(x), batch)])
+    return go
+
+
+def build(recipe: Recipe, recipe_path: Path | None = None, *, quiet: bool = False) -> dict:
+    """Run the whole build; return the report dict (also written to <out>/report.json)."""
+    out = output_dir(recipe, recipe_path)
+    _check_output_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage_dir = out.parent / f".{out.name}.building-{os.getpid()}"
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    stage_dir.mkdir()
+    try:
+        report = _build_into(recipe, recipe_path, stage_dir, Stages(total=8, quiet=quiet))
+        _swap_into_place(stage_dir, out)
+    except BaseException:
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        raise
+    report["artifacts"]["dir"] = str(out)
+    return report
+
+
+def _swap_into_place(stage_dir: Path, out: Path) -> None:
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(stage_dir, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Stages) -> dict:
+    from dfp_deploy.analysis import analyze, count_macs, count_params
+    from dfp_deploy.backends.registry import get_backend
+    from dfp_deploy.core.atomic import write_json_atomic, write_text_atomic
+    from dfp_deploy.core.env import environment
+    from dfp_deploy.export.onnx_export import export_onnx
+    from dfp_deploy.report.markdown import render_markdown
+
+    torch.manual_seed(recipe.seed)
+    t = recipe.target
+    backend = get_backend(t.backend)
+    info = backend.info()
+    if not info.available:
+        from dfp_deploy.core.errors import BackendUnavailable
+
+        raise BackendUnavailable(f"target.backend: {t.backend} is unavailable here: {info.reason}")
+
+    stage(f"loading model {recipe.model.name}")
+    loaded = _load(recipe)
+    model = loaded.module
+    example = _example_input(loaded, t.batch, recipe.seed)
+    one = example[:1]
+
+    stage("analysing channel groups")
+    analysis = analyze(model, one)
+    plan = _plan(recipe, model, analysis)
+
+    stage(f"compressing ({_describe(recipe, plan)})")
+    compressed = _compress(recipe, model, analysis, plan)
+    compressed.eval()
+    sizes = {
+        "params": {"before": count_params(model), "after": count_params(compressed)},
+        "macs": {"before": count_macs(model, one), "after": count_macs(compressed, one)},
+    }
+    for d in sizes.values():
+        d["reduction"] = 1.0 - d["after"] / d["before"] if d["before"] else 0.0
+    torch.save(compressed, work / "model.pt")
+    write_json_atomic(work / "plan.json", {"keep": {k: list(v) for k, v in plan.keep.items()},
+                                          "channels": {g.name: g.channels for g in analysis.groups}})
+
+    stage("exporting ONNX")
+    dyn = recipe.export.dynamic_batch
+    exp_before = export_onnx(model, example, work / "original.onnx", dynamic_batch=dyn, opset=recipe.export.opset)
+    exp_after = export_onnx(compressed, example, work / "model.onnx", dynamic_batch=dyn, opset=recipe.export.opset)
+
+    stage(f"building {t.backend} {t.precision} engines (batch {t.batch})")
+    eng_before = backend.build(exp_before.path, precision=t.precision, threads=t.threads, out_dir=work,
+                               torch_model=model)
+    eng_after = backend.build(exp_after.path, precision=t.precision, threads=t.threads, out_dir=work,
+                              torch_model=compressed)
+
+    stage("checking parity engine vs PyTorch")
+    from dfp_deploy.core.errors import ParityError
+    from dfp_deploy.measure.parity import parity
+
+    x_ref, ref_kind = _reference_inputs(recipe, loaded, t.batch)
+    par = parity(_torch_runner(compressed), _ChunkedEngine(eng_after, t.batch), x_ref)
+    par.update(tolerance=recipe.measure.parity_tolerance, inputs=ref_kind)
+    if not par["max_abs_err"] <= recipe.measure.parity_tolerance:
+        raise ParityError(f"parity: engine and PyTorch differ by {par['max_abs_err']:.3g} on the logits "
+                          f"(> measure.parity_tolerance {recipe.measure.parity_tolerance:g})")
+
+    latency = {"backend": t.backend, "precision": t.precision, "batch": t.batch}
+    stage("timing engines (before/after interleaved)" if recipe.measure.latency else "timing skipped")
+    if recipe.measure.latency:
+        from dfp_deploy.measure.latency import time_interleaved
+
+        xb = example.numpy()
+        stats = time_interleaved({"before": eng_before.prepare(xb), "after": eng_after.prepare(xb)},
+                                 warmup=recipe.measure.warmup, runs=recipe.measure.runs,
+                                 rounds=recipe.measure.rounds, batch=t.batch, threads=t.threads,
+                                 progress=not stage.quiet)
+        latency.update(threads=stats["after"].threads, before=stats["before"].as_dict(),
+                       after=stats["after"].as_dict(),
+                       speedup=stats["before"].p50_ms / stats["after"].p50_ms,
+                       protocol=dict(warmup=recipe.measure.warmup, runs=recipe.measure.runs,
+                                     rounds=recipe.measure.rounds, order="interleaved, rotating"))
+
+    stage("evaluating accuracy" if recipe.eval.data else "accuracy skipped (no eval.data)")
+    accuracy = None
+    if recipe.eval.data:
+        accuracy = _accuracy(recipe, loaded, eng_before, eng_after, t.batch, dyn, quiet=stage.quiet)
+
+    report = {
+        "dfp_deploy_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": loaded.name, "weights": loaded.weights, "input_shape": list(loaded.input_shape)},
+        **sizes,
+        "prune": _prune_summary(analysis, plan),
+        "compress": {"reconstruct": recipe.compress.reconstruct,
+                     "weight_bits": recipe.compress.quantize.weight_bits},
+        "latency": latency,
+        "parity": par,
+        "environment": environment(),
+        "recipe": recipe_to_dict(recipe),
+        "recipe_path": str(recipe_path) if recipe_path else None,
+        "artifacts": {"model_pt": "model.pt", "onnx": "model.onnx", "original_onnx": "original.onnx",
+                      "plan": "plan.json", "report_json": REPORT_NAME, "report_md": "report.md"},
+        "warnings": list(analysis.warnings),
+    }
+    if accuracy is not None:
+        report["accuracy"] = accuracy
+    write_text_atomic(work / "report.md", render_markdown(report))
+    write_json_atomic(work / REPORT_NAME, report)  # last: its presence marks a finished build
+    return report
+
+
+class _ChunkedEngine:
+    """Adapter: an engine with a static batch seen as one that takes any multiple of that batch."""
+
+    def __init__(self, engine, batch: int):
+        self.name = engine.name
+        self.run = _chunked(engine.run, batch)
+
+
+def _accuracy(recipe, loaded, eng_before, eng_after, batch, dynamic, *, quiet):
+    from dfp_deploy.measure.accuracy import top1
+    from dfp_deploy.measure.dataset import load_images, to_tensor
+
+    x8, y = load_images(recipe.eval.data, loaded.preprocess, limit=recipe.eval.limit)
+    x = to_tensor(x8, loaded.preprocess)
+    kw = dict(batch=batch, static_batch=not dynamic, progress=not quiet)
+    return {"data": recipe.eval.data, "n": int(len(y)), "metric": "top1_percent",
+            "before": top1(eng_before.run, x, y, **kw), "after": top1(eng_after.run, x, y, **kw)}
+
+
+def _describe(recipe: Recipe, plan: PrunePlan) -> str:
+    parts = [f"prune {len(plan.keep)} groups" if plan.keep else "no pruning"]
+    if recipe.compress.reconstruct != "none":
+        parts.append(f"reconstruct {recipe.compress.reconstruct}")
+    if recipe.compress.quantize.weight_bits:
+        parts.append(f"w{recipe.compress.quantize.weight_bits}")
+    return ", ".join(parts)
+
+
+def _prune_summary(analysis, plan: PrunePlan) -> dict:
+    groups = []
+    for g in analysis.groups:
+        kept = len(plan.keep[g.name]) if g.name in plan.keep else g.channels
+        groups.append({"name": g.name, "channels": g.channels, "kept": kept, "prunable": g.prunable,
+                       "residual": g.residual, **({"reason": g.reason} if g.reason else {})})
+    total = sum(g["channels"] for g in groups if g["prunable"])
+    kept = sum(g["kept"] for g in groups if g["prunable"])
+    return {"groups_pruned": len(plan.keep), "prunable_channels": total,
+            "removed_fraction": 1.0 - kept / total if total else 0.0, "groups": groups}
+
+
+def inspect(recipe: Recipe) -> dict:
+    """Channel groups, channel counts and MACs of the recipe's model (and of the plan the recipe would apply)."""
+    from dfp_deploy.analysis import analyze, count_macs, count_params
+
+    loaded = _load(recipe)
+    one = _example_input(loaded, 1, recipe.seed)
+    analysis = analyze(loaded.module, one)
+    plan = _plan(recipe, loaded.module, analysis)
+    return {"model": loaded.name, "input_shape": list(loaded.input_shape),
+            "params": count_params(loaded.module), "macs": count_macs(loaded.module, one),
+            "groups": analysis.groups, "plan": plan, "warnings": list(analysis.warnings)}
+
+
+def read_report(out: Path) -> dict:
+    return json.loads((out / REPORT_NAME).read_text())

@@ -1,0 +1,1 @@
+"""Reports: render the JSON report (the source of truth) as Markdown; compute nothing new."""

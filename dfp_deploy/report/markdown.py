@@ -1,0 +1,56 @@
+"""Render report.json as a short human-readable report.md (every number comes from the JSON)."""
+
+from __future__ import annotations
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:+.1f}%"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.3f} M" if n >= 1e5 else f"{n:,}"
+
+
+def render_markdown(r: dict) -> str:
+    m = r["model"]
+    lines = [f"# dfp-deploy report: {m['name']}", ""]
+    lines += [f"Built {r['created']} with dfp-deploy {r['dfp_deploy_version']}; weights `{m['weights']}`; "
+              f"input {'x'.join(map(str, m['input_shape']))}.", ""]
+    c = r["compress"]
+    p = r["prune"]
+    lines += [f"Compression: {p['groups_pruned']} channel groups pruned, "
+              f"{100 * p['removed_fraction']:.1f}% of prunable channels removed; reconstruction "
+              f"`{c['reconstruct']}`; weight bits `{c['weight_bits'] or 'float'}`.", ""]
+    lines += ["| | before | after | change |", "|---|---|---|---|"]
+    for key in ("params", "macs"):
+        d = r[key]
+        lines.append(f"| {key} | {_count(d['before'])} | {_count(d['after'])} | {_pct(-d['reduction'])} |")
+    lat = r["latency"]
+    if "before" in lat:
+        b, a = lat["before"], lat["after"]
+        lines.append(f"| latency p50 ({lat['backend']}, {lat['precision']}, batch {lat['batch']}) | "
+                     f"{b['p50_ms']:.3f} ms | {a['p50_ms']:.3f} ms | {lat['speedup']:.2f}x faster |")
+        lines.append(f"| latency p90 | {b['p90_ms']:.3f} ms | {a['p90_ms']:.3f} ms | |")
+    acc = r.get("accuracy")
+    if acc:
+        lines.append(f"| top-1 ({acc['n']} images) | {acc['before']:.2f}% | {acc['after']:.2f}% | "
+                     f"{acc['after'] - acc['before']:+.2f} pt |")
+    lines.append("")
+    if "before" in lat:
+        pr = lat["protocol"]
+        lines += [f"Latency: {pr['warmup']} warm-up runs, then {pr['runs']} timed runs per engine in {pr['rounds']} "
+                  f"rounds, before and after engines interleaved in one process, {lat.get('threads')} threads. "
+                  "Compare the ratio, not absolute times, on a shared machine.", ""]
+    else:
+        lines += ["Latency: not measured (measure.latency is false).", ""]
+    par = r["parity"]
+    lines += [f"Parity (engine vs PyTorch, {par['n']} inputs from {par['inputs']}): max |diff| "
+              f"{par['max_abs_err']:.2e} (tolerance {par['tolerance']:g}), top-1 agreement "
+              f"{100 * par['top1_agreement']:.2f}%.", ""]
+    env = r["environment"]
+    lines += ["Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
+    if r.get("warnings"):
+        lines += ["Warnings:", *[f"- {w}" for w in r["warnings"]], ""]
+    art = r["artifacts"]
+    lines += ["Artifacts: " + ", ".join(f"`{v}`" for k, v in art.items() if k != "dir"), ""]
+    return "\n".join(lines)
