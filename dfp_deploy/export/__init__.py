@@ -1,0 +1,1 @@
+"""ONNX export of a PyTorch CNN and the checks every exported graph must pass."""
