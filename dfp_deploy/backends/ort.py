@@ -1,0 +1,182 @@
+"""ONNX Runtime engines: `ort-cpu` (CPUExecutionProvider) and `ort-cuda` (CUDAExecutionProvider, timed via IOBinding).
+
+Session settings are chosen for honest, repeatable latency rather than throughput: intra-op threads pinned to
+the requested count (default: physical cores), one inter-op thread with sequential execution (a CNN is a chain,
+parallel branches buy little and add scheduling noise), all graph optimisations, and spinning worker threads
+(`session.intra_op.allow_spinning=1`) so a timed call does not pay thread wake-up latency.
+
+Timing runners bind input and output once through IOBinding, so a timed call is one `run_with_iobinding`:
+no feed-dict construction on CPU, and on CUDA the input stays resident on the device and the output is
+left there (no host copies in the figure). ORT synchronises the CUDA stream at the end of each Run, so
+the host wall time of a call covers the GPU work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dfp_deploy.backends.registry import BackendInfo, check_precision, check_threads
+from dfp_deploy.core.env import cpu_model, gpu_models, physical_cores
+from dfp_deploy.core.errors import BackendUnavailable, InputError
+
+_INT8_PLAN = "int8 on {name} arrives with the Q/DQ pass (issue 4)"
+_FP16_PLAN = "fp16 on {name} is not supported yet; use fp32"
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except Exception as e:
+        raise BackendUnavailable(f"onnxruntime is not importable: {type(e).__name__}: {e}") from e
+    return onnxruntime
+
+
+def default_threads() -> int:
+    return physical_cores() or 1
+
+
+def session_options(ort, threads: int):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.log_severity_level = 3  # errors only: ORT's per-session warnings would flood the build output
+    return options
+
+
+def _static_shape(session) -> tuple:
+    return tuple(d if isinstance(d, int) else None for d in session.get_inputs()[0].shape)
+
+
+class OrtEngine:
+    """One ORT session with a single float input and a single output."""
+
+    def __init__(self, session, name: str, device: str, threads: int):
+        self.session = session
+        self.name = name
+        self.device = device
+        self.threads = threads
+        self.input_name = session.get_inputs()[0].name
+        self.output_name = session.get_outputs()[0].name
+        self.input_shape = _static_shape(session)
+        self.static_batch = self.input_shape[0] if self.input_shape else None
+
+    def _checked(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        expected = self.input_shape
+        if x.ndim != len(expected) or any(e is not None and e != s for e, s in zip(expected, x.shape)):
+            shown = tuple("N" if e is None else e for e in expected)
+            hint = (" (the ONNX file has a static batch; export with dynamic batch to feed other sizes)"
+                    if self.static_batch is not None and x.shape[1:] == tuple(expected[1:]) else "")
+            raise InputError(f"{self.name}: input shape {x.shape} does not match the engine's {shown}{hint}")
+        return x
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: self._checked(x)})[0]
+
+    def prepare(self, x: np.ndarray):
+        # a private copy: the binding reads this memory on every call, whatever the caller does with its array
+        x = self._checked(x).copy()
+        binding = self.session.io_binding()
+        if self.device == "cuda":
+            ort = _import_ort()
+            resident = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
+            binding.bind_ortvalue_input(self.input_name, resident)
+            binding.bind_output(self.output_name, "cuda", 0)
+        else:
+            binding.bind_cpu_input(self.input_name, x)
+            binding.bind_output(self.output_name, "cpu")
+        session = self.session
+
+        def run_once() -> None:
+            session.run_with_iobinding(binding)
+
+        run_once.input, run_once.binding = x, binding  # the binding points at x's memory: keep both alive
+        return run_once
+
+
+class _OrtBackend:
+    name = ""
+    provider = ""
+    device_kind = ""
+
+    def _device(self) -> str:
+        raise NotImplementedError
+
+    def info(self) -> BackendInfo:
+        try:
+            ort = _import_ort()
+        except BackendUnavailable as e:
+            return BackendInfo(self.name, False, None, str(e), self._device())
+        providers = ort.get_available_providers()
+        if self.provider not in providers:
+            return BackendInfo(self.name, False, ort.__version__,
+                               f"{self.provider} is not in this onnxruntime build's providers "
+                               f"({', '.join(providers)}){self._hint()}", self._device())
+        return BackendInfo(self.name, True, ort.__version__, f"onnxruntime {self.provider}", self._device())
+
+    def _hint(self) -> str:
+        return ""
+
+    def _providers(self) -> list:
+        raise NotImplementedError
+
+    def build(self, onnx_path: Path, *, precision: str, threads: int | None, out_dir: Path,
+              torch_model=None) -> OrtEngine:
+        """A session on `onnx_path`; `out_dir` and `torch_model` are unused (ORT keeps its engine in memory)."""
+        check_threads(threads)
+        check_precision(self.name, precision, ("fp32",),
+                        {"int8": _INT8_PLAN.format(name=self.name), "fp16": _FP16_PLAN.format(name=self.name)})
+        info = self.info()
+        if not info.available:
+            raise BackendUnavailable(f"{self.name}: {info.reason}")
+        onnx_path = Path(onnx_path)
+        if not onnx_path.is_file():
+            raise InputError(f"{self.name}: ONNX file {onnx_path} does not exist")
+        ort = _import_ort()
+        threads = threads or default_threads()
+        try:
+            session = ort.InferenceSession(str(onnx_path), session_options(ort, threads),
+                                           providers=self._providers())
+        except Exception as e:
+            raise BackendUnavailable(f"{self.name}: could not create a session on {onnx_path.name}: "
+                                     f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+                                     ) from e
+        if self.provider not in session.get_providers():
+            # ORT silently falls back to CPU when a provider fails to initialise: a result would be mislabelled
+            raise BackendUnavailable(f"{self.name}: {self.provider} failed to initialise (session providers: "
+                                     f"{', '.join(session.get_providers())}); check the CUDA/cuDNN libraries")
+        return OrtEngine(session, self.name, self.device_kind, threads)
+
+
+class OrtCpuBackend(_OrtBackend):
+    name = "ort-cpu"
+    provider = "CPUExecutionProvider"
+    device_kind = "cpu"
+
+    def _device(self) -> str:
+        return cpu_model()
+
+    def _providers(self) -> list:
+        return [self.provider]
+
+
+class OrtCudaBackend(_OrtBackend):
+    name = "ort-cuda"
+    provider = "CUDAExecutionProvider"
+    device_kind = "cuda"
+
+    def _device(self) -> str:
+        gpus = gpu_models()
+        return gpus[0] if gpus else "cuda"
+
+    def _hint(self) -> str:
+        return "; install onnxruntime-gpu (in place of onnxruntime) on a machine with an NVIDIA GPU"
+
+    def _providers(self) -> list:
+        # CPU stays listed for the rare node CUDA has no kernel for; the check above ensures CUDA is really active
+        return [(self.provider, {"device_id": 0}), "CPUExecutionProvider"]

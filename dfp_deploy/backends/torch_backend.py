@@ -1,0 +1,143 @@
+"""PyTorch engines: `torch-cpu` (eager, inference_mode; the reference) and `torch-cuda` (timed with CUDA events).
+
+These run the nn.Module itself, not the ONNX file, so they measure what eager PyTorch would deliver and serve
+as the baseline an exported engine should beat. CUDA is touched only inside TorchCudaBackend's methods, never at
+import, so `import dfp_deploy` and `list_backends()` stay free of CUDA initialisation on machines without a GPU
+(`torch.cuda.is_available()` queries the driver without creating a context).
+
+GPU timing: a runner records a CUDA event before and after the forward pass on the current stream and waits
+for the second; `start.elapsed_time(end)` is the time between the two events on the device, in milliseconds. It includes no
+host<->device copies (the input is made resident once in `prepare`, the output stays on the device); host-side
+Python overhead shows in it only where kernel launches cannot keep the GPU busy, as it would in deployment.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dfp_deploy.backends.registry import BackendInfo, check_precision, check_threads
+from dfp_deploy.core.env import cpu_model, physical_cores
+from dfp_deploy.core.errors import BackendUnavailable, InputError
+
+
+def _require_module(name: str, torch_model) -> torch.nn.Module:
+    if not isinstance(torch_model, torch.nn.Module):
+        raise InputError(f"{name}: this backend runs the PyTorch module itself; pass torch_model=<nn.Module>")
+    return torch_model
+
+
+class TorchCpuEngine:
+    def __init__(self, model: torch.nn.Module, threads: int):
+        self.name = "torch-cpu"
+        self.model = model
+        self.threads = threads
+        self.static_batch = None
+
+    def _threads(self) -> None:
+        # torch's intra-op pool is process-wide: re-assert ours in case another engine changed it
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        self._threads()
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).float().numpy()
+
+    def prepare(self, x: np.ndarray):
+        tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        model = self.model
+        self._threads()
+
+        def run_once() -> None:
+            with torch.inference_mode():
+                model(tensor)
+
+        return run_once
+
+
+class TorchCudaEngine:
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+        self.name = "torch-cuda"
+        self.model = model
+        self.dtype = dtype
+        self.threads = None
+        self.static_batch = None
+
+    def _to_device(self, x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to("cuda").to(self.dtype)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.model(self._to_device(x)).float().cpu().numpy()
+
+    def prepare(self, x: np.ndarray):
+        resident = self._to_device(x)
+        model = self.model
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def run_once() -> float:
+            with torch.inference_mode():
+                start.record()
+                model(resident)
+                end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+
+        return run_once
+
+
+def _precision_plans(name: str) -> dict[str, str]:
+    return {"int8": f"int8 on {name} is not supported (eager PyTorch has no int8 conv path here); "
+                    "use an ort or tensorrt backend for int8",
+            "fp16": f"fp16 on {name} is not supported (CPU fp16 convolutions are slow); use fp32"}
+
+
+class TorchCpuBackend:
+    name = "torch-cpu"
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(self.name, True, torch.__version__, "eager PyTorch on the CPU (reference)", cpu_model())
+
+    def build(self, onnx_path: Path | None, *, precision: str, threads: int | None, out_dir: Path | None,
+              torch_model=None) -> TorchCpuEngine:
+        """Wraps `torch_model` (switched to eval mode, not copied); onnx_path and out_dir are unused."""
+        check_threads(threads)
+        check_precision(self.name, precision, ("fp32",), _precision_plans(self.name))
+        model = _require_module(self.name, torch_model).eval()
+        return TorchCpuEngine(model, threads or physical_cores() or 1)
+
+
+class TorchCudaBackend:
+    name = "torch-cuda"
+
+    def _unavailable_reason(self) -> str | None:
+        if torch.version.cuda is None:
+            return f"this torch build ({torch.__version__}) has no CUDA support"
+        if not torch.cuda.is_available():
+            return "torch finds no CUDA device (driver missing or no GPU visible)"
+        return None
+
+    def info(self) -> BackendInfo:
+        reason = self._unavailable_reason()
+        if reason is not None:
+            return BackendInfo(self.name, False, torch.__version__, reason, "cuda")
+        return BackendInfo(self.name, True, torch.__version__, f"eager PyTorch on CUDA {torch.version.cuda}",
+                           torch.cuda.get_device_name(0))
+
+    def build(self, onnx_path: Path | None, *, precision: str, threads: int | None, out_dir: Path | None,
+              torch_model=None) -> TorchCudaEngine:
+        """A device copy of `torch_model` (the caller's module stays where it is); fp32 or fp16 weights."""
+        check_threads(threads)
+        check_precision(self.name, precision, ("fp32", "fp16"), {"int8": _precision_plans(self.name)["int8"]})
+        reason = self._unavailable_reason()
+        if reason is not None:
+            raise BackendUnavailable(f"{self.name}: {reason}")
+        dtype = torch.float16 if precision == "fp16" else torch.float32
+        model = copy.deepcopy(_require_module(self.name, torch_model)).eval().to(device="cuda", dtype=dtype)
+        # let cuDNN pick the fastest algorithm per shape, as a deployment runtime would
+        torch.backends.cudnn.benchmark = True
+        return TorchCudaEngine(model, dtype)

@@ -1,0 +1,178 @@
+"""Backend registry and the CPU engines: availability reporting, precision/threads checks, running and binding."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from dfp_deploy.backends import registry
+from dfp_deploy.backends.registry import get_backend, list_backends
+from dfp_deploy.core.errors import BackendUnavailable, InputError
+from dfp_deploy.measure.parity import parity
+
+ALL_NAMES = {"ort-cpu", "ort-cuda", "tensorrt", "torch-cpu", "torch-cuda"}
+
+
+def linear_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(48, 10)).eval()
+
+
+def write_linear_onnx(model: nn.Module, path, batch: int | str) -> None:
+    """The same function as `linear_model` written by hand: Flatten -> Gemm(transB=1)."""
+    fc = model[1]
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, 4, 4])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])
+    nodes = [helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+             helper.make_node("Gemm", ["flat", "w", "b"], ["logits"], transB=1)]
+    inits = [numpy_helper.from_array(fc.weight.detach().numpy(), "w"),
+             numpy_helper.from_array(fc.bias.detach().numpy(), "b")]
+    graph = helper.make_graph(nodes, "linear", [x], [y], initializer=inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+
+
+@pytest.fixture(scope="module")
+def onnx_files(tmp_path_factory):
+    model = linear_model()
+    folder = tmp_path_factory.mktemp("onnx")
+    write_linear_onnx(model, folder / "static.onnx", 2)
+    write_linear_onnx(model, folder / "dynamic.onnx", "batch")
+    return model, folder
+
+
+def build_ort_cpu(path, **kwargs):
+    options = dict(precision="fp32", threads=1, out_dir=path.parent)
+    options.update(kwargs)
+    return get_backend("ort-cpu").build(path, **options)
+
+
+def test_list_backends_names_every_backend_with_a_reason():
+    infos = list_backends()
+    assert {i.name for i in infos} == ALL_NAMES
+    for info in infos:
+        assert info.reason, info
+    by_name = {i.name: i for i in infos}
+    assert by_name["ort-cpu"].available and by_name["torch-cpu"].available
+
+
+def test_list_backends_reports_a_backend_that_fails_to_load(monkeypatch):
+    monkeypatch.setitem(registry._REGISTRY, "ort-cpu", "dfp_deploy.no_such_module:Nothing")
+    infos = {i.name: i for i in list_backends()}
+    assert not infos["ort-cpu"].available and "failed to load" in infos["ort-cpu"].reason
+
+
+def test_unknown_backend_is_input_error_listing_known_names():
+    with pytest.raises(InputError, match="nope.*ort-cpu.*torch-cuda"):
+        get_backend("nope")
+
+
+def test_gpu_backends_report_availability_truthfully():
+    import onnxruntime as ort
+
+    infos = {i.name: i for i in list_backends()}
+    assert infos["ort-cuda"].available == ("CUDAExecutionProvider" in ort.get_available_providers())
+    assert infos["torch-cuda"].available == torch.cuda.is_available()
+    assert not infos["tensorrt"].available  # the TensorRT builder is a later issue, installed or not
+    for name in ("ort-cuda", "torch-cuda", "tensorrt"):
+        if not infos[name].available:
+            assert len(infos[name].reason) > 10
+
+
+@pytest.mark.parametrize("name", ["ort-cuda", "torch-cuda", "tensorrt"])
+def test_unavailable_backend_build_raises_backend_unavailable(name, onnx_files):
+    model, folder = onnx_files
+    backend = get_backend(name)
+    if backend.info().available:
+        pytest.skip(f"{name} is available on this machine")
+    with pytest.raises(BackendUnavailable):
+        backend.build(folder / "static.onnx", precision="fp32", threads=1, out_dir=folder, torch_model=model)
+
+
+def test_listing_backends_does_not_initialise_cuda():
+    list_backends()
+    assert not torch.cuda.is_initialized()
+
+
+def test_importing_the_registry_stays_light():
+    code = ("import sys, dfp_deploy, dfp_deploy.backends.registry; "
+            "print(sorted(m for m in ('onnxruntime', 'tensorrt', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_ort_cpu_int8_is_unavailable_not_silently_fp32(onnx_files):
+    _, folder = onnx_files
+    with pytest.raises(BackendUnavailable, match="int8 on ort-cpu arrives with the Q/DQ pass"):
+        build_ort_cpu(folder / "static.onnx", precision="int8")
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(precision="fp64"), "precision"), (dict(threads=0), "threads"),
+                                             (dict(threads=True), "threads")])
+def test_ort_cpu_bad_arguments_are_input_errors(onnx_files, kwargs, message):
+    _, folder = onnx_files
+    with pytest.raises(InputError, match=message):
+        build_ort_cpu(folder / "static.onnx", **kwargs)
+
+
+def test_ort_cpu_missing_file_is_input_error(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        build_ort_cpu(tmp_path / "absent.onnx")
+
+
+def test_ort_cpu_session_settings(onnx_files):
+    _, folder = onnx_files
+    engine = build_ort_cpu(folder / "static.onnx", threads=1)
+    options = engine.session.get_session_options()
+    assert options.intra_op_num_threads == 1 and options.inter_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert engine.threads == 1 and engine.session.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_ort_cpu_static_engine_runs_and_rejects_other_batches(onnx_files):
+    model, folder = onnx_files
+    engine = build_ort_cpu(folder / "static.onnx")
+    assert engine.static_batch == 2
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 4), dtype=np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(engine.run(x), expected, atol=1e-5)
+    with pytest.raises(InputError, match="static batch"):
+        engine.run(np.zeros((5, 3, 4, 4), np.float32))
+
+
+def test_ort_cpu_prepared_runner_uses_its_own_bound_copy(onnx_files):
+    _, folder = onnx_files
+    engine = build_ort_cpu(folder / "dynamic.onnx")
+    assert engine.static_batch is None
+    x = np.random.default_rng(2).standard_normal((3, 3, 4, 4), dtype=np.float32)
+    expected = engine.run(x)
+    runner = engine.prepare(x)
+    x[:] = 0  # the runner must keep timing the input it was prepared with
+    assert runner() is None
+    np.testing.assert_array_equal(runner.binding.copy_outputs_to_cpu()[0], expected)
+
+
+def test_torch_cpu_engine_matches_ort_cpu_engine(onnx_files):
+    model, folder = onnx_files
+    torch_engine = get_backend("torch-cpu").build(None, precision="fp32", threads=1, out_dir=folder,
+                                                  torch_model=model)
+    ort_engine = build_ort_cpu(folder / "dynamic.onnx")
+    x = np.random.default_rng(1).standard_normal((7, 3, 4, 4), dtype=np.float32)
+    result = parity(torch_engine.run, ort_engine, x)
+    assert result["n"] == 7 and result["top1_agreement"] == 1.0 and result["max_abs_err"] < 1e-5
+    assert torch_engine.prepare(x)() is None
+
+
+def test_torch_cpu_needs_the_module(onnx_files):
+    _, folder = onnx_files
+    with pytest.raises(InputError, match="torch_model"):
+        get_backend("torch-cpu").build(None, precision="fp32", threads=1, out_dir=folder)
+    with pytest.raises(BackendUnavailable, match="int8"):
+        get_backend("torch-cpu").build(None, precision="int8", threads=1, out_dir=folder, torch_model=linear_model())
