@@ -1,0 +1,124 @@
+"""Latency protocol: warm up, then time several engines interleaved in rotating rounds, and summarise per engine.
+
+Protocol, for runners {A, B, ...} (zero-argument callables that run one inference on pre-bound input):
+1. warm-up: each runner is called `warmup` times, untimed (lazy allocations, caches, JIT/autotuning, spinning
+   thread pools settle);
+2. `rounds` rounds; round r calls each runner in the order rotated by r (A B, then B A, then A B ...), each
+   runner `runs / rounds` times in a row (the remainder goes to the first rounds, so each runner gets exactly
+   `runs` timed calls). Interleaving makes a slow drift of the machine (thermal state, a neighbour's load) hit
+   every runner alike instead of whichever ran last; consecutive calls within a block keep each engine in its
+   own steady state (weights in cache) as in deployment;
+3. each call is timed alone with time.perf_counter_ns; a runner that returns a float has measured itself on
+   the device (CUDA events) and that value in milliseconds is used instead. The garbage collector is paused
+   while timing so its pauses do not land in one engine's figures;
+4. per runner: p50/p90/p99 (numpy linear-interpolated percentiles), min, mean and sample std over all `runs`
+   calls, in milliseconds per batch.
+
+Noise check: `noise(stats)` gives p90/p50 and the coefficient of variation; a p90 more than NOISY_RATIO above
+the median means the machine was busy or the engine unstable, and the report should say so.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from dfp_deploy.core.errors import InputError
+from dfp_deploy.core.types import LatencyStats
+
+MIN_RUNS = 50
+NOISY_RATIO = 1.2  # p90 / p50 above this flags a measurement as noisy
+
+
+def _require_int(key: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise InputError(f"measure.{key}: {value!r} must be an integer >= {low}")
+
+
+def _check_protocol(runners, warmup, runs, rounds, batch) -> None:
+    if not runners:
+        raise InputError("latency: nothing to time (no runners given)")
+    _require_int("warmup", warmup, 0)
+    if isinstance(runs, int) and not isinstance(runs, bool) and runs < MIN_RUNS:
+        raise InputError(f"measure.runs: {runs} is below {MIN_RUNS}; percentiles from fewer runs are too noisy "
+                         f"to compare engines, use runs >= {MIN_RUNS}")
+    _require_int("runs", runs, MIN_RUNS)
+    _require_int("rounds", rounds, 1)
+    if rounds > runs:
+        raise InputError(f"measure.rounds: {rounds} is more than measure.runs ({runs}); use rounds <= runs")
+    _require_int("batch", batch, 1)
+
+
+def schedule(names: list[str], runs: int, rounds: int) -> list[tuple[str, int]]:
+    """The timed blocks in order: (runner name, consecutive calls). Each name gets `runs` calls in total."""
+    base, extra = divmod(runs, rounds)
+    blocks = []
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            blocks.append((name, base + (1 if r < extra else 0)))
+    return blocks
+
+
+def _time_block(runner: Callable, calls: int, out: list[float]) -> None:
+    clock = time.perf_counter_ns
+    for _ in range(calls):
+        start = clock()
+        device_ms = runner()
+        elapsed_ns = clock() - start
+        out.append(float(device_ms) if isinstance(device_ms, float) else elapsed_ns / 1e6)
+
+
+def summarise(times_ms: list[float], *, warmup: int, batch: int, threads: int | None) -> LatencyStats:
+    t = np.asarray(times_ms, dtype=np.float64)
+    p50, p90, p99 = np.percentile(t, [50, 90, 99])
+    return LatencyStats(p50_ms=float(p50), p90_ms=float(p90), p99_ms=float(p99), min_ms=float(t.min()),
+                        mean_ms=float(t.mean()), std_ms=float(t.std(ddof=1)) if len(t) > 1 else 0.0,
+                        runs=len(t), warmup=warmup, batch=batch, threads=threads)
+
+
+def noise(stats: LatencyStats) -> dict:
+    """How stable a measurement was: p90/p50, coefficient of variation, and whether it counts as noisy."""
+    ratio = stats.p90_ms / stats.p50_ms if stats.p50_ms > 0 else float("inf")
+    cv = stats.std_ms / stats.mean_ms if stats.mean_ms > 0 else float("inf")
+    return {"p90_over_p50": ratio, "cv": cv, "noisy": bool(ratio > NOISY_RATIO)}
+
+
+def _progress_bar(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="timing", unit="run", file=sys.stderr, leave=False)
+
+
+def time_interleaved(runners: dict[str, Callable[[], None]], *, warmup: int = 10, runs: int = 50, rounds: int = 5,
+                     batch: int, threads: int | None, progress: bool = False) -> dict[str, LatencyStats]:
+    """Time every runner under the protocol above; returns LatencyStats per runner name (same keys)."""
+    _check_protocol(runners, warmup, runs, rounds, batch)
+    names = list(runners)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    bar = _progress_bar(progress, len(names) * (warmup + runs))
+    gc_was_enabled = gc.isenabled()
+    try:
+        for name in names:
+            for _ in range(warmup):
+                runners[name]()
+            if bar:
+                bar.update(warmup)
+        gc.collect()
+        gc.disable()
+        for name, calls in schedule(names, runs, rounds):
+            _time_block(runners[name], calls, times[name])
+            if bar:
+                bar.update(calls)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+        if bar:
+            bar.close()
+    return {name: summarise(times[name], warmup=warmup, batch=batch, threads=threads) for name in names}
