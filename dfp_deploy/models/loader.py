@@ -1,0 +1,245 @@
+"""Turn a model name (built-in, `torchvision:<name>` or `package.module:factory`) plus weights into a LoadedModel."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from dfp_deploy.core.errors import InputError
+from dfp_deploy.core.types import Preprocess
+from dfp_deploy.models.cifar_resnet import cifar_resnet
+from dfp_deploy.models.efficientnet_lite import LITE_VARIANTS, efficientnet_lite
+from dfp_deploy.models.weights import load_weights
+
+IMAGENET_MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+# torchvision's ImageNet evaluation: resize the short side to 256, centre crop 224
+IMAGENET_PREPROCESS = Preprocess(size=224, mean=IMAGENET_MEAN_255, std=IMAGENET_STD_255, resize=256)
+TORCHVISION_PREFIX = "torchvision:"
+FACTORY_PATTERN = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
+CIFAR_DEPTHS = (20, 32, 44, 56)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for the pipeline: eval mode, CPU, float32, with how it wants its images."""
+
+    module: nn.Module
+    name: str
+    input_shape: tuple[int, int, int]  # (C, H, W) of one image
+    preprocess: Preprocess
+    num_classes: int
+    weights: str | None  # the weights file actually loaded; None = random init
+
+
+@dataclass(frozen=True)
+class _Builtin:
+    """How to build one built-in: `build(kwargs, (H, W))`, its native input and preprocessing."""
+
+    build: Callable[[dict, tuple[int, int]], nn.Module]
+    input_shape: tuple[int, int, int]
+    preprocess: Preprocess
+    num_classes: int
+    accepted_kwargs: tuple[str, ...]
+
+
+def _cifar_builtin(depth: int) -> _Builtin:
+    def build(kwargs: dict, hw: tuple[int, int]) -> nn.Module:
+        return cifar_resnet(depth, **kwargs)
+
+    preprocess = Preprocess(size=32, mean=IMAGENET_MEAN_255, std=IMAGENET_STD_255, resize=None)
+    return _Builtin(build, (3, 32, 32), preprocess, 10, ("num_classes",))
+
+
+def _lite_builtin(variant: int) -> _Builtin:
+    def build(kwargs: dict, hw: tuple[int, int]) -> nn.Module:
+        return efficientnet_lite(variant, image_size=hw, **kwargs)
+
+    size = LITE_VARIANTS[variant][2]
+    # TF Lite models were trained on (pixel - 127) / 128; validation images are centre-cropped, not resized
+    preprocess = Preprocess(size=size, mean=(127.0,) * 3, std=(128.0,) * 3, resize=None)
+    return _Builtin(build, (3, size, size), preprocess, 1000, ("num_classes", "dropout"))
+
+
+_BUILTINS: dict[str, _Builtin] = {
+    **{f"cifar_resnet{d}": _cifar_builtin(d) for d in CIFAR_DEPTHS},
+    **{f"efficientnet_lite{v}": _lite_builtin(v) for v in sorted(LITE_VARIANTS)},
+}
+
+
+def available_models() -> list[str]:
+    """Names of the built-in models (the other forms are `torchvision:<name>` and `package.module:factory`)."""
+    return sorted(_BUILTINS)
+
+
+def load_model(
+    name: str,
+    weights: str | None = None,
+    *,
+    kwargs: dict | None = None,
+    input_shape: tuple[int, int, int] | None = None,
+    preprocess: Preprocess | None = None,
+) -> LoadedModel:
+    """Build model `name`, load `weights` strictly (None = random init), and return it in eval mode on CPU.
+
+    `kwargs` go to the model's constructor/factory; `input_shape` (C, H, W) and `preprocess` override the defaults.
+    """
+    kwargs = _check_kwargs(kwargs)
+    input_shape = _check_input_shape(input_shape)
+    if preprocess is not None and not isinstance(preprocess, Preprocess):
+        raise InputError(f"preprocess must be a Preprocess, got {type(preprocess).__name__}")
+    if not isinstance(name, str) or not name.strip():
+        raise InputError(f"model name must be a non-empty string, got {name!r}: {_forms_hint()}")
+    name = name.strip()
+
+    if name in _BUILTINS:
+        module, shape, default_pre, num_classes = _build_builtin(name, kwargs, input_shape)
+    elif name.startswith(TORCHVISION_PREFIX):
+        module, shape, default_pre = _build_torchvision(name[len(TORCHVISION_PREFIX):], kwargs, input_shape)
+        num_classes = None
+    elif ":" in name:
+        module, shape, default_pre = _build_factory(name, kwargs, input_shape)
+        num_classes = None
+    else:
+        raise InputError(f"unknown model {name!r}{_did_you_mean(name)}: {_forms_hint()}")
+
+    loaded_from = None
+    if weights is not None:
+        loaded_from = str(load_weights(module, weights))
+    module = module.to(device="cpu", dtype=torch.float32).eval()
+    if num_classes is None:
+        num_classes = _infer_num_classes(module, shape, name)
+    if preprocess is None:
+        preprocess = _adapt_preprocess(default_pre, shape)
+    return LoadedModel(module, name, shape, preprocess, num_classes, loaded_from)
+
+
+def _forms_hint() -> str:
+    return (
+        f"use a built-in ({', '.join(available_models())}), 'torchvision:<name>' (e.g. torchvision:resnet18) "
+        "or 'package.module:factory'"
+    )
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name, available_models(), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _check_kwargs(kwargs: dict | None) -> dict:
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise InputError(f"model kwargs must be a mapping of names to values, got {kwargs!r}")
+    return dict(kwargs)
+
+
+def _check_input_shape(shape) -> tuple[int, int, int] | None:
+    if shape is None:
+        return None
+    ok = (
+        isinstance(shape, (tuple, list))
+        and len(shape) == 3
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
+    )
+    if not ok:
+        raise InputError(f"input_shape must be three positive ints (C, H, W), got {shape!r}")
+    return tuple(shape)
+
+
+def _adapt_preprocess(pre: Preprocess, shape: tuple[int, int, int]) -> Preprocess:
+    """The default preprocessing adapted to the input size: crop = H, and a resize scaled alike."""
+    if shape[1] != shape[2]:
+        raise InputError(f"input_shape {shape} is not square: pass an explicit preprocess for non-square inputs")
+    if shape[1] == pre.size:
+        return pre
+    resize = None if pre.resize is None else round(shape[1] * pre.resize / pre.size)
+    return dataclasses.replace(pre, size=shape[1], resize=resize)
+
+
+def _build_builtin(name: str, kwargs: dict, input_shape):
+    spec = _BUILTINS[name]
+    unknown = sorted(set(kwargs) - set(spec.accepted_kwargs))
+    if unknown:
+        raise InputError(
+            f"model {name} does not accept kwargs {unknown}: accepted are {list(spec.accepted_kwargs)}"
+        )
+    shape = input_shape or spec.input_shape
+    if shape[0] != 3:
+        raise InputError(f"model {name} takes 3-channel RGB input, but input_shape has {shape[0]} channels")
+    module = spec.build(kwargs, (shape[1], shape[2]))
+    return module, shape, spec.preprocess, kwargs.get("num_classes", spec.num_classes)
+
+
+def _build_torchvision(arch: str, kwargs: dict, input_shape):
+    try:
+        import torchvision  # noqa: F401  (optional dependency, imported only when asked for)
+        from torchvision import models as tv_models
+    except ImportError as exc:
+        raise InputError("torchvision is not installed: pip install 'dfp-deploy[torchvision]'") from exc
+    available = tv_models.list_models(module=tv_models)
+    if arch not in available:
+        close = difflib.get_close_matches(arch, available, n=3)
+        hint = f" (close: {', '.join(close)})" if close else ""
+        raise InputError(f"torchvision has no classification model {arch!r}{hint}")
+    if "weights" in kwargs:
+        raise InputError("torchvision weights are not downloaded: pass a checkpoint file as model.weights instead")
+    try:
+        module = tv_models.get_model(arch, weights=None, **kwargs)
+    except TypeError as exc:
+        raise InputError(f"torchvision model {arch} rejected kwargs {sorted(kwargs)}: {exc}") from exc
+    shape = input_shape or (3, 224, 224)
+    return module, shape, IMAGENET_PREPROCESS
+
+
+def _resolve_factory(spec: str) -> Callable:
+    if not FACTORY_PATTERN.match(spec):
+        raise InputError(f"model {spec!r} is not of the form 'package.module:factory': {_forms_hint()}")
+    module_name, attr_path = spec.split(":")
+    try:
+        target = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InputError(f"model {spec}: cannot import module {module_name!r} ({exc})") from exc
+    for attr in attr_path.split("."):
+        if not hasattr(target, attr):
+            raise InputError(f"model {spec}: module {module_name!r} has no attribute {attr_path!r}")
+        target = getattr(target, attr)
+    if not callable(target):
+        raise InputError(f"model {spec}: {attr_path!r} is not callable")
+    return target
+
+
+def _build_factory(spec: str, kwargs: dict, input_shape):
+    factory = _resolve_factory(spec)
+    try:
+        module = factory(**kwargs)
+    except TypeError as exc:
+        raise InputError(f"model {spec}: factory rejected kwargs {sorted(kwargs)} ({exc})") from exc
+    if not isinstance(module, nn.Module):
+        raise InputError(f"model {spec}: factory returned {type(module).__name__}, expected a torch.nn.Module")
+    shape = input_shape or (3, 224, 224)
+    return module, shape, IMAGENET_PREPROCESS
+
+
+def _infer_num_classes(module: nn.Module, shape: tuple[int, int, int], name: str) -> int:
+    """Run one zero image through the (eval-mode) model: the logits' last dimension is the class count."""
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros(1, *shape))
+    except Exception as exc:  # user code: any failure here means the declared input shape does not fit
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise InputError(
+            f"model {name} fails on an input of shape (1, {', '.join(map(str, shape))}): {first}; "
+            "set model.input_shape to what the model expects"
+        ) from exc
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise InputError(f"model {name} must return logits of shape [N, classes], got {got}")
+    return int(out.shape[1])
