@@ -1,0 +1,1 @@
+"""Measurement: latency protocol, parity and accuracy on an evaluation dataset."""

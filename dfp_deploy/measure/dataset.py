@@ -1,0 +1,203 @@
+"""Read evaluation/calibration images from an npz file into uint8 NHWC arrays at the model's size, and normalise them.
+
+Two layouts are accepted:
+  (a) `x` uint8 [N, H, W, 3] RGB (+ `y` int [N]): the CIFAR files;
+  (b) `jpeg` uint8 [concatenated JPEG bytes], `offsets` int [N + 1] (image i is jpeg[offsets[i]:offsets[i+1]])
+      (+ `y` int [N]): the ImageNet files.
+
+Geometry for Preprocess(size, resize): an image that is already size x size passes through bit-exact. Otherwise,
+with `resize` set, the short side is resized to `resize` (bilinear, long side = floor(long * resize / short)) and the
+centre size x size is cut; without `resize`, the centre is cut directly, and an image smaller than `size` is an error.
+The centre crop starts at floor((H - size) / 2), floor((W - size) / 2).
+
+Normalisation (to_tensor): t[n, c, h, w] = (x[n, h, w, c] - mean[c]) / std[c], mean and std in 0..255 units.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from dfp_deploy.core.errors import DataError
+from dfp_deploy.core.types import Preprocess
+
+PROGRESS_MIN_IMAGES = 200
+EXPECTED_LAYOUTS = "'x' uint8 [N,H,W,3] (+ 'y'), or 'jpeg' + 'offsets' [N+1] (+ 'y')"
+
+
+def load_images(
+    path: str | Path,
+    preprocess: Preprocess,
+    limit: int | None = None,
+    require_labels: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images as uint8 [N, size, size, 3] (first `limit` of the file) and labels int64 [N] (None if absent)."""
+    _check_limit(limit)
+    with _open_npz(Path(path)) as data:
+        keys = set(data.files)
+        if "x" in keys:
+            images = _read_array_images(data, path)
+            count = len(images)
+        elif "jpeg" in keys and "offsets" in keys:
+            jpeg, offsets = _read_jpeg_index(data, path)
+            count = len(offsets) - 1
+        else:
+            raise DataError(f"{path} has keys {sorted(keys)}: expected {EXPECTED_LAYOUTS}")
+        labels = _read_labels(data, path) if "y" in keys else None
+        if labels is None and require_labels:
+            raise DataError(f"{path} has no labels 'y': accuracy needs labelled images ({EXPECTED_LAYOUTS})")
+        if labels is not None and len(labels) != count:
+            raise DataError(f"{path}: {count} images but {len(labels)} labels in 'y'; they must have the same length")
+        n = count if limit is None else min(int(limit), count)
+        if "x" in keys:
+            out = _fit_array_images(images[:n], preprocess, path)
+        else:
+            out = _decode_jpegs(jpeg, offsets, n, preprocess, path)
+    return out, (None if labels is None else labels[:n])
+
+
+def to_tensor(x_uint8: np.ndarray, preprocess: Preprocess) -> np.ndarray:
+    """uint8 NHWC RGB -> float32 NCHW, (x - mean) / std per channel."""
+    if not isinstance(x_uint8, np.ndarray) or x_uint8.dtype != np.uint8 or x_uint8.ndim != 4 or x_uint8.shape[3] != 3:
+        got = (
+            f"{x_uint8.dtype} {x_uint8.shape}" if isinstance(x_uint8, np.ndarray) else type(x_uint8).__name__
+        )
+        raise DataError(f"to_tensor expects uint8 images [N, H, W, 3], got {got}")
+    mean = np.asarray(preprocess.mean, dtype=np.float32)
+    std = np.asarray(preprocess.std, dtype=np.float32)
+    normalised = (x_uint8.astype(np.float32) - mean) / std
+    return np.ascontiguousarray(normalised.transpose(0, 3, 1, 2))
+
+
+def _check_limit(limit) -> None:
+    if limit is None:
+        return
+    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
+        raise DataError(f"limit must be a positive number of images or None, got {limit!r}")
+
+
+def _open_npz(path: Path):
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist: check the data path")
+    if not path.is_file():
+        raise DataError(f"data path {path} is not a file: point it at an .npz file")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{path} is not a readable npz file ({exc}): expected {EXPECTED_LAYOUTS}") from exc
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise DataError(f"{path} is a single .npy array, not an npz: save with np.savez(path, x=..., y=...)")
+    return data
+
+
+def _read_labels(data, path) -> np.ndarray:
+    y = _load_key(data, "y", path)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{path}: 'y' must be integer class ids of shape [N], got {y.dtype} {y.shape}")
+    return y.astype(np.int64)
+
+
+def _load_key(data, key: str, path) -> np.ndarray:
+    try:
+        return data[key]
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{path}: array '{key}' cannot be read ({exc}); the file may be truncated") from exc
+
+
+def _read_array_images(data, path) -> np.ndarray:
+    x = _load_key(data, "x", path)
+    if x.ndim == 3 or (x.ndim == 4 and x.shape[3] == 1):
+        raise DataError(f"{path}: 'x' {x.shape} holds 1-channel images; they must be RGB [N, H, W, 3]")
+    if x.ndim != 4 or x.shape[3] != 3:
+        raise DataError(f"{path}: 'x' must be RGB images [N, H, W, 3] (channels last), got shape {x.shape}")
+    if x.dtype != np.uint8:
+        raise DataError(f"{path}: 'x' must be uint8 pixels 0..255, got {x.dtype}")
+    return x
+
+
+def _read_jpeg_index(data, path) -> tuple[np.ndarray, np.ndarray]:
+    jpeg = _load_key(data, "jpeg", path)
+    offsets = _load_key(data, "offsets", path)
+    if jpeg.ndim != 1 or jpeg.dtype != np.uint8:
+        raise DataError(f"{path}: 'jpeg' must be uint8 bytes of shape [B], got {jpeg.dtype} {jpeg.shape}")
+    if offsets.ndim != 1 or not np.issubdtype(offsets.dtype, np.integer) or len(offsets) < 1:
+        raise DataError(f"{path}: 'offsets' must be integers of shape [N+1], got {offsets.dtype} {offsets.shape}")
+    if offsets[0] < 0 or offsets[-1] > len(jpeg) or np.any(np.diff(offsets) <= 0):
+        raise DataError(f"{path}: 'offsets' must increase strictly from >= 0 up to len(jpeg) = {len(jpeg)}")
+    return jpeg, offsets.astype(np.int64)
+
+
+def _fit_array_images(x: np.ndarray, preprocess: Preprocess, path) -> np.ndarray:
+    height, width = x.shape[1:3]
+    if height == width == preprocess.size:
+        return x
+    if preprocess.resize is None:
+        return _centre_crop_batch(x, preprocess.size, path)
+    from PIL import Image
+
+    return np.stack([_fit_image(Image.fromarray(img), preprocess, path, i) for i, img in enumerate(x)])
+
+
+def _centre_crop_batch(x: np.ndarray, size: int, path) -> np.ndarray:
+    height, width = x.shape[1:3]
+    if height < size or width < size:
+        raise DataError(f"{path}: images are {height}x{width}, smaller than the model's {size}x{size} crop")
+    top, left = (height - size) // 2, (width - size) // 2
+    return np.ascontiguousarray(x[:, top : top + size, left : left + size])
+
+
+def _fit_image(img, preprocess: Preprocess, path, index: int) -> np.ndarray:
+    """One PIL RGB image -> uint8 [size, size, 3] under the resize / centre-crop rule."""
+    size = preprocess.size
+    width, height = img.size
+    if width == height == size:
+        return np.asarray(img, dtype=np.uint8)
+    if preprocess.resize is not None and min(width, height) != preprocess.resize:
+        img = _resize_short_side(img, preprocess.resize)
+        width, height = img.size
+    if width < size or height < size:
+        raise DataError(
+            f"{path}: image {index} is {height}x{width}, smaller than the model's {size}x{size} crop; "
+            "set a resize in the preprocessing"
+        )
+    left, top = (width - size) // 2, (height - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def _resize_short_side(img, short: int):
+    from PIL import Image
+
+    width, height = img.size
+    if width <= height:
+        new_size = (short, int(height * short / width))
+    else:
+        new_size = (int(width * short / height), short)
+    return img.resize(new_size, Image.BILINEAR)
+
+
+def _decode_jpegs(jpeg: np.ndarray, offsets: np.ndarray, n: int, preprocess: Preprocess, path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    out = np.empty((n, preprocess.size, preprocess.size, 3), dtype=np.uint8)
+    for i in _progress(range(n), n, f"decoding {Path(path).name}"):
+        blob = jpeg[offsets[i] : offsets[i + 1]].tobytes()
+        try:
+            with Image.open(io.BytesIO(blob)) as img:
+                # JPEG datasets hold a few greyscale/CMYK images; models expect RGB
+                rgb = img.convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise DataError(f"{path}: image {i} is not a decodable image ({exc})") from exc
+        out[i] = _fit_image(rgb, preprocess, path, i)
+    return out
+
+
+def _progress(iterable, total: int, desc: str):
+    if total <= PROGRESS_MIN_IMAGES:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="img", file=sys.stderr, disable=not sys.stderr.isatty())
