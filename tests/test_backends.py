@@ -176,3 +176,37 @@ def test_torch_cpu_needs_the_module(onnx_files):
         get_backend("torch-cpu").build(None, precision="fp32", threads=1, out_dir=folder)
     with pytest.raises(BackendUnavailable, match="int8"):
         get_backend("torch-cpu").build(None, precision="int8", threads=1, out_dir=folder, torch_model=linear_model())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-4), ("fp16", 2e-2)])
+def test_torch_cuda_engine_matches_cpu_and_times_on_device(onnx_files, precision, tolerance):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    model, folder = onnx_files
+    engine = get_backend("torch-cuda").build(None, precision=precision, threads=None, out_dir=folder,
+                                             torch_model=model)
+    assert next(model.parameters()).device.type == "cpu"  # the caller's module is not moved
+    x = np.random.default_rng(3).standard_normal((4, 3, 4, 4), dtype=np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(engine.run(x), expected, atol=tolerance, rtol=tolerance)
+    elapsed_ms = engine.prepare(x)()
+    assert isinstance(elapsed_ms, float) and elapsed_ms > 0
+
+
+@pytest.mark.gpu
+def test_ort_cuda_engine_runs_on_the_device(onnx_files):
+    backend = get_backend("ort-cuda")
+    if not backend.info().available:
+        pytest.skip(backend.info().reason)
+    model, folder = onnx_files
+    engine = backend.build(folder / "dynamic.onnx", precision="fp32", threads=1, out_dir=folder)
+    assert engine.session.get_providers()[0] == "CUDAExecutionProvider"
+    x = np.random.default_rng(4).standard_normal((4, 3, 4, 4), dtype=np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(engine.run(x), expected, atol=1e-4)
+    runner = engine.prepare(x)
+    assert runner() is None
+    np.testing.assert_allclose(runner.binding.copy_outputs_to_cpu()[0], expected, atol=1e-4)
