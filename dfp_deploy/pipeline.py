@@ -228,7 +228,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
                                  warmup=recipe.measure.warmup, runs=recipe.measure.runs,
                                  rounds=recipe.measure.rounds, batch=t.batch, threads=t.threads,
                                  progress=not stage.quiet)
-        latency.update(threads=stats["after"].threads, before=stats["before"].as_dict(),
+        latency.update(threads=getattr(eng_after, "threads", None) or stats["after"].threads, before=stats["before"].as_dict(),
                        after=stats["after"].as_dict(),
                        speedup=stats["before"].p50_ms / stats["after"].p50_ms,
                        protocol=dict(warmup=recipe.measure.warmup, runs=recipe.measure.runs,

@@ -83,6 +83,11 @@ def test_bad_input_names_the_key(tmp_path, text, overrides, message):
     assert err.value.exit_code == 2
 
 
+def test_yaml11_exponent_floats_are_numbers(tmp_path):
+    r = load_recipe(write(tmp_path, "measure:\n  parity_tolerance: 1e-4\n"), ["compress.prune.ratio=5e-1"])
+    assert r.measure.parity_tolerance == 1e-4 and r.compress.prune.ratio == 0.5
+
+
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(RecipeError, match="file not found"):
         load_recipe(tmp_path / "nope.yaml")

@@ -156,6 +156,7 @@ def _check(key: str, typ, value, meta):
         _check_range(key, value, meta)
         return value
     if typ is float:
+        value = _yaml11_float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{key}: expected a number, got {value!r}")
         _check_range(key, float(value), meta)
@@ -178,6 +179,16 @@ def _check(key: str, typ, value, meta):
             out[k] = v if args[1] is object else _check(f"{key}.{k}", args[1], v, meta)
         return out
     raise TypeError(f"schema type not supported by the loader: {typ}")  # a bug in schema.py, not user input
+
+
+def _yaml11_float(value):
+    """YAML 1.1 (PyYAML) reads `1e-3` as a string (it wants `1.0e-3`); users mean a number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _check_range(key: str, value, meta) -> None:
