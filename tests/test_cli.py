@@ -1,0 +1,142 @@
+"""End to end through the CLI: a real (tiny) build, the report contract, and bad input handled without damage."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from dfp_deploy.cli import main
+
+FAST = ["--set", "measure.runs=50", "--set", "measure.warmup=2", "--set", "measure.rounds=2",
+        "--set", "measure.parity_samples=8", "--quiet"]
+
+
+def _write_recipe(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "eval.npz", x=rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8),
+             y=rng.integers(0, 10, 24))
+    p = tmp_path / "tiny.yaml"
+    p.write_text("model:\n  name: cifar_resnet20\ncompress:\n  prune:\n    ratio: 0.5\n"
+                 "target:\n  batch: 4\neval:\n  data: eval.npz\n")
+    return p
+
+
+@pytest.fixture
+def recipe(tmp_path: Path) -> Path:
+    return _write_recipe(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One real build shared by the tests that need a finished output folder (builds cost seconds)."""
+    tmp = tmp_path_factory.mktemp("built")
+    recipe = _write_recipe(tmp)
+    res = run("build", recipe, "--out", tmp / "out", *FAST)
+    return recipe, tmp / "out", res
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.mark.slow
+def test_build_writes_the_report_contract(built):
+    recipe, out, res = built
+    assert res.exit_code == 0, res.output
+    assert "wrote" in res.output
+    r = json.loads((out / "report.json").read_text())
+    assert r["params"]["after"] < r["params"]["before"]
+    assert r["macs"]["after"] < r["macs"]["before"]
+    assert r["latency"]["backend"] == "ort-cpu"
+    assert r["latency"]["batch"] == 4
+    for side in ("before", "after"):
+        assert r["latency"][side]["p50_ms"] > 0
+        assert r["latency"][side]["p90_ms"] >= r["latency"][side]["p50_ms"]
+        assert r["latency"][side]["runs"] >= 50
+    assert r["parity"]["max_abs_err"] <= 1e-3
+    assert 0 <= r["accuracy"]["before"] <= 100 and r["accuracy"]["n"] == 24
+    assert r["recipe"]["compress"]["prune"]["ratio"] == 0.5
+    assert "torch" in r["environment"]
+    for name in ("model.onnx", "original.onnx", "model.pt", "plan.json", "report.md"):
+        assert (out / name).is_file(), name
+    assert "dfp-deploy report" in (out / "report.md").read_text()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".out.")]  # no staging folder left
+
+
+@pytest.mark.slow
+def test_failed_build_keeps_the_previous_output(built, tmp_path):
+    recipe, first, res = built
+    assert res.exit_code == 0
+    out = tmp_path / "out"
+    shutil.copytree(first, out)
+    before = (out / "report.json").read_bytes()
+    # a parity tolerance no engine can meet makes the build fail after everything was written to staging
+    res = run("build", recipe, "--out", out, *FAST, "--set", "measure.parity_tolerance=1e-30")
+    assert res.exit_code == 1
+    assert "parity" in res.output
+    assert (out / "report.json").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_interrupted_build_keeps_the_previous_output(built, tmp_path, monkeypatch):
+    recipe, first, _ = built
+    out = tmp_path / "out"
+    shutil.copytree(first, out)
+    before = sorted((p.name, p.read_bytes()) for p in out.iterdir())
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("dfp_deploy.analysis.analyze", interrupt)
+    res = run("build", recipe, "--out", out, *FAST)
+    assert res.exit_code == 130
+    assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_bad_recipe_value_is_one_line_exit_2(recipe, tmp_path):
+    res = run("build", recipe, "--out", tmp_path / "o", "--set", "compress.prune.ratio=1.3")
+    assert res.exit_code == 2
+    assert res.output.strip() == "error: compress.prune.ratio: 1.3 is not in [0, 1)"
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_weights_exit_2(recipe, tmp_path):
+    res = run("build", recipe, "--out", tmp_path / "o", "--set", f"model.weights={tmp_path / 'nope.th'}")
+    assert res.exit_code == 2
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "nope.th" in last
+    assert "Traceback" not in res.output
+
+
+def test_refuses_to_overwrite_a_foreign_folder(recipe, tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    res = run("build", recipe, "--out", foreign)
+    assert res.exit_code == 2
+    assert "not a dfp-deploy output folder" in res.output
+    assert (foreign / "thesis.tex").read_text() == "precious"
+
+
+def test_inspect_lists_groups(recipe):
+    res = run("inspect", recipe)
+    assert res.exit_code == 0, res.output
+    assert "cifar_resnet20" in res.output
+    assert "layer1.0.conv1" in res.output
+
+
+def test_backends_lists_ort_cpu_available():
+    res = run("backends")
+    assert res.exit_code == 0
+    line = next(l for l in res.output.splitlines() if l.startswith("ort-cpu"))
+    assert " yes " in f" {line} "
+    assert "tensorrt" in res.output
+
+
+def test_recipe_keys_lists_contract_keys():
+    res = run("recipe-keys")
+    assert "compress.prune.ratio" in res.output and "target.batch" in res.output
