@@ -30,7 +30,8 @@ def run_batched(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, *, batch
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(x), desc="evaluating", unit="img", file=sys.stderr, leave=False)
+        bar = tqdm(total=len(x), desc="evaluating", unit="img", file=sys.stderr, leave=False,
+                   disable=not sys.stderr.isatty())
     outputs = []
     try:
         for start, stop in _chunks(len(x), batch):

@@ -93,7 +93,8 @@ def _progress_bar(enabled: bool, total: int):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="timing", unit="run", file=sys.stderr, leave=False)
+    return tqdm(total=total, desc="timing", unit="run", file=sys.stderr, leave=False,
+                disable=not sys.stderr.isatty())
 
 
 def time_interleaved(runners: dict[str, Callable[[], None]], *, warmup: int = 10, runs: int = 50, rounds: int = 5,
