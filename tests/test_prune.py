@@ -299,6 +299,8 @@ def test_group_l2_normalises_each_module_by_its_mean():
     expected = (producer / producer.mean() + gamma / gamma.mean() + consumer / consumer.mean()) / 3
     np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-12)
     assert scores.mean() == pytest.approx(1.0)
+    raw = channel_importance(model, analysis, "conv1", "group_l2_raw")
+    np.testing.assert_allclose(raw, ((producer + gamma + consumer) / 3).numpy(), rtol=1e-12)
 
 
 @pytest.mark.parametrize("method", sorted(IMPORTANCE))

@@ -12,6 +12,10 @@ Methods (all return float64 numpy [C], C = the group's channel count, in the gro
               normalised by its mean over the channels m touches, a_m ← a_m / mean(a_m); then
               s_c = mean over the modules touching c of a_m[c]. The per-module normalisation keeps a wide consumer
               (e.g. a 1x1 conv with 1280 outputs) from drowning the producer's signal.
+  "group_l2_raw": the same without the per-module normalisation, s_c = mean over modules touching c of Σ w².
+              On a block-internal group this ranks exactly like Torch-Pruning 1.6.1's default
+              MagnitudeImportance(p=2) (its mean-normalisation comes after the sum, so it does not change the order):
+              pruning CIFAR ResNet-56 block-internal groups with it reproduces BASELINES.md column (3).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from torch import nn
 from dfp_deploy.analysis import Analysis
 from dfp_deploy.core.errors import InputError
 
-IMPORTANCE = {"l1", "l2", "bn_l2", "group_l2"}
+IMPORTANCE = {"l1", "l2", "bn_l2", "group_l2", "group_l2_raw"}
 
 
 def channel_importance(model: nn.Module, analysis: Analysis, group: str, method: str) -> np.ndarray:
@@ -33,8 +37,8 @@ def channel_importance(model: nn.Module, analysis: Analysis, group: str, method:
     channels = analysis.group(group).channels
     members = analysis.members(group)
     modules = dict(model.named_modules())
-    if method == "group_l2":
-        return _group_l2(modules, members, channels)
+    if method in ("group_l2", "group_l2_raw"):
+        return _group_l2(modules, members, channels, normalise=method == "group_l2")
     scores = np.zeros(channels, dtype=np.float64)
     for name, mapping in members.producers.items():
         rows = _rows(modules[name].weight)
@@ -80,7 +84,7 @@ def _local_scores(module: nn.Module, role: str) -> np.ndarray | None:
     return (weight.reshape(weight.shape[0], -1) ** 2).sum(dim=1).cpu().numpy()
 
 
-def _group_l2(modules: dict[str, nn.Module], members, channels: int) -> np.ndarray:
+def _group_l2(modules: dict[str, nn.Module], members, channels: int, normalise: bool) -> np.ndarray:
     total = np.zeros(channels, dtype=np.float64)
     count = np.zeros(channels, dtype=np.float64)
     roles = [(members.producers, "producer"), (members.passthrough, "passthrough"), (members.consumers, "consumer")]
@@ -92,7 +96,7 @@ def _group_l2(modules: dict[str, nn.Module], members, channels: int) -> np.ndarr
             local = np.zeros(channels, dtype=np.float64)
             touched = _scatter_add(local, mapping, values)
             mean = local[touched].mean()
-            if mean > 0:
+            if normalise and mean > 0:
                 local /= mean
             total += local
             count += touched
