@@ -391,10 +391,13 @@ def test_efficientnet_lite0_prunes_at_half(include_residual):
 
 def test_cifar_resnet20_residual_pruning_runs():
     zoo = pytest.importorskip("dfp_deploy.models")
+    torch.manual_seed(0)  # the zoo's random init
     model = randomized(zoo.load_model("cifar_resnet20").module)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     analysis = analyze(model, x)
     silence(model, analysis, "conv1", [0, 20, 40, 63])  # one channel per stage region + a layer3-only one
     pruned = prune_model(model, analysis, plan_without(analysis, "conv1", [0, 20, 40, 63]))
-    torch.testing.assert_close(pruned(x), model(x), rtol=0, atol=1e-4)
+    reference = model(x)
+    # 20 layers of float32 sums in a different order: compare relative to the logits' scale (~100 here)
+    torch.testing.assert_close(pruned(x), reference, rtol=0, atol=1e-6 * reference.abs().max().item())
     assert fx.symbolic_trace(pruned)(x).shape == (2, 10)
