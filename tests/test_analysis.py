@@ -13,6 +13,12 @@ from dfp_deploy.core.errors import InputError
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Module initialisation uses the global RNG: seed it so every run checks the same weights."""
+    torch.manual_seed(0)
+
+
 # --- tiny models (also used by test_prune.py) ------------------------------------------------------------------
 
 class ChannelPadShortcut(nn.Module):
