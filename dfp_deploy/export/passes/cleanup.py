@@ -1,0 +1,30 @@
+"""Remove dead nodes and tensors, topologically sort, and (only when asked) fold constant subgraphs.
+
+Constant folding evaluates nodes whose inputs are all constants and replaces them by their values. It is meant
+for the fp32 graph before Q/DQ insertion (shape arithmetic, Identity chains left by exporters). QuantizeLinear
+and DequantizeLinear nodes are always excluded from folding: a weight DequantizeLinear has only constant inputs,
+and folding it would turn the int8 weight back into fp32, which TensorRT then rejects ("Could not fuse 2nd input
+(kernel weights)") and ONNX Runtime can no longer fuse into an integer kernel. onnx-graphsurgeon 0.6 already skips
+Q/DQ when folding; the explicit exclusion keeps the guarantee with other versions.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from dfp_deploy.export.passes._graph import QDQ_OPS, signature, to_graph, to_model
+
+
+def _is_qdq(node) -> bool:
+    return node.op in QDQ_OPS
+
+
+def pass_cleanup(graph_or_model, *, fold_constants: bool = False) -> tuple[onnx.ModelProto, bool]:
+    """Clean up (and optionally constant-fold) the graph; return (model, whether the computation graph changed)."""
+    graph = to_graph(graph_or_model)
+    before = signature(graph)
+    if fold_constants:
+        # onnx-graphsurgeon folds with ONNX Runtime; QDQ nodes are never candidates, see the module docstring
+        graph.fold_constants(should_exclude_node=_is_qdq)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return to_model(graph), signature(graph) != before
