@@ -356,6 +356,24 @@ def test_squeeze_excite_mul_couples_the_gate_with_the_features():
     assert by_name(analysis)["reduce"].consumers == ("excite",)
 
 
+class _ChannelConstant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 6, 3), nn.Conv2d(3, 4, 3)
+        self.register_buffer("scale", torch.ones(1, 6, 1, 1))
+        self.gain = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return (self.conv1(x) * self.scale).mean((2, 3)), (self.conv2(x) * self.gain).mean((2, 3))
+
+
+def test_per_channel_constant_is_a_boundary_but_a_scalar_one_is_not():
+    analysis = analyze(_ChannelConstant(), small_input())
+    groups = by_name(analysis)
+    assert not groups["conv1"].prunable and any("'scale'" in w for w in analysis.warnings)
+    assert len(analysis.warnings) == 1 and "scale" in groups["conv2"].path_ops
+
+
 def test_untraceable_model_gives_no_groups_and_a_warning():
     analysis = analyze(_ControlFlow(), small_input())
     assert analysis.groups == [] and len(analysis.warnings) == 1 and "unprunable" in analysis.warnings[0]

@@ -381,6 +381,9 @@ def _describe_binary(node: fx.Node, op: str, out_shape) -> NodeOp:
             continue  # Python scalar or 0-d tensor: same for every channel
         aligned = 1 - (n - len(shape))  # which of the operand's dims lines up with the output channel dim
         if aligned == 1 and shape[1] == out_shape[1]:
+            if operand.op == "get_attr" and out_shape[1] > 1:
+                return NodeOp("boundary", reason=f"per-channel constant tensor '{operand.target}' is not resized "
+                                                 "by pruning")
             contributors.append(operand)
             continue
         if aligned >= 0 and shape[aligned] != 1:

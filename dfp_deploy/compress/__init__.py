@@ -1,1 +1,1 @@
-"""Compression: channel importance, prune plans, physical pruning (and, from other modules, reconstruction and quantization)."""
+"""Compression: channel importance, prune plans and physical pruning (reconstruction, quantization: other modules)."""
