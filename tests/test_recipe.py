@@ -97,3 +97,12 @@ def test_resolved_recipe_round_trips_to_a_dict():
     d = recipe_to_dict(load_recipe(None, ["compress.prune.exclude=[layer1*]"]))
     assert d["compress"]["prune"]["exclude"] == ["layer1*"]
     assert d["target"]["backend"] == "ort-cpu"
+
+
+def test_importance_choices_match_the_implementation():
+    import typing
+
+    from dfp_deploy.compress.importance import IMPORTANCE
+    from dfp_deploy.recipe.schema import PruneSection
+
+    assert set(typing.get_args(typing.get_type_hints(PruneSection)["importance"])) == IMPORTANCE

@@ -37,7 +37,8 @@ class PruneSection:
     ratios: dict[str, float] = spec(None, "per-group ratios: {group-name pattern: ratio}, first match wins",
                                     factory=dict)
     exclude: list[str] = spec(None, "group or module name patterns never pruned", factory=list)
-    importance: Literal["l1", "l2", "bn_l2", "group_l2"] = spec("l2", "channel ranking")
+    importance: Literal["l1", "l2", "bn_l2", "group_l2", "group_l2_raw"] = spec(
+        "l2", "channel ranking (see dfp_deploy/compress/importance.py)")
     round_to: int | None = spec(None, "kept channel counts snap to this multiple (default: what the target likes)",
                                 lo=1)
     min_channels: int = spec(1, "never keep fewer channels than this in a group", lo=1)
