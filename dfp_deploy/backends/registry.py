@@ -61,7 +61,7 @@ class Backend(Protocol):
 _REGISTRY: dict[str, str] = {
     "ort-cpu": "dfp_deploy.backends.ort:OrtCpuBackend",
     "ort-cuda": "dfp_deploy.backends.ort:OrtCudaBackend",
-    "tensorrt": "dfp_deploy.backends.registry:TensorRTPlaceholder",
+    "tensorrt": "dfp_deploy.backends.tensorrt:TensorRTBackend",
     "torch-cpu": "dfp_deploy.backends.torch_backend:TorchCpuBackend",
     "torch-cuda": "dfp_deploy.backends.torch_backend:TorchCudaBackend",
 }
@@ -104,22 +104,3 @@ def check_threads(threads) -> None:
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise InputError(f"target.threads: {threads!r} must be a positive integer (or omitted for all cores)")
 
-
-class TensorRTPlaceholder:
-    """Reports whether the tensorrt package is importable; engine building arrives with the TensorRT backend."""
-
-    name = "tensorrt"
-
-    def info(self) -> BackendInfo:
-        try:
-            import tensorrt  # noqa: F401  (import errors of a broken install count as unavailable too)
-        except Exception as e:
-            reason = ("tensorrt Python package not installed" if isinstance(e, ModuleNotFoundError)
-                      else f"tensorrt failed to import: {type(e).__name__}: {e}")
-            return BackendInfo(self.name, False, None, reason, "cuda")
-        return BackendInfo(self.name, False, getattr(tensorrt, "__version__", None),
-                           "tensorrt is installed, but the TensorRT engine builder is not implemented yet", "cuda")
-
-    def build(self, onnx_path: Path, *, precision: str, threads: int | None, out_dir: Path,
-              torch_model=None) -> Engine:
-        raise BackendUnavailable(f"tensorrt: {self.info().reason}")
