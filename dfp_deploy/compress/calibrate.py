@@ -1,0 +1,568 @@
+"""Few-shot calibration: squeeze the channels a plan removes into the kept ones, prune, then calibrate layer outputs.
+
+Needs a few hundred UNLABELED inputs x (real images or BN-matched synthetic ones); labels are never used. The frozen
+original model f° is the teacher; Y_l(x) is the output of layer l (every Conv, Linear and BatchNorm module).
+
+Objective (both phases). The normalised layer-output error
+    L(θ) = Σ_l ‖Y_l(x; θ) − Y°_l(x)|_K‖² / ‖Y°_l(x)|_K‖²
+summed over the layers and over a batch; |_K restricts the original output to the channels the student still has
+(all of them in phase 1, the kept ones in phase 2). The student sees its own activations, so the error of early
+layers accumulates and later layers learn to cancel it. BatchNorm runs in eval mode (running statistics): a few
+hundred images give noisy batch statistics, and the deployed model uses running statistics anyway.
+
+Phase 1, squeeze (on a copy of the ORIGINAL, unpruned model). Adam (step size η) on L, while the weights that the plan
+removes — producer output rows and biases, BatchNorm / depthwise γ, β (and filters) of removed channels, consumer input
+columns — are pulled to zero by a proximal L2 step after every Adam step t = 1..T:
+    w ← argmin_v ½‖v − w‖² + (η λ_t / 2)‖v‖² = w / (1 + η λ_t),   λ_t = 1 / (η (T − t)),
+i.e. w ← w · (T − t)/(T − t + 1). The pull grows without bound (λ_T = ∞), so at the end the removed channels are
+EXACTLY zero and cutting them changes nothing; meanwhile the task gradient keeps reaching every weight, so the kept
+channels learn to carry what the removed ones fade out of. (The reference implementation instead overwrites the
+removed weights' gradient with a growing multiple of w; under Adam's per-element normalisation that moves them by
+about η per step whatever the multiple, so whether they reach zero depends on the number of steps. The proximal form
+makes "zero at the end" independent of data size, batch and learning rate.)
+
+Phase 2, calibrate (on the physically pruned model, prune_model):
+ (a) closed-form least squares, consumer by consumer in graph order. For a consumer (conv with groups=1, or Linear)
+     write its output as Y = P Wᵀ, where P ∈ R^{N×d} are its input patches (im2col of the PRUNED model's input to it,
+     which already includes the corrections of earlier consumers; plus a column of ones if it has a bias) and
+     W ∈ R^{out×d} its flattened weight. The target is the original layer output T = Y°|_K ∈ R^{N×out}. Minimise
+         ‖P Wᵀ − T‖² + λ ‖W − W₀‖²,   λ = ρ · tr(PᵀP)/d,
+     a ridge pulled toward the current weights W₀ (so directions the data does not excite stay put). Setting the
+     gradient to zero: (PᵀP + λ I) Wᵀ = PᵀT + λ W₀ᵀ, solved in float64 from accumulated PᵀP and PᵀT. If a removed
+     channel is an exact linear combination of kept ones (a_p = Σ_k s_k a_k), T is exactly reachable and λ → 0 gives
+     W_new[:, k] = W[:, k] + s_k W[:, p]: the least-squares step generalises Neuron Merging / UDFC compensation to
+     several source channels, with coefficients fitted on data instead of on weights.
+ (b) BatchNorm re-estimation (kept only if it lowers L on the calibration inputs; see _maybe_reestimate_bn).
+ (c) a few epochs of Adam on L over every Conv/Linear/BN parameter, with per-layer step sizes η_k = η · k / M for the
+     k-th of M layers in execution order (later layers correct the accumulated error; early ones barely move, which
+     limits over-fitting to the few images).
+ (d) BatchNorm re-estimation again (same rule).
+
+Determinism: data order comes from a torch.Generator seeded with `seed`; every op runs on CPU in a fixed order.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dfp_deploy.analysis import Analysis
+from dfp_deploy.compress.prune import prune_model, validate_plan
+from dfp_deploy.core.errors import DataError, InputError
+from dfp_deploy.core.types import PrunePlan
+
+LAYER_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
+_EPS = 1e-12
+
+
+@dataclass
+class CalibrationLog:
+    """What happened, for reports and benchmarks (losses are L averaged per batch on the calibration inputs)."""
+
+    squeeze_loss: list[float] = field(default_factory=list)  # per squeeze epoch
+    after_prune: float = math.nan           # L of the pruned model before any phase-2 step
+    after_least_squares: float = math.nan
+    calib_loss: list[float] = field(default_factory=list)   # per calibration epoch
+    final: float = math.nan
+    least_squares_layers: list[str] = field(default_factory=list)
+    bn_reestimated: list[bool] = field(default_factory=list)  # after (a), after (c)
+
+
+def calibrate(model: nn.Module, analysis: Analysis, plan: PrunePlan, inputs: torch.Tensor, *,
+              squeeze_epochs: int = 10, calib_epochs: int = 5, batch: int = 64, lr: float = 1e-3,
+              ridge: float = 1e-3, ls_samples: int = 256, seed: int = 0, progress: bool = True,
+              log: CalibrationLog | None = None) -> nn.Module:
+    """The physically pruned, calibrated model (see the module docstring); `model` itself is left untouched.
+
+    `inputs`: float [N, ...] calibration inputs, already normalised like the model expects. `ls_samples`: how many of
+    them (the first, in the seeded order) the least-squares step uses. Epochs may be 0 to skip a phase."""
+    _check_arguments(inputs, squeeze_epochs, calib_epochs, batch, lr, ridge, ls_samples)
+    keep = validate_plan(analysis, plan)
+    log = log if log is not None else CalibrationLog()
+    inputs = inputs.detach().float()
+    order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed))
+    inputs = inputs[order]  # a seeded shuffle, so `ls_samples` takes a random subset of the images
+    was_training = model.training
+    model.eval()
+    try:
+        teacher = _Teacher(model)
+        layer_order = _execution_order(model, inputs[:1])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            bar = _progress_bar(progress, _total_steps(len(inputs), batch, squeeze_epochs, calib_epochs))
+            try:
+                student = _squeeze(teacher, model, analysis, keep, inputs, layer_order, squeeze_epochs, batch, lr,
+                                   seed, bar, log)
+                pruned = prune_model(student, analysis, PrunePlan(keep=dict(keep))).eval()
+                kept_out = _kept_output_positions(analysis, keep)
+                log.after_prune = _mean_loss(teacher, pruned, inputs, batch, layer_order, kept_out)
+                log.least_squares_layers = _least_squares(teacher, pruned, analysis, keep, inputs[:ls_samples],
+                                                          batch, ridge, kept_out, layer_order, bar)
+                log.after_least_squares = _mean_loss(teacher, pruned, inputs, batch, layer_order, kept_out)
+                log.bn_reestimated.append(_maybe_reestimate_bn(teacher, pruned, inputs, batch, layer_order,
+                                                               kept_out))
+                _calibrate_layers(teacher, pruned, inputs, layer_order, kept_out, calib_epochs, batch, lr, seed,
+                                  bar, log)
+                log.bn_reestimated.append(_maybe_reestimate_bn(teacher, pruned, inputs, batch, layer_order,
+                                                               kept_out))
+                log.final = _mean_loss(teacher, pruned, inputs, batch, layer_order, kept_out)
+            finally:
+                bar.close()
+    finally:
+        model.train(was_training)
+    _restore_requires_grad(model, pruned)
+    return pruned.eval()
+
+
+def layer_output_error(reference: nn.Module, candidate: nn.Module, inputs: torch.Tensor,
+                       kept_out: dict[str, torch.Tensor] | None = None, batch: int = 64) -> float:
+    """Mean per-batch normalised layer-output error L of `candidate` against `reference` (both in eval mode) on
+    `inputs`; `kept_out[name]` = original channel positions the candidate kept (see kept_output_positions)."""
+    reference.eval()
+    candidate.eval()
+    order = _execution_order(reference, inputs[:1])
+    return _mean_loss(_Teacher(reference), candidate, inputs.float(), batch, order, kept_out or {})
+
+
+def kept_output_positions(analysis: Analysis, plan: PrunePlan) -> dict[str, torch.Tensor]:
+    """module name -> the original output-channel positions that survive `plan` (only for modules that lose some)."""
+    return _kept_output_positions(analysis, validate_plan(analysis, plan))
+
+
+def load_calibration_inputs(data: str, samples: int, *, model: nn.Module, preprocess, input_shape: tuple[int, ...],
+                            seed: int = 0, synthetic_steps: int = 200, cache_dir=None) -> torch.Tensor:
+    """Calibration inputs for `compress.calibration.data`: an .npz of images (a seeded random subset of `samples`
+    images, drawn without replacement; labels, if any, are ignored) or "synthetic" (BN-matched generated inputs,
+    search/synthetic.py, so the mode stays data-free). Returns float32 [samples, *input_shape], normalised."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise InputError(f"compress.calibration.samples: {samples!r} must be an integer >= 1, e.g. 256")
+    if data == "synthetic":
+        from dfp_deploy.search.synthetic import bn_matched_inputs
+        return bn_matched_inputs(model, tuple(input_shape), samples, steps=synthetic_steps, seed=seed,
+                                 batch_size=min(samples, 64), cache_dir=cache_dir)
+    import numpy as np
+
+    from dfp_deploy.measure.dataset import load_images, to_tensor
+    images, _ = load_images(data, preprocess, limit=None, require_labels=False)
+    if samples > len(images):
+        raise DataError(f"compress.calibration.samples: {samples} images asked for, but {data} has only "
+                        f"{len(images)}; lower samples or give a bigger file")
+    chosen = np.sort(np.random.default_rng(seed).choice(len(images), samples, replace=False))
+    return torch.from_numpy(to_tensor(images[chosen], preprocess))
+
+
+# --- arguments ----------------------------------------------------------------------------------------------------
+
+def _check_arguments(inputs, squeeze_epochs, calib_epochs, batch, lr, ridge, ls_samples) -> None:
+    if not torch.is_tensor(inputs) or not inputs.is_floating_point() or inputs.dim() < 2:
+        got = f"{inputs.dtype} {tuple(inputs.shape)}" if torch.is_tensor(inputs) else type(inputs).__name__
+        raise DataError(f"compress.calibration: inputs must be a float tensor [N, ...], got {got}")
+    if len(inputs) < 1:
+        raise DataError("compress.calibration: no calibration inputs; give at least one image (samples >= 1)")
+    for key, value in (("squeeze_epochs", squeeze_epochs), ("calib_epochs", calib_epochs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InputError(f"compress.calibration.{key}: {value!r} must be an integer >= 0")
+    for key, value in (("batch", batch), ("ls_samples", ls_samples)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"compress.calibration.{key}: {value!r} must be an integer >= 1")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
+        raise InputError(f"compress.calibration.lr: {lr!r} must be a positive number, e.g. 1e-3")
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0 or not math.isfinite(ridge):
+        raise InputError(f"compress.calibration.ridge: {ridge!r} must be a number >= 0, e.g. 1e-3")
+
+
+# --- layer outputs and the objective ------------------------------------------------------------------------------
+
+class _Recorder:
+    """Forward hooks that collect every call's output of the named layers (a shared module gives several)."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.outputs: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        modules = dict(model.named_modules())
+        self.handles = [modules[name].register_forward_hook(self._hook(name)) for name in names if name in modules]
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            self.outputs[name].append(output)
+        return hook
+
+    def take(self) -> dict[str, list[torch.Tensor]]:
+        taken = self.outputs
+        self.outputs = {name: [] for name in taken}
+        return taken
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class _Teacher:
+    """The frozen original: layer outputs without gradients."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def outputs(self, x: torch.Tensor, names: list[str]) -> dict[str, list[torch.Tensor]]:
+        recorder = _Recorder(self.model, names)
+        try:
+            self.model(x)
+        finally:
+            recorder.close()
+        return recorder.take()
+
+
+def _execution_order(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of the Conv/Linear/BN layers in the order a forward pass first calls them."""
+    called: list[str] = []
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, LAYER_TYPES):
+            handles.append(module.register_forward_hook(
+                lambda m, a, o, name=name: called.append(name) if name not in called else None))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return called
+
+
+def _normalised_error(student: dict[str, list[torch.Tensor]], target: dict[str, list[torch.Tensor]],
+                      kept_out: dict[str, torch.Tensor]) -> torch.Tensor:
+    terms = []
+    for name, outs in student.items():
+        for out, ref in zip(outs, target[name]):
+            if name in kept_out:
+                ref = ref.index_select(1, kept_out[name])
+            terms.append((out - ref).pow(2).sum() / (ref.pow(2).sum() + _EPS))
+    return torch.stack(terms).sum()
+
+
+def _loss(teacher: _Teacher, student: nn.Module, x: torch.Tensor, names: list[str],
+          kept_out: dict[str, torch.Tensor]) -> torch.Tensor:
+    target = teacher.outputs(x, names)
+    recorder = _Recorder(student, names)
+    try:
+        student(x)
+    finally:
+        recorder.close()
+    return _normalised_error(recorder.take(), target, kept_out)
+
+
+def _mean_loss(teacher: _Teacher, student: nn.Module, inputs: torch.Tensor, batch: int, names: list[str],
+               kept_out: dict[str, torch.Tensor]) -> float:
+    with torch.no_grad():
+        losses = [_loss(teacher, student, x, names, kept_out).item() for x in _batches(inputs, batch)]
+    return float(sum(losses) / len(losses))
+
+
+def _batches(inputs: torch.Tensor, batch: int, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    index = torch.randperm(len(inputs), generator=generator) if generator is not None else torch.arange(len(inputs))
+    for start in range(0, len(inputs), batch):
+        yield inputs[index[start:start + batch]]
+
+
+def _kept_output_positions(analysis: Analysis, keep: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    masks: dict[str, list[bool]] = {}
+    for group, kept in keep.items():
+        kept_set = set(kept)
+        members = analysis.members(group)
+        for table in (members.producers, members.passthrough):
+            for name, mapping in table.items():
+                mask = masks.setdefault(name, [True] * len(mapping))
+                for position, channel in enumerate(mapping):
+                    if channel >= 0 and channel not in kept_set:
+                        mask[position] = False
+    return {name: torch.tensor([i for i, ok in enumerate(mask) if ok], dtype=torch.long)
+            for name, mask in masks.items() if not all(mask)}
+
+
+# --- phase 1: squeeze ---------------------------------------------------------------------------------------------
+
+def _squeeze(teacher: _Teacher, model: nn.Module, analysis: Analysis, keep: dict[str, tuple[int, ...]],
+             inputs: torch.Tensor, names: list[str], epochs: int, batch: int, lr: float, seed: int, bar,
+             log: CalibrationLog) -> nn.Module:
+    student = copy.deepcopy(model).eval()
+    if epochs == 0:
+        return student
+    pulls = _pull_targets(student, analysis, keep)
+    params = _layer_parameters(student, names)
+    for p in params:
+        p.requires_grad_(True)
+    optimiser = torch.optim.Adam(params, lr=lr)
+    generator = torch.Generator().manual_seed(seed + 1)
+    total = epochs * math.ceil(len(inputs) / batch)
+    step = 0
+    for _ in range(epochs):
+        losses = []
+        for x in _batches(inputs, batch, generator):
+            optimiser.zero_grad(set_to_none=True)
+            loss = _loss(teacher, student, x, names, {})
+            loss.backward()
+            optimiser.step()
+            step += 1
+            _proximal_pull(pulls, factor=(total - step) / (total - step + 1))
+            losses.append(loss.item())
+            _tick(bar, "squeeze", loss.item())
+        log.squeeze_loss.append(sum(losses) / len(losses))
+    return student
+
+
+def _pull_targets(model: nn.Module, analysis: Analysis,
+                  keep: dict[str, tuple[int, ...]]) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+    """(parameter, dim, positions) of every weight that belongs to a channel the plan removes."""
+    modules = dict(model.named_modules())
+    removed: dict[tuple[str, int], set[int]] = {}
+    for group, kept in keep.items():
+        kept_set = set(kept)
+        members = analysis.members(group)
+        for table, dim in ((members.producers, 0), (members.passthrough, 0), (members.consumers, 1)):
+            for name, mapping in table.items():
+                positions = {p for p, c in enumerate(mapping) if c >= 0 and c not in kept_set}
+                removed.setdefault((name, dim), set()).update(positions)
+    targets = []
+    for (name, dim), positions in sorted(removed.items()):
+        if not positions:
+            continue
+        index = torch.tensor(sorted(positions), dtype=torch.long)
+        module = modules[name]
+        if getattr(module, "weight", None) is not None:
+            targets.append((module.weight, dim, index))
+        if dim == 0 and getattr(module, "bias", None) is not None:
+            targets.append((module.bias, 0, index))
+    return targets
+
+
+@torch.no_grad()
+def _proximal_pull(targets: list[tuple[torch.Tensor, int, torch.Tensor]], factor: float) -> None:
+    for param, dim, index in targets:
+        param.index_copy_(dim, index, param.index_select(dim, index) * factor)
+
+
+def _layer_parameters(model: nn.Module, names: list[str]) -> list[nn.Parameter]:
+    modules = dict(model.named_modules())
+    return [p for name in names for p in modules[name].parameters(recurse=False)]
+
+
+# --- phase 2a: closed-form least squares --------------------------------------------------------------------------
+
+class _Stop(Exception):
+    """Raised from a hook once the wanted activation is captured, so the rest of the forward pass is skipped."""
+
+
+def _least_squares(teacher: _Teacher, pruned: nn.Module, analysis: Analysis, keep: dict[str, tuple[int, ...]],
+                   inputs: torch.Tensor, batch: int, ridge: float, kept_out: dict[str, torch.Tensor],
+                   names: list[str], bar) -> list[str]:
+    consumers = {c for group in keep for c in analysis.members(group).consumers}
+    modules = dict(pruned.named_modules())
+    todo = [n for n in names if n in consumers and _supports_least_squares(modules[n])]
+    targets = _TeacherTargets(teacher, todo, inputs, batch, kept_out)
+    for name in todo:
+        with torch.no_grad():
+            _solve_consumer(pruned, name, inputs, batch, ridge, targets)
+        _tick(bar, "least squares", None)
+    return todo
+
+
+class _TeacherTargets:
+    """The original outputs of the least-squares layers, per batch: cached from one teacher pass per batch when they
+    fit in `budget_bytes`, otherwise recomputed per layer with a forward pass that stops at that layer."""
+
+    def __init__(self, teacher: _Teacher, names: list[str], inputs: torch.Tensor, batch: int,
+                 kept_out: dict[str, torch.Tensor], budget_bytes: int = 1 << 30) -> None:
+        self.teacher, self.kept_out, self.cache = teacher, kept_out, None
+        if not names:
+            return
+        probe = teacher.outputs(inputs[:1], names)
+        per_sample = sum(self._restrict(n, probe[n][0]).numel() * 4 for n in names)
+        if per_sample * len(inputs) <= budget_bytes:
+            self.cache = [{n: self._restrict(n, outs[0]) for n, outs in teacher.outputs(x, names).items()}
+                          for x in _batches(inputs, batch)]
+
+    def _restrict(self, name: str, y: torch.Tensor) -> torch.Tensor:
+        return y.index_select(1, self.kept_out[name]) if name in self.kept_out else y
+
+    def get(self, name: str, index: int, x: torch.Tensor) -> torch.Tensor:
+        if self.cache is not None:
+            return self.cache[index][name]
+        return self._restrict(name, _capture(self.teacher.model, name, x, want="output"))
+
+
+def _supports_least_squares(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str))
+
+
+def _solve_consumer(pruned: nn.Module, name: str, inputs: torch.Tensor, batch: int, ridge: float,
+                    targets: _TeacherTargets) -> None:
+    module = dict(pruned.named_modules())[name]
+    gram = cross = None
+    for index, x in enumerate(_batches(inputs, batch)):
+        patches = _patches(module, _capture(pruned, name, x, want="input"))
+        target = _rows_of_output(targets.get(name, index, x))
+        gram = patches.T @ patches if gram is None else gram + patches.T @ patches
+        cross = patches.T @ target if cross is None else cross + patches.T @ target
+    current = _flat_weight(module)
+    d = gram.shape[0]
+    lam = ridge * torch.trace(gram) / d
+    solution = torch.linalg.solve(gram + lam * torch.eye(d, dtype=gram.dtype), cross + lam * current.T)
+    _set_flat_weight(module, solution.T)
+
+
+def _capture(model: nn.Module, name: str, x: torch.Tensor, want: str) -> torch.Tensor:
+    module = dict(model.named_modules())[name]
+    box: list[torch.Tensor] = []
+
+    def grab(tensor: torch.Tensor) -> None:
+        box.append(tensor.detach())
+        raise _Stop
+
+    if want == "input":
+        handle = module.register_forward_pre_hook(lambda m, args: grab(args[0]))
+    else:
+        handle = module.register_forward_hook(lambda m, args, out: grab(out))
+    try:
+        model(x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not box:
+        raise ValueError(f"layer '{name}' was not called by the forward pass")
+    return box[0]
+
+
+def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Input rows P (float64 [N, d]) such that the module's output is P · flat_weightᵀ (see _flat_weight)."""
+    if isinstance(module, nn.Linear):
+        rows = x.reshape(-1, x.shape[-1])
+    else:
+        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                        stride=module.stride)  # [B, C·kh·kw, L], channel-major like weight.reshape(out, -1)
+        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    rows = rows.double()
+    if module.bias is not None:
+        rows = torch.cat([rows, torch.ones(len(rows), 1, dtype=rows.dtype)], dim=1)
+    return rows
+
+
+def _rows_of_output(y: torch.Tensor) -> torch.Tensor:
+    """[B, out, *spatial] (or [..., out] for Linear outputs of rank 2) -> float64 [N, out], rows like _patches."""
+    if y.dim() > 2:
+        y = y.flatten(2).transpose(1, 2)
+    return y.reshape(-1, y.shape[-1]).double()
+
+
+def _flat_weight(module: nn.Module) -> torch.Tensor:
+    weight = module.weight.detach().reshape(module.weight.shape[0], -1).double()
+    if module.bias is not None:
+        weight = torch.cat([weight, module.bias.detach().double()[:, None]], dim=1)
+    return weight
+
+
+def _set_flat_weight(module: nn.Module, flat: torch.Tensor) -> None:
+    weight = module.weight
+    if module.bias is not None:
+        module.bias.data.copy_(flat[:, -1].to(module.bias.dtype))
+        flat = flat[:, :-1]
+    weight.data.copy_(flat.reshape(weight.shape).to(weight.dtype))
+
+
+# --- phase 2b/d: BatchNorm statistics -----------------------------------------------------------------------------
+
+def _maybe_reestimate_bn(teacher: _Teacher, model: nn.Module, inputs: torch.Tensor, batch: int, names: list[str],
+                         kept_out: dict[str, torch.Tensor]) -> bool:
+    """Re-estimate every BatchNorm's running statistics on `inputs`; keep them only if L goes down.
+
+    After phase 1/2 trained against the running statistics, fresh statistics can undo what was learned, while right
+    after pruning they usually repair the shifted channel statistics; measuring L decides instead of guessing."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and m.track_running_stats and m.running_mean is not None]
+    if not bns:
+        return False
+    before = _mean_loss(teacher, model, inputs, batch, names, kept_out)
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.momentum) for m in bns]
+    with torch.no_grad():
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches
+            m.train()
+        for x in _batches(inputs, batch):
+            model(x)
+    for m, (_, _, momentum) in zip(bns, saved):
+        m.momentum = momentum
+        m.eval()
+    if _mean_loss(teacher, model, inputs, batch, names, kept_out) < before:
+        return True
+    for m, (mean, var, _) in zip(bns, saved):
+        m.running_mean.copy_(mean)
+        m.running_var.copy_(var)
+    return False
+
+
+# --- phase 2c: per-layer Adam -------------------------------------------------------------------------------------
+
+def _calibrate_layers(teacher: _Teacher, pruned: nn.Module, inputs: torch.Tensor, names: list[str],
+                      kept_out: dict[str, torch.Tensor], epochs: int, batch: int, lr: float, seed: int, bar,
+                      log: CalibrationLog) -> None:
+    if epochs == 0:
+        return
+    modules = dict(pruned.named_modules())
+    groups = []
+    for k, name in enumerate(names, start=1):
+        params = list(modules[name].parameters(recurse=False))
+        for p in params:
+            p.requires_grad_(True)
+        if params:
+            groups.append({"params": params, "lr": lr * k / len(names)})
+    optimiser = torch.optim.Adam(groups)
+    generator = torch.Generator().manual_seed(seed + 2)
+    for _ in range(epochs):
+        losses = []
+        for x in _batches(inputs, batch, generator):
+            optimiser.zero_grad(set_to_none=True)
+            loss = _loss(teacher, pruned, x, names, kept_out)
+            loss.backward()
+            optimiser.step()
+            losses.append(loss.item())
+            _tick(bar, "calibrate", loss.item())
+        log.calib_loss.append(sum(losses) / len(losses))
+
+
+def _restore_requires_grad(original: nn.Module, pruned: nn.Module) -> None:
+    wanted = {name: p.requires_grad for name, p in original.named_parameters()}
+    for name, p in pruned.named_parameters():
+        p.requires_grad_(wanted.get(name, True))
+        p.grad = None
+
+
+# --- progress -----------------------------------------------------------------------------------------------------
+
+def _total_steps(n: int, batch: int, squeeze_epochs: int, calib_epochs: int) -> int:
+    return (squeeze_epochs + calib_epochs) * math.ceil(n / batch)
+
+
+def _progress_bar(enabled: bool, total: int):
+    from tqdm import tqdm
+    return tqdm(total=total, desc="calibration", unit="step", file=sys.stderr, leave=False,
+                disable=not (enabled and sys.stderr.isatty()))
+
+
+def _tick(bar, phase: str, loss: float | None) -> None:
+    if loss is None:  # least-squares layers are not counted in the total; only show the phase
+        bar.set_description(phase, refresh=False)
+        return
+    bar.update(1)
+    bar.set_description(phase, refresh=False)
+    bar.set_postfix(loss=f"{loss:.4g}", refresh=False)

@@ -1,0 +1,183 @@
+"""Few-shot calibration: it beats plain pruning on held-out inputs, least squares is exact when it can be, it is
+deterministic, and bad arguments fail with DfpErrors."""
+
+import pytest
+import torch
+from torch import nn
+
+from dfp_deploy.analysis import analyze
+from dfp_deploy.compress.calibrate import (CalibrationLog, calibrate, kept_output_positions, layer_output_error,
+                                           load_calibration_inputs)
+from dfp_deploy.compress.plan import make_plan
+from dfp_deploy.compress.prune import prune_model
+from dfp_deploy.core.errors import DataError, InputError
+from dfp_deploy.core.types import PrunePlan
+
+
+class TinyNet(nn.Module):
+    """conv-BN-ReLU x3 (the middle one with a residual add) -> pool -> linear: internal groups to prune."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 12, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.conv2 = nn.Conv2d(12, 12, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.conv3 = nn.Conv2d(12, 8, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(self.bn3(self.conv3(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = TinyNet()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):  # non-trivial, trained-looking statistics
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def images(n: int, seed: int) -> torch.Tensor:
+    """Smooth random images (low-frequency structure, like natural images, so channels are correlated)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(n, 3, 4, 4, generator=g)
+    return nn.functional.interpolate(coarse, size=(8, 8), mode="bilinear", align_corners=False) \
+        + 0.1 * torch.randn(n, 3, 8, 8, generator=g)
+
+
+def setup(ratio=0.5):
+    model = tiny_model()
+    analysis = analyze(model, torch.zeros(1, 3, 8, 8))
+    plan = make_plan(model, analysis, ratio=ratio, importance="l2")
+    return model, analysis, plan
+
+
+FAST = dict(squeeze_epochs=3, calib_epochs=3, batch=32, lr=3e-3, progress=False)
+
+
+def test_calibration_beats_plain_pruning_on_held_out_inputs():
+    model, analysis, plan = setup()
+    assert plan.keep, "the tiny model must have prunable groups"
+    calib, held_out = images(96, seed=1), images(64, seed=2)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    log = CalibrationLog()
+    calibrated = calibrate(model, analysis, plan, calib, log=log, **FAST)
+    plain = prune_model(model, analysis, plan)
+    kept = kept_output_positions(analysis, plan)
+    err_plain = layer_output_error(model, plain, held_out, kept)
+    err_calibrated = layer_output_error(model, calibrated, held_out, kept)
+    assert err_calibrated < 0.7 * err_plain, (err_calibrated, err_plain)
+    # each phase-2 step lowers the calibration objective
+    assert log.after_least_squares < log.after_prune
+    assert log.final <= log.after_least_squares
+    assert log.least_squares_layers == ["conv2", "conv3", "fc"]
+    # the calibrated model has the pruned shapes, and the original is untouched
+    assert [p.shape for p in calibrated.parameters()] == [p.shape for p in plain.parameters()]
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+
+
+def test_squeeze_moves_information_before_the_cut():
+    """With the squeeze phase, the objective right after cutting is lower than cutting the original."""
+    model, analysis, plan = setup()
+    calib = images(64, seed=1)
+    squeezed, cut_only = CalibrationLog(), CalibrationLog()
+    calibrate(model, analysis, plan, calib, squeeze_epochs=4, calib_epochs=0, batch=16, lr=3e-3, progress=False,
+              log=squeezed)
+    calibrate(model, analysis, plan, calib, squeeze_epochs=0, calib_epochs=0, progress=False, log=cut_only)
+    assert squeezed.after_prune < 0.8 * cut_only.after_prune
+
+
+class LinearPair(nn.Module):
+    """conv1 -> conv2 without a nonlinearity in between, so any linear combination of channels is exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(4, 5, 3, padding=1, bias=True)
+
+    def forward(self, x):
+        return self.conv2(self.conv1(x))
+
+
+def test_least_squares_is_exact_when_the_pruned_channel_is_a_combination_of_kept_ones():
+    torch.manual_seed(0)
+    model = LinearPair().eval()
+    with torch.no_grad():  # channel 3 = 0.5·channel 0 − 1.5·channel 1
+        model.conv1.weight[3] = 0.5 * model.conv1.weight[0] - 1.5 * model.conv1.weight[1]
+    analysis = analyze(model, torch.zeros(1, 3, 8, 8))
+    plan = PrunePlan(keep={"conv1": (0, 1, 2)})
+    x, held_out = images(16, seed=3), images(8, seed=4)
+    calibrated = calibrate(model, analysis, plan, x, squeeze_epochs=0, calib_epochs=0, ridge=1e-10,
+                           progress=False)
+    with torch.no_grad():
+        expected = model(held_out)
+        plain_error = (prune_model(model, analysis, plan)(held_out) - expected).abs().max()
+        error = (calibrated(held_out) - expected).abs().max()
+    assert plain_error > 0.1
+    assert error < 1e-4 * expected.abs().max()
+    w = model.conv2.weight.detach()
+    merged = torch.stack([w[:, 0] + 0.5 * w[:, 3], w[:, 1] - 1.5 * w[:, 3], w[:, 2]], dim=1)
+    torch.testing.assert_close(calibrated.conv2.weight.detach(), merged, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(calibrated.conv2.bias.detach(), model.conv2.bias.detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_same_seed_gives_identical_weights_and_another_seed_differs():
+    model, analysis, plan = setup()
+    calib = images(48, seed=1)
+    a = calibrate(model, analysis, plan, calib, seed=7, **FAST)
+    b = calibrate(model, analysis, plan, calib, seed=7, **FAST)
+    c = calibrate(model, analysis, plan, calib, seed=8, **FAST)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_global_random_state_is_left_alone():
+    model, analysis, plan = setup()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    calibrate(model, analysis, plan, images(16, seed=1), squeeze_epochs=1, calib_epochs=1, progress=False)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    (dict(squeeze_epochs=-1), InputError),
+    (dict(calib_epochs=1.5), InputError),
+    (dict(batch=0), InputError),
+    (dict(lr=0.0), InputError),
+    (dict(ridge=-1.0), InputError),
+])
+def test_bad_arguments_raise_input_errors(kwargs, error):
+    model, analysis, plan = setup()
+    with pytest.raises(error):
+        calibrate(model, analysis, plan, images(4, seed=1), progress=False, **kwargs)
+
+
+def test_bad_inputs_raise_data_errors(tmp_path):
+    model, analysis, plan = setup()
+    with pytest.raises(DataError, match="float tensor"):
+        calibrate(model, analysis, plan, torch.zeros(4, 3, 8, 8, dtype=torch.uint8), progress=False)
+    with pytest.raises(DataError, match="at least one"):
+        calibrate(model, analysis, plan, torch.zeros(0, 3, 8, 8), progress=False)
+    import numpy as np
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=np.zeros((5, 8, 8, 3), dtype=np.uint8))  # no labels: fine for calibration
+    from dfp_deploy.core.types import Preprocess
+    pre = Preprocess(size=8, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    got = load_calibration_inputs(str(path), 3, model=model, preprocess=pre, input_shape=(3, 8, 8))
+    assert got.shape == (3, 3, 8, 8) and got.dtype == torch.float32
+    with pytest.raises(DataError, match="only 5"):
+        load_calibration_inputs(str(path), 6, model=model, preprocess=pre, input_shape=(3, 8, 8))
+    with pytest.raises(InputError, match="samples"):
+        load_calibration_inputs(str(path), 0, model=model, preprocess=pre, input_shape=(3, 8, 8))
