@@ -167,6 +167,26 @@ def test_validator_checks_ort_bias_scale(quantized):
         pass_validate_qdq(gs.export_onnx(graph), "ort-cpu")
 
 
+def test_ort_quantize_static_output_meets_the_ort_cpu_rules(fp32, data, tmp_path):
+    """An independent producer of ORT's QDQ form (ORT's own quantizer) passes our ort-cpu validator."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input": data[i:i + 8]} for i in range(0, 32, 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    source, out = tmp_path / "fp32.onnx", tmp_path / "ort_int8.onnx"
+    onnx.save(fp32, str(source))
+    quantize_static(str(source), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    theirs = onnx.load(str(out))
+    assert qdq_problems(theirs, "ort-cpu") == []
+    assert any("zero point must be int8" in p for p in qdq_problems(theirs, "tensorrt"))
+
+
 def test_cleanup_never_folds_weight_dequantize(quantized):
     model = quantized["tensorrt"]
     before = op_counts(model)["DequantizeLinear"]

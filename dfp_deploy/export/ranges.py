@@ -477,7 +477,9 @@ def data_free_ranges(model_or_path, input_range, *, k: float = DEFAULT_K) -> dic
         raise InputError(f"data-free range width k={k} must be positive")
     if not isinstance(input_range, (tuple, list)) or len(input_range) != 2:
         raise InputError("input_range must be a pair (lo, hi)")
-    model, _ = pass_cleanup(_load(model_or_path), fold_constants=True)
+    # shapes and types first: folding CastLike needs the type of its second input, Flatten/Reshape need shapes
+    model = onnx.shape_inference.infer_shapes(_load(model_or_path))
+    model, _ = pass_cleanup(model, fold_constants=True)
     graph = to_graph(onnx.shape_inference.infer_shapes(model))
     if len(graph.inputs) != 1:
         raise InputError(f"data-free ranges need a single-input model; this one has {len(graph.inputs)} inputs")

@@ -68,12 +68,15 @@ def _add_constant_dq(graph, base: str, values: np.ndarray, scales: np.ndarray, z
     return dequantized
 
 
-def _quantize_weights(graph, placement: Placement, reduce_range: bool) -> dict:
-    """Replace each planned weight by int8 + per-channel DQ; return {node name: weight scales} for the biases."""
+def _quantize_weights(graph, placement: Placement, reduce_range: bool, input_scale_of: dict) -> dict:
+    """Replace each planned weight by int8 + per-channel DQ; return {id(node): weight scales} for the biases."""
     scales_of = {}
     for node, index, axis in placement.weights:
         weight = node.inputs[index]
-        values, scales, zero_points = qparams.per_channel_int8(constant_array(weight), axis, reduce_range)
+        floor = None
+        if id(node) in input_scale_of:  # an int32 bias follows: keep it representable
+            floor = qparams.bias_safe_scale_floor(constant_array(node.inputs[2]), input_scale_of[id(node)])
+        values, scales, zero_points = qparams.per_channel_int8(constant_array(weight), axis, reduce_range, floor)
         node.inputs[index] = _add_constant_dq(graph, weight.name, values, scales, zero_points, axis)
         scales_of[id(node)] = scales
     return scales_of
@@ -100,7 +103,7 @@ def pass_insert_qdq(graph_or_model, *, style: str, ranges: Mapping[str, tuple[fl
     activation_params = _activation_params(placement, ranges, style)
     # the bias scale needs the scale of the input each Conv/Gemm reads, captured before inputs are rewired
     input_scale_of = {id(node): activation_params[node.inputs[0].name][0] for node in placement.biases}
-    weight_scales_of = _quantize_weights(graph, placement, reduce_range)
+    weight_scales_of = _quantize_weights(graph, placement, reduce_range, input_scale_of)
     _quantize_biases(graph, placement, input_scale_of, weight_scales_of)
     for name, slots in placement.activations.items():
         dequantized = _add_qdq(graph, placement.tensors[name], *activation_params[name])

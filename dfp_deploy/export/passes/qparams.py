@@ -14,7 +14,10 @@ Weights, symmetric int8 per output channel k: s_k = max|W_k| / qmax, z_k = 0, qm
 2 * 255 * 64 = 32640 does not.
 
 Bias of a quantized Conv/Gemm (ONNX Runtime's integer kernels add it in the int32 accumulator):
-s_b,k = s_x * s_w,k, z = 0, q_b,k = round(b_k / s_b,k) as int32.
+s_b,k = s_x * s_w,k, z = 0, q_b,k = round(b_k / s_b,k) as int32. A channel whose weights are (nearly) zero but
+whose bias is not (BN folding of a dead channel) would overflow int32; there the weight scale is raised to
+s_w,k >= |b_k| / (s_x * 2^30), which keeps q_b within half the int32 range and costs nothing, since such a
+channel's weights are negligible next to its bias.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ INT8_QMAX = 127
 INT8_QMAX_REDUCED = 64
 UINT8_QMAX = 255
 INT32_LIMIT = 2**31 - 1
+BIAS_HEADROOM = 2.0**30
 
 
 def _widened(lo: float, hi: float, tensor: str) -> tuple[float, float]:
@@ -53,13 +57,21 @@ def symmetric_int8(lo: float, hi: float, tensor: str = "?") -> tuple[np.float32,
     return np.float32(bound / INT8_QMAX if bound > 0 else 1.0), np.int8(0)
 
 
-def per_channel_int8(weight: np.ndarray, axis: int, reduce_range: bool = False
+def bias_safe_scale_floor(bias: np.ndarray, input_scale: float) -> np.ndarray:
+    """Smallest weight scale per channel for which the int32 bias stays within +-2^30 (see module docstring)."""
+    return np.abs(bias.astype(np.float64)) / (float(input_scale) * BIAS_HEADROOM)
+
+
+def per_channel_int8(weight: np.ndarray, axis: int, reduce_range: bool = False, min_scales: np.ndarray | None = None
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(int8 weight, float32 scales [K], int8 zero points [K]) for symmetric per-channel quantization on `axis`."""
     qmax = INT8_QMAX_REDUCED if reduce_range else INT8_QMAX
     moved = np.moveaxis(weight.astype(np.float64), axis, 0)
     bound = np.abs(moved.reshape(moved.shape[0], -1)).max(axis=1)
-    scales = np.where(bound > 0, bound / qmax, 1.0).astype(np.float32)
+    scales = bound / qmax
+    if min_scales is not None:
+        scales = np.maximum(scales, min_scales)
+    scales = np.where(scales > 0, scales, 1.0).astype(np.float32)
     shape = [1] * weight.ndim
     shape[axis] = -1
     quantized = np.clip(np.round(weight / scales.reshape(shape)), -qmax, qmax).astype(np.int8)
@@ -72,7 +84,8 @@ def int32_bias(bias: np.ndarray, input_scale: float, weight_scales: np.ndarray, 
     scales = (np.float32(input_scale) * weight_scales.astype(np.float32)).astype(np.float32)
     quantized = np.round(bias.astype(np.float64) / scales.astype(np.float64))
     if np.abs(quantized).max(initial=0) > INT32_LIMIT:
-        raise ExportError(f"bias {tensor!r} does not fit int32 at scale s_x * s_w; its input range is too narrow")
+        raise ExportError(f"bias {tensor!r} does not fit int32 at scale s_x * s_w; quantize the weights with "
+                          "bias_safe_scale_floor as their minimum scale")
     return quantized.astype(np.int32), scales, np.zeros_like(quantized, dtype=np.int32)
 
 
