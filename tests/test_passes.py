@@ -250,3 +250,18 @@ def test_calibration_minmax_and_percentile(bn_model, x):
     assert clipped["input"][1] < ranges["input"][1] and clipped["input"][0] > ranges["input"][0]
     with pytest.raises(InputError, match="calibration method"):
         calibration_ranges(bn_model, more, method="entropy")
+
+
+def test_cleanup_folds_castlike_of_constants(x):
+    """The dynamo exporter's Clip bounds: CastLike(Constant, activation) must fold, or ReLU6 ranges are lost."""
+    nodes = [helper.make_node("Constant", [], ["six"], value=helper.make_tensor("v", TensorProto.DOUBLE, [], [6.0])),
+             helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("z", TensorProto.DOUBLE, [], [0.0])),
+             helper.make_node("CastLike", ["six", "input"], ["six_cast"]),
+             helper.make_node("CastLike", ["zero", "input"], ["zero_cast"]),
+             helper.make_node("Clip", ["input", "zero_cast", "six_cast"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [4, 3, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [4, 3, 8, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    folded, changed = pass_cleanup(model, fold_constants=True)
+    assert changed and ops(folded) == ["Clip"]
+    np.testing.assert_array_equal(run(folded, 4 * x), np.clip(4 * x, 0, 6))

@@ -282,3 +282,23 @@ def test_prepare_int8_onnx_writes_a_valid_file(fp32, ranges, tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
     with pytest.raises(InputError, match="does not exist"):
         prepare_int8_onnx(tmp_path / "missing.onnx", tmp_path / "x.onnx", style="ort-cpu", ranges=ranges)
+
+
+def test_dead_channel_bias_stays_in_int32():
+    """A BN-folded channel with ~zero weights and a real bias would overflow int32 at s_x * s_w: the scale is raised."""
+    weight = np.ones((2, 1, 1, 1), np.float32)
+    weight[1] = 1e-12
+    inits = [helper.make_tensor("w", TensorProto.FLOAT, [2, 1, 1, 1], weight.reshape(-1)),
+             helper.make_tensor("b", TensorProto.FLOAT, [2], [0.1, 0.7])]
+    graph = helper.make_graph([helper.make_node("Conv", ["input", "w", "b"], ["c"]),
+                               helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Add", ["r", "r"], ["out"])],
+                              "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 1, 2, 2])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 2, 2, 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    quantized, changed = pass_insert_qdq(model, style="ort-cpu", ranges={"input": (-1.0, 1.0), "r": (0.0, 2.0)})
+    assert changed and qdq_problems(quantized, "ort-cpu") == []
+    bias = next(onnx.numpy_helper.to_array(t) for t in quantized.graph.initializer if t.data_type == TensorProto.INT32)
+    assert np.abs(bias).max() <= 2**30
+    x = np.array([[[[0.5, -0.5], [1.0, 0.0]]]], np.float32)
+    expected = 2 * np.maximum(weight.reshape(1, 2, 1, 1) * x + np.array([0.1, 0.7]).reshape(1, 2, 1, 1), 0)
+    np.testing.assert_allclose(session(quantized).run(None, {"input": x})[0], expected, atol=2 * 2.0 / 255)
