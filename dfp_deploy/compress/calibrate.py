@@ -31,7 +31,9 @@ Phase 2, calibrate (on the physically pruned model, prune_model):
      gradient to zero: (PᵀP + λ I) Wᵀ = PᵀT + λ W₀ᵀ, solved in float64 from accumulated PᵀP and PᵀT. If a removed
      channel is an exact linear combination of kept ones (a_p = Σ_k s_k a_k), T is exactly reachable and λ → 0 gives
      W_new[:, k] = W[:, k] + s_k W[:, p]: the least-squares step generalises Neuron Merging / UDFC compensation to
-     several source channels, with coefficients fitted on data instead of on weights.
+     several source channels, with coefficients fitted on data instead of on weights. Cost: one forward pass of the
+     pruned model up to each consumer per batch (the pass stops there); the original outputs are cached from one
+     pass per batch when they fit in 1 GiB, else recomputed the same way. Only the first `ls_samples` inputs are used.
  (b) BatchNorm re-estimation (kept only if it lowers L on the calibration inputs; see _maybe_reestimate_bn).
  (c) a few epochs of Adam on L over every Conv/Linear/BN parameter, with per-layer step sizes η_k = η · k / M for the
      k-th of M layers in execution order (later layers correct the accumulated error; early ones barely move, which
