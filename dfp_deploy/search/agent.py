@@ -148,7 +148,7 @@ class SacAgent:
 
     @property
     def alpha(self) -> float:
-        return float(self.log_alpha.exp())
+        return float(self.log_alpha.detach().exp())
 
     def update(self) -> dict[str, float]:
         """One gradient step on critics, actor and temperature; a no-op until the buffer holds one batch."""

@@ -3,11 +3,13 @@
 Episode e: the agent (uniform random actions while e < warmup) walks the groups under the action wall; the finished
 plan is evaluated once (`evaluate(prune_ratios) -> {"proxy", "latency_ms"?, "macs"?}`, memoised by kept counts), the
 reward R (search/reward.py) is given to every transition of the episode, and after the warm-up the agent takes one
-gradient step per transition. A cost model with an `observe(keep_ratios, latency_ms)` method (LatencyModel) is
+gradient step per transition. The last episode (when past the warm-up and `greedy_last`) plays the policy's mean
+action instead of a sample, so the learned policy itself is evaluated once. A cost model with an `observe(keep_ratios, latency_ms)` method (LatencyModel) is
 corrected with each measured latency.
 
 Files next to `log_path` (all written so that an interruption never leaves a half-written one):
   log_path          one JSON line per episode: episode, reward, proxy, latency_ms, macs, cost, budget, random,
+                    greedy,
                     kept (channel counts), ratios (prune ratios, make_plan's convention); appended and fsynced;
   <log>.ckpt        agent weights, optimisers, temperature and RNG states after the last logged episode (atomic);
   <plot_path>       Pareto plot of proxy against latency (or MACs), PNG, when matplotlib is installed.
@@ -74,7 +76,7 @@ def checkpoint_path(log_path: Path) -> Path:
 def run_search(space: SearchSpace, evaluate: Evaluate, *, episodes: int, warmup: int, seed: int, target: float,
                log_path: Path, resume: bool = False, cost: Callable[[np.ndarray], float] | None = None,
                target_ms: float | None = None, penalty: float = 1.0, config: SacConfig = SacConfig(),
-               plot_path: Path | None = None, progress: bool = True) -> SearchResult:
+               plot_path: Path | None = None, progress: bool = True, greedy_last: bool = True) -> SearchResult:
     """Search keep ratios for `space` under budget target · cost(1) (cost defaults to MACs); see module docstring."""
     _check_counts(episodes, warmup, seed)
     log_path = Path(log_path)
@@ -94,7 +96,7 @@ def run_search(space: SearchSpace, evaluate: Evaluate, *, episodes: int, warmup:
     bar = _progress(episodes, start, progress)
     try:
         for e in range(start, episodes):
-            record = state.play(e, explore=e < warmup)
+            record = state.play(e, explore=e < warmup, greedy=greedy_last and e == episodes - 1 and e >= warmup)
             _append_line(log_path, record)
             _save_checkpoint(log_path, agent, e + 1, meta)
             bar.update(1)
@@ -126,13 +128,15 @@ class _State:
     evaluations: int = 0
     notes: list[str] = field(default_factory=list)
 
-    def play(self, e: int, *, explore: bool) -> dict:
+    def play(self, e: int, *, explore: bool, greedy: bool = False) -> dict:
         with _one_thread():
-            act = (lambda s: float(self.agent.random_action()[0])) if explore else \
-                (lambda s: float(self.agent.act(s)[0]))
-            episode = self.env.rollout(act)
+            if explore:
+                episode = self.env.rollout(lambda s: float(self.agent.random_action()[0]))
+            else:
+                episode = self.env.rollout(lambda s: float(self.agent.act(s, deterministic=greedy)[0]))
         result = self._evaluate(episode.kept)
         record = self._record(e, episode, result, explore)
+        record["greedy"] = greedy
         self.learn(episode, record, update=not explore)
         return record
 
@@ -199,8 +203,8 @@ def _resume(state: _State, log_path: Path, meta: dict) -> int:
                              "budget (was the target or the cost model changed?); delete it to start over")
         state.memo.setdefault(tuple(record["kept"]), {k: record[k] for k in ("proxy", "latency_ms", "macs")})
         state.learn(episode, record, update=False)
-    if len(lines) > done:  # the process died between the log line and the checkpoint: that episode is replayed
-        write_text_atomic(log_path, "".join(json.dumps(r) + "\n" for r in lines[:done]))
+    # drop what follows the checkpoint (a line logged just before a crash, or a torn one): it is played again
+    write_text_atomic(log_path, "".join(json.dumps(r) + "\n" for r in lines[:done]))
     state.agent.load_state_dict(checkpoint["agent"])
     return done
 
