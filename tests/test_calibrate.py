@@ -181,3 +181,16 @@ def test_bad_inputs_raise_data_errors(tmp_path):
         load_calibration_inputs(str(path), 6, model=model, preprocess=pre, input_shape=(3, 8, 8))
     with pytest.raises(InputError, match="samples"):
         load_calibration_inputs(str(path), 0, model=model, preprocess=pre, input_shape=(3, 8, 8))
+
+
+def test_synthetic_calibration_inputs_are_bn_matched_and_seeded():
+    model, _, _ = setup()
+    from dfp_deploy.search.synthetic import bn_statistic_loss
+    a = load_calibration_inputs("synthetic", 8, model=model, preprocess=None, input_shape=(3, 8, 8), seed=1,
+                                synthetic_steps=30)
+    b = load_calibration_inputs("synthetic", 8, model=model, preprocess=None, input_shape=(3, 8, 8), seed=1,
+                                synthetic_steps=30)
+    assert a.shape == (8, 3, 8, 8) and torch.equal(a, b)
+    with torch.no_grad():
+        noise = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+        assert bn_statistic_loss(model, a) < bn_statistic_loss(model, noise)
