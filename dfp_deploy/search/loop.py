@@ -4,13 +4,12 @@ Episode e: the agent (uniform random actions while e < warmup) walks the groups 
 plan is evaluated once (`evaluate(prune_ratios) -> {"proxy", "latency_ms"?, "macs"?}`, memoised by kept counts), the
 reward R (search/reward.py) is given to every transition of the episode, and after the warm-up the agent takes one
 gradient step per transition. The last episode (when past the warm-up and `greedy_last`) plays the policy's mean
-action instead of a sample, so the learned policy itself is evaluated once. A cost model with an `observe(keep_ratios, latency_ms)` method (LatencyModel) is
-corrected with each measured latency.
+action instead of a sample, so the learned policy itself is evaluated once. A cost model with an
+`observe(keep_ratios, latency_ms)` method (LatencyModel) is corrected with each measured latency.
 
 Files next to `log_path` (all written so that an interruption never leaves a half-written one):
   log_path          one JSON line per episode: episode, reward, proxy, latency_ms, macs, cost, budget, random,
-                    greedy,
-                    kept (channel counts), ratios (prune ratios, make_plan's convention); appended and fsynced;
+                    greedy, kept (channel counts), ratios (prune ratios, make_plan's convention); appended and fsynced;
   <log>.ckpt        agent weights, optimisers, temperature and RNG states after the last logged episode (atomic);
   <plot_path>       Pareto plot of proxy against latency (or MACs), PNG, when matplotlib is installed.
 Resume: the first `checkpoint.episode` log lines are replayed through the environment (states are recomputed from

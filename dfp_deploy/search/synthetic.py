@@ -53,7 +53,7 @@ def cache_key(model: nn.Module, shape: tuple[int, ...], n: int, steps: int, seed
     for name, tensor in model.state_dict().items():
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     digest.update(repr((shape, n, steps, seed, float(lr), batch_size, _VERSION)).encode())
     return digest.hexdigest()[:24]
 
