@@ -88,8 +88,3 @@ def int32_bias(bias: np.ndarray, input_scale: float, weight_scales: np.ndarray, 
                           "bias_safe_scale_floor as their minimum scale")
     return quantized.astype(np.int32), scales, np.zeros_like(quantized, dtype=np.int32)
 
-
-def quantize(x: np.ndarray, scale, zero_point, qmin: int, qmax: int) -> np.ndarray:
-    """Reference quantize-dequantize (numpy), for tests and parity checks."""
-    q = np.clip(np.round(x / scale) + zero_point, qmin, qmax)
-    return (q - zero_point) * scale

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 
 from dfp_deploy.core.errors import ExportError
-from dfp_deploy.export.passes._graph import constant_array, producer, to_graph
+from dfp_deploy.export.passes._graph import constant_array, producer, to_graph, to_model
 from dfp_deploy.export.passes.qdq_placement import WEIGHTED_OPS, check_style, effective_output, \
     residual_input_indices
 
@@ -180,6 +180,4 @@ def pass_validate_qdq(graph_or_model, style: str) -> tuple[onnx.ModelProto, bool
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ExportError(f"Q/DQ graph breaks the {style} rules: {problems[0]}{more}")
-    from dfp_deploy.export.passes._graph import to_model
-
     return to_model(graph), False
