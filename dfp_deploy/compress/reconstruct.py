@@ -1,0 +1,934 @@
+"""Data-free closed-form reconstruction: re-express pruned or quantized channels through the kept ones, in the next layer.
+
+Setting. A compensable group ("site") is: producer P (conv/linear) → BN → activation f → [depthwise conv → BN → f]
+→ consumers (conv/linear). Channel c's BN output is y_c = ŵ_c·x + b̂_c with the BN-folded filter ŵ_c = (γ_c/σ_c)·W_c
+and bias b̂_c = β_c − γ_c μ_c/σ_c, σ_c = sqrt(var_c + eps) (bnfold.py); its activation is a_c = f(y_c). A consumer
+computes Z = Σ_c W'_c ⊛ a_c. If a_c ≈ Σ_k M[c,k]·a_k + d_c over the kept channels k, then
+Z ≈ Σ_k (Σ_c W'_c M[c,k]) ⊛ a_k + Σ_c W'_c d_c: the consumer's new input column k is Σ_c W'_c M[c,k] (prune.py
+applies it) and the constant Σ_c W'_c d_c goes into the consumer's bias (or the BN after it). M is the "mixing"
+(C × K); plain pruning is the selection matrix, d = 0. Every method below only chooses M (and d).
+
+1. Neuron Merging (Kim et al. 2020). If ŵ_p = z·ŵ_q and b̂_p = z·b̂_q with z > 0, then y_p = z·y_q and, since ReLU
+   is positively homogeneous, a_p = f(z·y_q) = z·a_q EXACTLY, so M[p,q] = z restores Z exactly. In raw terms,
+   W_p = s·W_q gives ŵ_p = s·(γ_p/σ_p)(σ_q/γ_q)·ŵ_q, i.e. z = s·γ_p·σ_q / (γ_q·σ_p) — with σ, the standard deviation;
+   using running_var in place of σ (PAPERS.md §4 pitfall 1) is wrong whenever var_p ≠ var_q (tested). In general we
+   take q = the kept channel minimising λ·(1 − cos(ŵ_p, ŵ_q)) + (1 − λ)·(min-max normalised |b̂_p − z b̂_q|) among
+   those with cos ≥ t, and z = ‖ŵ_p‖/‖ŵ_q‖ (the exact scale when cos = 1); no candidate → plain drop.
+
+2. UDFC (Bai et al. 2023), our derivation. ReLU is 1-Lipschitz and positively homogeneous, so for s ≥ 0
+       |a_p − s·a_q| = |f(y_p) − f(s·y_q)| ≤ |(ŵ_p − s ŵ_q)·x + (b̂_p − s b̂_q)|.
+   With the unknown input statistics collapsed into one weight α (x isotropic, E x x^T ∝ I), the data-free bound is
+       ℓ_p(s) = ‖ŵ_p − s ŵ_q‖² + α (b̂_p − s b̂_q)²,   minimised by   s* = (⟨ŵ_p,ŵ_q⟩ + α b̂_p b̂_q)/(‖ŵ_q‖² + α b̂_q²),
+   with ℓ_p(s*) = ℓ_p(0) − (⟨ŵ_p,ŵ_q⟩ + α b̂_p b̂_q)²/(‖ŵ_q‖² + α b̂_q²) ≤ ℓ_p(0) (plain pruning), always. q = argmin
+   over kept channels of ℓ_p(s*), s* ≤ 0 → plain drop (the bound needs s ≥ 0). The vector form a_p ≈ Σ_k s_k a_k
+   (non-negative least squares over [ŵ, √α b̂]) has NO such bound: f(Σ s_k y_k) ≠ Σ s_k f(y_k); offered as `multi`.
+   Quantization of a kept channel, compensated by its own next-layer column (M[c,c] = s'): the deployed activation is
+   â_c = f(Q(ŵ_c)·x + b̂_c) and a_c ≈ s'·â_c with error bounded by ‖ŵ_c − s' Q(ŵ_c)‖² + α' b̂_c² (1 − s')², minimised by
+       s'* = (⟨ŵ_c, Q(ŵ_c)⟩ + α' b̂_c²) / (‖Q(ŵ_c)‖² + α' b̂_c²).
+   Joint: the kept filters are quantized first, pruned channels merge into the QUANTIZED partners (Q(ŵ_q) replaces
+   ŵ_q in s*), M[q,q] = s'_q, and the consumers' updated weights are quantized last (so their own quantization sees
+   the final weights). α, α': DEFAULT_ALPHA / DEFAULT_ALPHA_Q, chosen by measurement (tools/bench_reconstruct.py).
+
+3. "lmmse" (ours): the linear minimum-mean-square-error estimate of every channel's activation from the kept
+   channels' deployed activations, under a Gaussian model built only from weights and BN statistics:
+   y_c ~ N(β_c, γ_c²) (exactly the BN output's mean and variance over the training data) with correlation
+   ρ_cd = cos(ŵ_c, ŵ_d) (the correlation if the input were isotropic). Quantized deployed channels ŷ_k get
+   std |γ_k|·‖Q(ŵ_k)‖/‖ŵ_k‖, correlation cos(ŵ_c, Q(ŵ_k)) and mean β_k (their BN mean is bias-corrected, below).
+   E[f(y)] and E[f(y_c) f(y_d)] follow by 1-D quadrature (y_d | y_c is Gaussian; E[f] of a Gaussian is closed form).
+   Then, with C_xy the covariances of the activations,
+       M = C_{a,â_K} C_{â_K â_K}^{-1},   d = E[a] − M E[â_K]
+   minimises E‖a − M â_K − d‖² (hence E‖W'(a − M â_K − d)‖² for every consumer W' at once). Unlike 1. and 2. it
+   uses the BN means (a channel that is nearly constant is replaced by its mean, the main loss of plain pruning),
+   needs no hyper-parameter, and allows negative coefficients (they act after the activation, no homogeneity needed).
+   Quantized convs are also bias-corrected (DFQ): δ = (Q(W) − W)·E[x] is removed from their output, with E[x]
+   the known activation means for a site's consumers, and otherwise estimated from the layer's own BN running mean
+   (Σ_taps W)·m = μ − bias, solved for m ≥ 0 (non-negative least squares; inputs are post-ReLU in our models).
+
+Channel selection (`select_plan`): for a site, the mean-square error left in the consumers' BN-normalised outputs
+after lmmse reconstruction is E(K) = tr(G·(C − C_{:,K} C_KK^{-1} C_{K,:})), G = Σ_consumers Σ_taps W'_t^T W'_t
+(rows scaled by the consumer's BN γ/σ). Greedy backward elimination removes the channel whose loss raises E least;
+with budget="macs" the groups compete for one MAC budget on ΔE/(tr(G C)·MACs saved).
+
+Validity (`find_site`): compensation needs the group's only path to its consumers to be per-channel: one dense
+producer, a BN after it, then relu / relu6 / nothing, optionally one depthwise conv + BN + the same activation,
+spatial pooling/flatten/pad. Everything else gets plain selection (M = selection, d = 0):
+- residual (add-coupled) groups: a pruned stream channel also vanishes from the skip path and from every later block,
+  none of which a consumer-side column can repair; its producers are several convs, so there is no single filter to
+  merge. Plain selection (make_plan skips these groups by default).
+- ReLU6: homogeneous only below the clip, so NM/UDFC merges are exact only while z·a_q < 6; we merge anyway
+  (approximation). lmmse integrates the clipped Gaussian exactly.
+- depthwise sites (EfficientNet expand → dw → project): channel p's information reaches the projection through its
+  own dw kernel κ_p, BN and activation. A merge p→q is exact iff the first stage is proportional (a_p = z a_q) AND the
+  second is: κ̂_p·z = t·κ̂_q and h_p = t·h_q (κ̂ = BN-folded dw kernel, h its folded bias); then u_p = t·u_q. NM merges
+  only when both cosines pass the threshold, with t = z‖κ̂_p‖/‖κ̂_q‖; UDFC adds the stage-2 bound
+  ‖z κ̂_p − t κ̂_q‖² + α(h_p − t h_q)² to ℓ_p and uses its minimiser t*. UDFC's s' rescale is not valid there (the dw
+  BN adds a bias after the rescaled activation), so quantized dw sites get no s'. lmmse propagates the moments:
+  dw outputs are correlated as corr(a_c, a_d)·cos(κ_c, κ_d) (spatially white activations), mean/std from the dw BN.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dfp_deploy.analysis import Analysis
+from dfp_deploy.compress.bnfold import bn_output_moments, bn_scale_shift, folded_filters
+from dfp_deploy.compress.quantize import check_bits, quantize_weight
+from dfp_deploy.core.errors import InputError
+from dfp_deploy.core.types import PrunePlan
+
+METHODS = ("none", "neuron_merging", "udfc", "lmmse")
+DEFAULT_ALPHA = 0.01
+DEFAULT_ALPHA_Q = 0.01
+NM_THRESHOLD = 0.1
+NM_LAMBDA = 0.85
+_PATH_OK = {"bn", "relu", "relu6", "depthwise", "pool", "flatten", "pad"}
+_BN = nn.modules.batchnorm._BatchNorm
+_DENSE = (nn.modules.conv._ConvNd, nn.Linear)
+_QUAD_NODES = 161
+_QUAD_Z = 7.0
+
+# =================================================================================================================
+# pure tensor math (float64 everywhere; filters are rows of a [C, D] matrix)
+# =================================================================================================================
+
+
+def nm_scale_from_raw(raw_ratio: float, gamma_p: float, sigma_p: float, gamma_q: float, sigma_q: float) -> float:
+    """Neuron Merging's z for W_p = raw_ratio·W_q: z = raw_ratio·γ_p·σ_q/(γ_q·σ_p) (σ = sqrt(var + eps))."""
+    return raw_ratio * gamma_p * sigma_q / (gamma_q * sigma_p)
+
+
+def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """cos(a_i, b_j) for rows of a [P, D] and b [K, D] (0 where a row is all zero)."""
+    na = a.norm(dim=1).clamp_min(1e-300)
+    nb = b.norm(dim=1).clamp_min(1e-300)
+    return (a @ b.T) / na[:, None] / nb[None, :]
+
+
+def neuron_merging_partners(w_p, b_p, w_k, b_k, *, threshold: float = NM_THRESHOLD, lam: float = NM_LAMBDA,
+                            stage2: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each pruned row p: (partner index into the kept rows or −1, merge scale z). `stage2` = (κ_p, h_p, κ_k,
+    h_k) for depthwise sites: both cosines must pass and z becomes z·‖κ_p‖/‖κ_k‖ (module docstring)."""
+    cos = cosine_matrix(w_p, w_k)
+    z = w_p.norm(dim=1)[:, None] / w_k.norm(dim=1).clamp_min(1e-300)[None, :]
+    bias_gap = (b_p[:, None] - z * b_k[None, :]).abs()
+    eligible = cos >= threshold
+    if stage2 is not None:
+        kp, hp, kk, hk = stage2
+        cos2 = cosine_matrix(kp, kk)
+        z = z * kp.norm(dim=1)[:, None] / kk.norm(dim=1).clamp_min(1e-300)[None, :]
+        bias_gap = bias_gap + (hp[:, None] - z * hk[None, :]).abs()
+        eligible &= cos2 >= threshold
+    low = bias_gap.min(dim=1, keepdim=True).values
+    high = bias_gap.max(dim=1, keepdim=True).values
+    gap = (bias_gap - low) / (high - low).clamp_min(1e-300)
+    score = lam * (1.0 - cos) + (1.0 - lam) * gap
+    score = torch.where(eligible & (z > 0), score, torch.full_like(score, math.inf))
+    best = score.argmin(dim=1)
+    ok = torch.isfinite(score.gather(1, best[:, None]).squeeze(1))
+    partner = torch.where(ok, best, torch.full_like(best, -1))
+    scale = torch.where(ok, z.gather(1, best[:, None]).squeeze(1), torch.zeros(len(best), dtype=z.dtype))
+    return partner, scale
+
+
+def udfc_vectors(w: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Rows [ŵ_c, √α·b̂_c]: ℓ_p(s) = ‖v_p − s v_q‖² in these coordinates."""
+    return torch.cat([w, math.sqrt(alpha) * b[:, None]], dim=1)
+
+
+def udfc_prune_partners(v_p: torch.Tensor, v_k: torch.Tensor,
+                        stage2: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """UDFC single-partner merge for every pruned row: (partner or −1, scale, loss). v_* from udfc_vectors.
+    `stage2` = (κ_p, h_p, κ_k, h_k, α) of a depthwise site: after a_p ≈ s·a_q, the dw stage needs
+    f(s κ_p⊛a_q + h_p) ≈ t·f(κ_q⊛a_q + h_q), bounded by ‖s κ_p − t κ_q‖² + α (h_p − t h_q)²; the loss adds its
+    minimum and the returned scale is its minimiser t* = (s⟨κ_p,κ_q⟩ + α h_p h_q) / (‖κ_q‖² + α h_q²)."""
+    dot = v_p @ v_k.T
+    norm_k = (v_k * v_k).sum(dim=1).clamp_min(1e-300)
+    s = dot / norm_k[None, :]
+    loss = (v_p * v_p).sum(dim=1)[:, None] - dot * s
+    scale = s
+    if stage2 is not None:
+        k_p, h_p, k_k, h_k, alpha = stage2
+        num = s * (k_p @ k_k.T) + alpha * h_p[:, None] * h_k[None, :]
+        den = ((k_k * k_k).sum(dim=1) + alpha * h_k * h_k).clamp_min(1e-300)
+        t = num / den[None, :]
+        start = s * s * (k_p * k_p).sum(dim=1)[:, None] + alpha * (h_p * h_p)[:, None]
+        loss = loss + start - num * t
+        scale = torch.where(s > 0, t, s)
+    plain = (v_p * v_p).sum(dim=1)
+    loss = torch.where((s > 0) & (scale > 0), loss, torch.full_like(loss, math.inf))
+    best = loss.argmin(dim=1)
+    best_loss = loss.gather(1, best[:, None]).squeeze(1)
+    ok = torch.isfinite(best_loss)
+    partner = torch.where(ok, best, torch.full_like(best, -1))
+    return (partner, torch.where(ok, scale.gather(1, best[:, None]).squeeze(1), torch.zeros_like(plain)),
+            torch.where(ok, best_loss, plain))
+
+
+def udfc_quant_scales(w: torch.Tensor, w_q: torch.Tensor, b: torch.Tensor, alpha_q: float) -> torch.Tensor:
+    """s'* = (⟨ŵ, Q(ŵ)⟩ + α' b̂²) / (‖Q(ŵ)‖² + α' b̂²) per row (1 for an all-zero row with zero bias)."""
+    num = (w * w_q).sum(dim=1) + alpha_q * b * b
+    den = (w_q * w_q).sum(dim=1) + alpha_q * b * b
+    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.ones_like(num))
+
+
+def nnls_rows(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """min_s ½ sᵀ A s − rᵀ s subject to s ≥ 0, for every row r of `rhs` [P, K] (A = `gram` [K, K], PSD):
+    Lawson–Hanson active set on the normal equations, exact up to round-off."""
+    return torch.stack([_nnls(gram, row) for row in rhs]) if len(rhs) else rhs.clone()
+
+
+def _nnls(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    k = len(rhs)
+    tol = 1e-12 * (float(gram.diagonal().abs().max()) + float(rhs.abs().max()) + 1e-300)
+    jitter = 1e-12 * float(gram.diagonal().abs().max() + 1e-300) * torch.eye(k, dtype=gram.dtype)
+    x = torch.zeros_like(rhs)
+    passive = torch.zeros(k, dtype=torch.bool)
+    for _ in range(3 * k + 10):
+        grad = rhs - gram @ x
+        candidates = torch.where(passive, torch.full_like(grad, -math.inf), grad)
+        if float(candidates.max()) <= tol:
+            break
+        passive[int(candidates.argmax())] = True
+        for _ in range(3 * k + 10):
+            idx = passive.nonzero().squeeze(1)
+            z = torch.zeros_like(rhs)
+            z[idx] = torch.linalg.solve(gram[idx][:, idx] + jitter[:len(idx), :len(idx)], rhs[idx])
+            if bool((z[idx] > 0).all()):
+                x = z
+                break
+            bad = idx[z[idx] <= 0]
+            step = torch.min(x[bad] / (x[bad] - z[bad]).clamp_min(1e-300))
+            x = x + step * (z - x)
+            passive &= x > tol
+            x = torch.where(passive, x, torch.zeros_like(x))
+    return x
+
+
+# --- Gaussian activation moments ----------------------------------------------------------------------------------
+
+def _phi(x: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+
+
+def _Phi(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def _relu_mean(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """E[max(N(m, s²), 0)] = m Φ(m/s) + s φ(m/s)."""
+    h = mean / std
+    return mean * _Phi(h) + std * _phi(h)
+
+
+def gaussian_activation_mean(mean: torch.Tensor, std: torch.Tensor, activation: str) -> torch.Tensor:
+    """E[f(y)] for y ~ N(mean, std²): relu, relu6 (= relu(y) − relu(y − 6)) or identity."""
+    std = std.clamp_min(1e-12)
+    if activation == "relu":
+        return _relu_mean(mean, std)
+    if activation == "relu6":
+        return _relu_mean(mean, std) - _relu_mean(mean - 6.0, std)
+    return mean.clone()
+
+
+def _apply(y: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu":
+        return y.clamp_min(0.0)
+    if activation == "relu6":
+        return y.clamp(0.0, 6.0)
+    return y
+
+
+def activation_moments(mean: torch.Tensor, std: torch.Tensor, corr: torch.Tensor, activation: str,
+                       chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E[a] [V], Cov[a] [V, V]) for a = f(y), y Gaussian with the given means, stds and correlation matrix.
+    E[a_i a_j] = E_{z}[f(m_i + s_i z) · E[f(y_j) | z]] with y_j | z ~ N(m_j + s_j ρ_ij z, s_j²(1 − ρ_ij²)),
+    integrated over z ~ N(0, 1) on a fixed grid (pairwise Gaussian: only bivariate marginals matter)."""
+    mean, std, corr = mean.double(), std.double().clamp_min(1e-12), corr.double().clamp(-1.0, 1.0)
+    z = torch.linspace(-_QUAD_Z, _QUAD_Z, _QUAD_NODES, dtype=torch.float64)
+    weight = _phi(z)
+    weight = weight / weight.sum()
+    expect = gaussian_activation_mean(mean, std, activation)
+    second = torch.empty(len(mean), len(mean), dtype=torch.float64)
+    for start in range(0, len(mean), chunk):
+        rows = slice(start, start + chunk)
+        outer = _apply(mean[rows, None] + std[rows, None] * z[None, :], activation)  # [r, n]
+        rho = corr[rows].clamp(-1.0 + 1e-9, 1.0 - 1e-9)
+        cond_mean = mean[None, :, None] + std[None, :, None] * rho[:, :, None] * z[None, None, :]
+        cond_std = std[None, :, None] * torch.sqrt(1.0 - rho[:, :, None] ** 2)
+        inner = gaussian_activation_mean(cond_mean, cond_std, activation)
+        second[rows] = (outer[:, None, :] * inner * weight).sum(dim=-1)
+    exact_square = (weight * _apply(mean[:, None] + std[:, None] * z, activation) ** 2).sum(dim=-1)
+    second.diagonal().copy_(exact_square)
+    cov = second - expect[:, None] * expect[None, :]
+    return expect, 0.5 * (cov + cov.T)
+
+
+def lmmse_mixing(cov_cross: torch.Tensor, cov_kept: torch.Tensor, mean_all: torch.Tensor,
+                 mean_kept: torch.Tensor, jitter: float = 1e-9) -> tuple[torch.Tensor, torch.Tensor]:
+    """M = C_{a,â} C_{ââ}^{-1} [C, K] and d = E[a] − M E[â] [C]: the best affine estimate of a from â."""
+    k = cov_kept.shape[0]
+    scale = cov_kept.diagonal().mean().clamp_min(1e-300)
+    regular = cov_kept + jitter * scale * torch.eye(k, dtype=cov_kept.dtype)
+    mixing = torch.linalg.solve(regular, cov_cross.T).T
+    return mixing, mean_all - mixing @ mean_kept
+
+
+def residual_error(cov: torch.Tensor, gram: torch.Tensor, keep: list[int], jitter: float = 1e-9) -> float:
+    """E(K) = tr(G (C − C_{:,K} C_KK^{-1} C_{K,:})): consumer-output MSE left after lmmse reconstruction."""
+    if not keep:
+        return float((gram * cov).sum())
+    idx = torch.as_tensor(keep, dtype=torch.long)
+    ckk = cov[idx][:, idx]
+    ckk = ckk + jitter * ckk.diagonal().mean().clamp_min(1e-300) * torch.eye(len(keep), dtype=cov.dtype)
+    explained = cov[:, idx] @ torch.linalg.solve(ckk, cov[idx, :])
+    return float((gram * (cov - explained)).sum())
+
+
+# =================================================================================================================
+# sites: where compensation is valid
+# =================================================================================================================
+
+
+@dataclass(frozen=True)
+class Site:
+    """A compensable group (module docstring, 'Validity'). Index tuples give, for each group channel, the row /
+    channel of that module holding it."""
+
+    group: str
+    producer: str
+    rows: tuple[int, ...]
+    bn: str
+    bn_index: tuple[int, ...]
+    activation: str
+    consumers: dict[str, list[int]] = field(default_factory=dict)
+    depthwise: str | None = None
+    dw_index: tuple[int, ...] = ()
+    dw_bn: str | None = None
+    dw_bn_index: tuple[int, ...] = ()
+
+
+def find_site(model: nn.Module, analysis: Analysis, group: str) -> tuple[Site | None, str]:
+    """(Site, "") if closed-form compensation is valid for `group`, else (None, why not)."""
+    g = analysis.group(group)
+    members = analysis.members(group)
+    modules = dict(model.named_modules())
+    if not g.prunable:
+        return None, f"not prunable ({g.reason})"
+    if g.residual:
+        return None, "tied across a residual add: the skip path cannot be compensated"
+    if len(members.producers) != 1:
+        return None, f"{len(members.producers)} producers"
+    bad = [op for op in g.path_ops if op not in _PATH_OK]
+    if bad:
+        return None, f"non-compensable op(s) on the path: {', '.join(bad)}"
+    if "relu" in g.path_ops and "relu6" in g.path_ops:
+        return None, "mixes relu and relu6"
+    activation = "relu6" if "relu6" in g.path_ops else "relu" if "relu" in g.path_ops else "identity"
+    (producer, rows), = members.producers.items()
+    prod = modules[producer]
+    if not isinstance(prod, _DENSE) or getattr(prod, "groups", 1) != 1:
+        return None, "producer is not a dense conv/linear"
+    bn = analysis.bn_after.get(producer)
+    if bn is None or bn not in members.passthrough:
+        return None, "no BatchNorm right after the producer (no statistics to reason with)"
+    if any(not isinstance(modules[c], _DENSE) or getattr(modules[c], "groups", 1) != 1 for c in members.consumers):
+        return None, "a consumer is not a dense conv/linear"
+    if not members.consumers:
+        return None, "no consumer"
+    channel_rows = _inverse(rows, g.channels)
+    bn_index = _inverse(members.passthrough[bn], g.channels)
+    if channel_rows is None or bn_index is None:
+        return None, "producer/BN rows do not map one-to-one onto the group channels"
+    others = [n for n in members.passthrough if n != bn]
+    dw, dw_bn = _depthwise_chain(modules, others)
+    if others and dw is None:
+        return None, "unsupported per-channel modules on the path: " + ", ".join(others)
+    site = Site(group, producer, channel_rows, bn, bn_index, activation, dict(members.consumers))
+    if dw is not None:
+        dw_index = _inverse(members.passthrough[dw], g.channels)
+        dw_bn_index = _inverse(members.passthrough[dw_bn], g.channels)
+        if dw_index is None or dw_bn_index is None:
+            return None, "depthwise rows do not map one-to-one onto the group channels"
+        site = Site(group, producer, channel_rows, bn, bn_index, activation, dict(members.consumers),
+                    dw, dw_index, dw_bn, dw_bn_index)
+    return site, ""
+
+
+def _inverse(mapping: list[int], channels: int) -> tuple[int, ...] | None:
+    """Position of each group channel in `mapping` (None unless every channel appears exactly once)."""
+    where = [-1] * channels
+    for position, channel in enumerate(mapping):
+        if channel >= 0:
+            if where[channel] != -1:
+                return None
+            where[channel] = position
+    return None if -1 in where else tuple(where)
+
+
+def _depthwise_chain(modules: dict[str, nn.Module], others: list[str]) -> tuple[str | None, str | None]:
+    """(depthwise conv, its BN) when the other passthrough modules are exactly those two, in that order."""
+    if len(others) != 2:
+        return None, None
+    dw, bn = others
+    conv = modules[dw]
+    ok = (isinstance(conv, nn.modules.conv._ConvNd) and conv.groups == conv.in_channels == conv.out_channels
+          and isinstance(modules[bn], _BN) and modules[bn].running_var is not None)
+    return (dw, bn) if ok else (None, None)
+
+
+# =================================================================================================================
+# per-site quantities
+# =================================================================================================================
+
+
+@dataclass
+class _SiteTensors:
+    """Everything the methods need about one site, in group channel order (float64)."""
+
+    w: torch.Tensor            # ŵ [C, D]
+    b: torch.Tensor            # b̂ [C]
+    w_q: torch.Tensor | None   # Q(ŵ) [C, D] when quantizing
+    mean: torch.Tensor         # BN output mean β [C]
+    std: torch.Tensor          # BN output std |γ| [C]
+    dw: torch.Tensor | None = None     # BN-folded dw kernels κ̂ [C, k]
+    dw_q: torch.Tensor | None = None   # BN-folded quantized dw kernels
+    dw_b: torch.Tensor | None = None   # dw folded bias h [C]
+    dw_mean: torch.Tensor | None = None
+    dw_std: torch.Tensor | None = None
+
+
+def _site_tensors(modules: dict[str, nn.Module], site: Site, bits: int | None) -> _SiteTensors:
+    prod = modules[site.producer]
+    bn = modules[site.bn]
+    rows = torch.as_tensor(site.rows, dtype=torch.long)
+    bn_idx = torch.as_tensor(site.bn_index, dtype=torch.long)
+    weight = prod.weight.detach()
+    scale, shift = bn_scale_shift(bn)
+    raw = weight.double().reshape(weight.shape[0], -1)[rows]
+    bias = prod.bias.detach().double()[rows] if prod.bias is not None else torch.zeros(len(rows), dtype=torch.float64)
+    w = scale[bn_idx, None] * raw
+    b = scale[bn_idx] * bias + shift[bn_idx]
+    w_q = None
+    if bits is not None:
+        w_q = scale[bn_idx, None] * quantize_weight(weight, bits).double().reshape(weight.shape[0], -1)[rows]
+    mean, std = bn_output_moments(bn)
+    st = _SiteTensors(w, b, w_q, mean[bn_idx], std[bn_idx])
+    if site.depthwise is not None:
+        conv, dbn = modules[site.depthwise], modules[site.dw_bn]
+        dw_idx = torch.as_tensor(site.dw_index, dtype=torch.long)
+        dbn_idx = torch.as_tensor(site.dw_bn_index, dtype=torch.long)
+        kernels, kbias = folded_filters(conv.weight, conv.bias, None)
+        dscale, dshift = bn_scale_shift(dbn)
+        st.dw = dscale[dbn_idx, None] * kernels[dw_idx]
+        st.dw_b = dscale[dbn_idx] * kbias[dw_idx] + dshift[dbn_idx]
+        if bits is not None:
+            qk = quantize_weight(conv.weight, bits).double().reshape(conv.weight.shape[0], -1)
+            st.dw_q = dscale[dbn_idx, None] * qk[dw_idx]
+        st.dw_mean, st.dw_std = (t[dbn_idx] for t in bn_output_moments(dbn))
+    return st
+
+
+def _selection(channels: int, keep: list[int]) -> torch.Tensor:
+    m = torch.zeros(channels, len(keep), dtype=torch.float64)
+    m[torch.as_tensor(keep, dtype=torch.long), torch.arange(len(keep))] = 1.0
+    return m
+
+
+def _pruned(channels: int, keep: list[int]) -> list[int]:
+    kept = set(keep)
+    return [c for c in range(channels) if c not in kept]
+
+
+# --- method: Neuron Merging ---------------------------------------------------------------------------------------
+
+def _nm_site(st: _SiteTensors, keep: list[int], threshold: float, lam: float) -> torch.Tensor:
+    channels = st.w.shape[0]
+    mixing = _selection(channels, keep)
+    pruned = _pruned(channels, keep)
+    if not pruned:
+        return mixing
+    p, k = torch.as_tensor(pruned), torch.as_tensor(keep)
+    w_k = st.w_q[k] if st.w_q is not None else st.w[k]
+    stage2 = None
+    if st.dw is not None:
+        dw_k = st.dw_q[k] if st.dw_q is not None else st.dw[k]
+        stage2 = (st.dw[p], st.dw_b[p], dw_k, st.dw_b[k])
+    partner, scale = neuron_merging_partners(st.w[p], st.b[p], w_k, st.b[k], threshold=threshold, lam=lam,
+                                             stage2=stage2)
+    for row, (q, z) in zip(pruned, zip(partner.tolist(), scale.tolist())):
+        if q >= 0:
+            mixing[row, q] = z
+    return mixing
+
+
+# --- method: UDFC --------------------------------------------------------------------------------------------------
+
+def _udfc_site(st: _SiteTensors, keep: list[int], alpha: float, alpha_q: float, multi: bool) -> torch.Tensor:
+    channels = st.w.shape[0]
+    mixing = _selection(channels, keep)
+    k = torch.as_tensor(keep)
+    if st.w_q is not None and st.dw is None:
+        s_prime = udfc_quant_scales(st.w[k], st.w_q[k], st.b[k], alpha_q)
+        mixing[k, torch.arange(len(keep))] = s_prime
+    pruned = _pruned(channels, keep)
+    if not pruned:
+        return mixing
+    p = torch.as_tensor(pruned)
+    w_k = st.w_q[k] if st.w_q is not None else st.w[k]
+    v_p, v_k = udfc_vectors(st.w[p], st.b[p], alpha), udfc_vectors(w_k, st.b[k], alpha)
+    if multi and st.dw is None:
+        coeffs = nnls_rows(v_k @ v_k.T, v_p @ v_k.T)
+        mixing[p] = coeffs
+        return mixing
+    stage2 = None
+    if st.dw is not None:
+        dw_k = st.dw_q[k] if st.dw_q is not None else st.dw[k]
+        stage2 = (st.dw[p], st.dw_b[p], dw_k, st.dw_b[k], alpha)
+    partner, scale, _ = udfc_prune_partners(v_p, v_k, stage2)
+    for row, (q, s) in zip(pruned, zip(partner.tolist(), scale.tolist())):
+        if q >= 0:
+            mixing[row, q] = s
+    return mixing
+
+
+# --- method: lmmse --------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Moments:
+    """Activation moments of the variables [original channels 0..C−1, deployed kept channels]."""
+
+    mean: torch.Tensor
+    cov: torch.Tensor
+    channels: int
+    deployed: list[int]  # variable index of each kept channel's deployed activation
+
+
+def _site_moments(st: _SiteTensors, keep: list[int], activation: str) -> _Moments:
+    """Gaussian model of the site's activations (module docstring, method 3)."""
+    channels = st.w.shape[0]
+    k = torch.as_tensor(keep, dtype=torch.long)
+    quantized = st.w_q is not None
+    filters = torch.cat([st.w, st.w_q[k]]) if quantized else st.w
+    norm = st.w.norm(dim=1).clamp_min(1e-300)
+    mean = torch.cat([st.mean, st.mean[k]]) if quantized else st.mean
+    std = torch.cat([st.std, st.std[k] * st.w_q[k].norm(dim=1) / norm[k]]) if quantized else st.std
+    corr = _cosine_gram(filters)
+    deployed = list(range(channels, channels + len(keep))) if quantized else list(keep)
+    expect, cov = activation_moments(mean, std, corr, activation)
+    if st.dw is None:
+        return _Moments(expect, cov, channels, deployed)
+    # second stage: dw kernel, BN, activation (spatially white activations: cov(κ_i⊛a_i, κ_j⊛a_j) = ⟨κ_i,κ_j⟩ C_ij)
+    kernels = torch.cat([st.dw, st.dw_q[k] if st.dw_q is not None else st.dw[k]]) if quantized else st.dw
+    sd1 = cov.diagonal().clamp_min(1e-300).sqrt()
+    corr2 = _cosine_gram(kernels) * cov / sd1[:, None] / sd1[None, :]
+    corr2.diagonal().fill_(1.0)
+    mean2 = torch.cat([st.dw_mean, st.dw_mean[k]]) if quantized else st.dw_mean
+    std2 = st.dw_std
+    if quantized:
+        # deployed dw output spread relative to the original: kernel norm ratio × stage-1 spread ratio
+        ratio = (kernels[channels:].norm(dim=1) / st.dw[k].norm(dim=1).clamp_min(1e-300)
+                 * sd1[channels:] / sd1[k].clamp_min(1e-300))
+        std2 = torch.cat([st.dw_std, st.dw_std[k] * ratio])
+    expect2, cov2 = activation_moments(mean2, std2, corr2, activation)
+    return _Moments(expect2, cov2, channels, deployed)
+
+
+def _cosine_gram(rows: torch.Tensor) -> torch.Tensor:
+    unit = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    gram = unit @ unit.T
+    gram.diagonal().fill_(1.0)
+    return gram
+
+
+def _lmmse_site(st: _SiteTensors, keep: list[int], activation: str) -> tuple[torch.Tensor, torch.Tensor,
+                                                                            torch.Tensor]:
+    """(M [C, K], d [C], E[â_K]): pruned rows of M are the lmmse estimate from the deployed kept activations; a kept
+    channel keeps its own column (M[k,k] = 1) and only gets the mean offset d_k = E[a_k] − E[â_k]. Measured: letting
+    kept channels also mix (full lmmse) or rescale themselves (s' from the model) costs accuracy at 3 bits, because
+    the cosine correlations are too rough to improve on a channel that is still present (tools/bench_reconstruct.py)."""
+    mom = _site_moments(st, keep, activation)
+    c = mom.channels
+    dep = torch.as_tensor(mom.deployed, dtype=torch.long)
+    k = torch.as_tensor(keep, dtype=torch.long)
+    mixing = _selection(c, keep)
+    offset = torch.zeros(c, dtype=torch.float64)
+    offset[k] = mom.mean[k] - mom.mean[dep]
+    pruned = torch.as_tensor(_pruned(c, keep), dtype=torch.long)
+    if len(pruned):
+        rows, shift = lmmse_mixing(mom.cov[pruned][:, dep], mom.cov[dep][:, dep], mom.mean[pruned], mom.mean[dep])
+        mixing[pruned], offset[pruned] = rows, shift
+    return mixing, offset, mom.mean[dep]
+
+
+# =================================================================================================================
+# model level
+# =================================================================================================================
+
+
+@dataclass
+class Reconstruction:
+    """Per group: the mixing M [C, K], the offsets d [C] (constant per original channel, lmmse only) and the mean of
+    each kept channel's deployed activation (lmmse only; consumers' bias correction uses it)."""
+
+    mixing: dict[str, torch.Tensor] = field(default_factory=dict)
+    offsets: dict[str, torch.Tensor] = field(default_factory=dict)
+    kept_means: dict[str, torch.Tensor] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # group -> why it got plain selection
+
+
+def check_method(method) -> str:
+    if method not in METHODS:
+        raise InputError(f"compress.reconstruct: {method!r} is not one of {', '.join(METHODS)}")
+    return method
+
+
+def build_reconstruction(model: nn.Module, analysis: Analysis, plan: PrunePlan, *, method: str,
+                         weight_bits: int | None = None, alpha: float = DEFAULT_ALPHA,
+                         alpha_q: float = DEFAULT_ALPHA_Q, nm_threshold: float = NM_THRESHOLD,
+                         nm_lambda: float = NM_LAMBDA, multi: bool = False,
+                         groups: list[str] | None = None) -> Reconstruction:
+    """Mixing (and lmmse offsets) for every planned group, and, when quantizing, every compensable group."""
+    check_method(method)
+    bits = check_bits(weight_bits) if weight_bits is not None else None
+    _check_positive("alpha", alpha)
+    _check_positive("alpha_q", alpha_q)
+    result = Reconstruction()
+    if method == "none":
+        return result
+    modules = dict(model.named_modules())
+    names = groups if groups is not None else [g.name for g in analysis.groups]
+    for name in names:
+        planned = name in plan.keep
+        if not planned and bits is None:
+            continue
+        if not planned and method == "neuron_merging":
+            continue  # NM has nothing to say about quantization
+        site, why = find_site(model, analysis, name)
+        if site is None:
+            if analysis.group(name).prunable:
+                result.skipped[name] = why
+            continue
+        channels = analysis.group(name).channels
+        keep = sorted(plan.keep.get(name, range(channels)))
+        if not planned and method == "udfc" and site.depthwise is not None:
+            continue
+        st = _site_tensors(modules, site, bits)
+        if method == "neuron_merging":
+            result.mixing[name] = _nm_site(st, keep, nm_threshold, nm_lambda)
+        elif method == "udfc":
+            result.mixing[name] = _udfc_site(st, keep, alpha, alpha_q, multi)
+        else:
+            mixing, offset, kept_mean = _lmmse_site(st, keep, site.activation)
+            result.mixing[name], result.offsets[name], result.kept_means[name] = mixing, offset, kept_mean
+    return result
+
+
+def build_mixing(model: nn.Module, analysis: Analysis, plan: PrunePlan, *, method: str,
+                 weight_bits: int | None = None, alpha: float = DEFAULT_ALPHA,
+                 alpha_q: float = DEFAULT_ALPHA_Q, **options) -> dict[str, torch.Tensor]:
+    """mixing[group] = M [C, K] for prune_model (module docstring). lmmse's offsets need compress_model."""
+    return build_reconstruction(model, analysis, plan, method=method, weight_bits=weight_bits, alpha=alpha,
+                                alpha_q=alpha_q, **options).mixing
+
+
+def _check_positive(what: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
+        raise InputError(f"reconstruction {what}: {value!r} must be a finite number >= 0")
+
+
+def compress_model(model: nn.Module, analysis: Analysis, plan: PrunePlan, *, method: str,
+                   weight_bits: int | None = None, alpha: float = DEFAULT_ALPHA, alpha_q: float = DEFAULT_ALPHA_Q,
+                   bias_correction: bool | None = None, **options) -> nn.Module:
+    """Prune (plan), reconstruct (method) and fake-quantize (weight_bits) jointly; returns a new model.
+
+    Order, and why: (1) every reconstruction is computed from the ORIGINAL model, with the producers' kept filters
+    quantized, so merges land on the filters that will be deployed; (2) prune_model folds the mixing into the
+    consumers and lmmse's constant offsets go into their biases; (3) all conv/linear weights are quantized, the
+    consumers AFTER their compensation (quantizing first would leave the compensation itself unquantized);
+    (4) with bias_correction (default on for lmmse only), each quantized layer's mean output shift (Q(W) − W)·E[x]
+    is removed using the input means we know. A producer that is itself the consumer of another compensated group
+    (a chain) is modelled with its original filters' quantization, an approximation (none in ResNets/EfficientNet)."""
+    from dfp_deploy.compress.prune import prune_model
+
+    check_method(method)
+    bits = check_bits(weight_bits) if weight_bits is not None else None
+    if bias_correction is None:
+        bias_correction = method == "lmmse"
+    recon = build_reconstruction(model, analysis, plan, method=method, weight_bits=bits, alpha=alpha,
+                                 alpha_q=alpha_q, **options)
+    compressed = prune_model(model, analysis, plan, recon.mixing)
+    original = dict(model.named_modules())
+    modules = dict(compressed.named_modules())
+    for name, offset in recon.offsets.items():
+        _add_consumer_offsets(original, modules, analysis, name, offset)
+    if bits is None:
+        return compressed
+    full = {n: m.weight.detach().clone() for n, m in modules.items() if isinstance(m, _QUANTIZABLE_TYPES)}
+    with torch.no_grad():
+        for name, weight in full.items():
+            modules[name].weight.copy_(quantize_weight(weight, bits))
+    if bias_correction:
+        means = _input_means(model, analysis, plan, recon)
+        for name, mean in means.items():
+            if name in full:
+                _remove_output_shift(modules[name], analysis.bn_after.get(name), modules, full[name], mean)
+    return compressed
+
+
+_QUANTIZABLE_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def _position_channels(mapping: list[int]) -> list[tuple[int, int]]:
+    """(input position, group channel) for the positions of a consumer that belong to the group."""
+    return [(i, c) for i, c in enumerate(mapping) if c >= 0]
+
+
+def _shift_output(module: nn.Module, bn_name: str | None, modules: dict[str, nn.Module], delta: torch.Tensor) -> None:
+    """Add `delta` [out] to the module's output: through the BN after it, its bias, or a new bias."""
+    delta = delta.to(module.weight.dtype)
+    with torch.no_grad():
+        if bn_name is not None and isinstance(modules.get(bn_name), _BN):
+            bn = modules[bn_name]
+            bn.running_mean -= delta.to(bn.running_mean.dtype)
+        elif module.bias is not None:
+            module.bias += delta
+        else:
+            module.bias = nn.Parameter(delta.clone(), requires_grad=module.weight.requires_grad)
+
+
+def _add_consumer_offsets(original: dict[str, nn.Module], modules: dict[str, nn.Module], analysis: Analysis,
+                          group: str, offset: torch.Tensor) -> None:
+    """Σ_c W'_c d_c (over taps; exact away from zero padding) into each consumer's output."""
+    for consumer, mapping in analysis.members(group).consumers.items():
+        weight = original[consumer].weight.detach().double()
+        per_position = weight.reshape(weight.shape[0], weight.shape[1], -1).sum(dim=2)  # [out, in]
+        delta = torch.zeros(weight.shape[0], dtype=torch.float64)
+        for position, channel in _position_channels(mapping):
+            delta += per_position[:, position] * offset[channel]
+        _shift_output(modules[consumer], analysis.bn_after.get(consumer), modules, delta)
+
+
+def _remove_output_shift(module: nn.Module, bn_name: str | None, modules: dict[str, nn.Module],
+                         full: torch.Tensor, mean: torch.Tensor) -> None:
+    """Bias correction: subtract E[(Q(W) − W)·x] = Σ_{i,taps} (Q(W) − W)[o,i,taps]·E[x_i] from the output."""
+    error = (module.weight.detach().double() - full.double())
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
+        per_channel = error.reshape(error.shape[0], -1).sum(dim=1)  # depthwise: own input channel only
+        delta = per_channel * mean
+    else:
+        delta = error.reshape(error.shape[0], error.shape[1], -1).sum(dim=2) @ mean
+    _shift_output(module, bn_name, modules, -delta)
+
+
+def _input_means(model: nn.Module, analysis: Analysis, plan: PrunePlan,
+                 recon: Reconstruction) -> dict[str, torch.Tensor]:
+    """Per quantized layer of the COMPRESSED model: the mean of each input position, where known (else 0, i.e. no
+    correction for that position). Known: a compensated site's consumers (deployed kept means); any other layer with
+    a BN after it: m ≥ 0 solving (Σ_taps W)·m = μ − bias on the original weights (module docstring, method 3)."""
+    modules = dict(model.named_modules())
+    keep_of = {g.name: sorted(plan.keep[g.name]) if g.name in plan.keep else list(range(g.channels))
+               for g in analysis.groups}
+    # map each layer's original input positions to the positions that survive pruning
+    dropped: dict[str, set[int]] = {}
+    for g in analysis.groups:
+        if g.name not in plan.keep:
+            continue
+        kept = set(plan.keep[g.name])
+        members = analysis.members(g.name)
+        for table in (members.consumers,):
+            for name, mapping in table.items():
+                dropped.setdefault(name, set()).update(i for i, c in _position_channels(mapping) if c not in kept)
+        for name, mapping in members.passthrough.items():
+            dropped.setdefault(name, set()).update(i for i, c in enumerate(mapping) if c >= 0 and c not in kept)
+    means: dict[str, torch.Tensor] = {}
+    for name, module in modules.items():
+        if not isinstance(module, _QUANTIZABLE_TYPES):
+            continue
+        estimate = _fitted_input_mean(module, modules.get(analysis.bn_after.get(name, "")))
+        if estimate is not None:
+            means[name] = estimate
+    for group, kept_mean in recon.kept_means.items():
+        column = {c: j for j, c in enumerate(keep_of[group])}
+        for consumer, mapping in analysis.members(group).consumers.items():
+            width = modules[consumer].weight.shape[1]
+            vec = means.setdefault(consumer, torch.zeros(width, dtype=torch.float64))
+            for position, channel in _position_channels(mapping):
+                if channel in column:
+                    vec[position] = kept_mean[column[channel]]
+    return {name: _surviving(vec, dropped.get(name, set())) for name, vec in means.items()}
+
+
+def _surviving(vec: torch.Tensor, dropped: set[int]) -> torch.Tensor:
+    if not dropped:
+        return vec
+    return vec[torch.as_tensor([i for i in range(len(vec)) if i not in dropped], dtype=torch.long)]
+
+
+def _fitted_input_mean(module: nn.Module, bn: nn.Module | None) -> torch.Tensor | None:
+    """Input means implied by the BN's running mean (None without a BN with statistics)."""
+    if not isinstance(bn, _BN) or bn.running_mean is None:
+        return None
+    weight = module.weight.detach().double()
+    target = bn.running_mean.detach().double()
+    if module.bias is not None:
+        target = target - module.bias.detach().double()
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
+        if module.groups != module.in_channels or module.out_channels != module.in_channels:
+            return None
+        taps = weight.reshape(weight.shape[0], -1).sum(dim=1)
+        return torch.where(taps.abs() > 1e-12, target / torch.where(taps.abs() > 1e-12, taps, torch.ones_like(taps)),
+                           torch.zeros_like(taps))
+    if getattr(module, "groups", 1) != 1:
+        return None
+    a = weight.reshape(weight.shape[0], weight.shape[1], -1).sum(dim=2)  # [out, in]
+    return nnls_rows(a.T @ a, (a.T @ target)[None, :]).squeeze(0)
+
+
+# =================================================================================================================
+# channel selection by reconstruction error
+# =================================================================================================================
+
+BUDGETS = ("uniform", "macs")
+
+
+def consumer_gram(model: nn.Module, analysis: Analysis, site: Site, channels: int) -> torch.Tensor:
+    """G [C, C] = Σ_consumers Σ_taps W'_tᵀ W'_t over the group's input positions, rows scaled by the consumer's
+    BN γ/σ when one follows (errors are then measured in the units the next block adds to its stream)."""
+    modules = dict(model.named_modules())
+    gram = torch.zeros(channels, channels, dtype=torch.float64)
+    for consumer, mapping in site.consumers.items():
+        weight = modules[consumer].weight.detach().double()
+        weight = weight.reshape(weight.shape[0], weight.shape[1], -1)
+        bn = modules.get(analysis.bn_after.get(consumer, ""))
+        if isinstance(bn, _BN) and bn.running_var is not None:
+            weight = weight * bn_scale_shift(bn)[0].abs()[:, None, None]
+        occurrence: dict[int, int] = {}
+        columns: dict[tuple[int, int], int] = {}
+        for position, channel in _position_channels(mapping):
+            level = occurrence.get(channel, 0)
+            occurrence[channel] = level + 1
+            columns[(channel, level)] = position
+        levels = max(occurrence.values(), default=0)
+        for level in range(levels):
+            idx = [(c, columns[(c, level)]) for c in range(channels) if (c, level) in columns]
+            ch = torch.as_tensor([c for c, _ in idx], dtype=torch.long)
+            pos = torch.as_tensor([p for _, p in idx], dtype=torch.long)
+            block = weight[:, pos, :]  # [out, n, taps]
+            gram[ch[:, None], ch[None, :]] += torch.einsum("oit,ojt->ij", block, block)
+    return gram
+
+
+def site_error_path(model: nn.Module, analysis: Analysis, site: Site, sizes: list[int]) -> dict[int, tuple]:
+    """{kept count: (kept channels, E / tr(GC))} along the greedy lmmse elimination path, for the given sizes."""
+    channels = analysis.group(site.group).channels
+    st = _site_tensors(dict(model.named_modules()), site, None)
+    mom = _site_moments(st, list(range(channels)), site.activation)
+    gram = consumer_gram(model, analysis, site, channels)
+    total = float((gram * mom.cov).sum())
+    path = greedy_elimination(mom.cov, gram, sizes)
+    return {len(k): (k, err / total if total > 0 else 0.0) for k, err in path}
+
+
+def greedy_elimination(cov: torch.Tensor, gram: torch.Tensor, sizes: list[int],
+                       step_fraction: float = 0.02) -> list[tuple[list[int], float]]:
+    """Backward elimination: [(kept channels, E(kept))] for each kept count in `sizes` (largest first).
+    Maximises F(K) = tr(C_KK^{-1} H_KK), H = C G C (E = tr(GC) − F). With B = C_KK^{-1}, removing j lowers F by
+    2(BH)_jj − B_jj H_jj + [diag(BHB)_j − 2 B_jj (HB)_jj + B_jj² H_jj] / B_jj (block inverse of C_KK without j).
+    Each step removes the channel with the smallest drop; large groups remove up to `step_fraction` of their
+    channels per step (smallest drops first) to bound the cost, never stepping over a requested size."""
+    stops = sorted(set(sizes), reverse=True)
+    c = cov.shape[0]
+    keep = list(range(c))
+    out = [(list(keep), 0.0)] if c in stops else []
+    h = cov @ gram @ cov
+    for stop in [s for s in stops if s < c]:
+        while len(keep) > stop:
+            idx = torch.as_tensor(keep, dtype=torch.long)
+            ckk = cov[idx][:, idx]
+            ckk = ckk + 1e-9 * ckk.diagonal().mean().clamp_min(1e-300) * torch.eye(len(keep), dtype=cov.dtype)
+            b = torch.linalg.inv(ckk)
+            hk = h[idx][:, idx]
+            bh = b @ hk
+            bjj = b.diagonal().clamp_min(1e-300)
+            drop = (2 * bh.diagonal() - bjj * hk.diagonal()
+                    + ((bh @ b).diagonal() - 2 * bjj * (hk @ b).diagonal() + bjj ** 2 * hk.diagonal()) / bjj)
+            count = max(1, min(len(keep) - stop, int(len(keep) * step_fraction)))
+            order = torch.argsort(drop, stable=True)[:count]
+            for j in sorted((keep[int(i)] for i in order), reverse=True):
+                keep.remove(j)
+        out.append((list(keep), residual_error(cov, gram, keep)))
+    return out
+
+
+def select_plan(model: nn.Module, analysis: Analysis, *, ratio: float, budget: str = "uniform",
+                round_to: int = 1, min_channels: int = 1, max_ratio: float = 0.8,
+                groups: list[str] | None = None) -> tuple[PrunePlan, dict[str, str]]:
+    """Choose the kept channels of every compensable group by lmmse reconstruction error (module docstring).
+    budget="uniform": each group keeps kept_count(C, ratio) channels. budget="macs": the same total MACs are
+    removed, allocated across groups greedily by (normalised error increase) / (MACs saved), each group keeping at
+    least C·(1 − max_ratio) channels. Returns (plan, {group: why it was left out}) for groups not compensable."""
+    from dfp_deploy.compress.plan import kept_count
+
+    if budget not in BUDGETS:
+        raise InputError(f"selection budget: {budget!r} is not one of {', '.join(BUDGETS)}")
+    for what, value in (("ratio", ratio), ("max_ratio", max_ratio)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise InputError(f"prune {what}: {value!r} is not a number in [0, 1)")
+    names = groups if groups is not None else [g.name for g in analysis.groups if g.prunable and not g.residual]
+    sites, skipped = {}, {}
+    for name in names:
+        site, why = find_site(model, analysis, name)
+        if site is None:
+            skipped[name] = why
+        else:
+            sites[name] = site
+    if ratio == 0 or not sites:
+        return PrunePlan(), skipped
+    targets = {n: kept_count(analysis.group(n).channels, ratio, round_to=round_to, min_channels=min_channels)
+               for n in sites}
+    if budget == "uniform":
+        keep = {}
+        for name, site in sites.items():
+            channels = analysis.group(name).channels
+            if targets[name] < channels:
+                keep[name] = tuple(sorted(site_error_path(model, analysis, site, [targets[name]])[targets[name]][0]))
+        return PrunePlan(keep=keep), skipped
+    return _macs_plan(model, analysis, sites, targets, round_to, min_channels, max_ratio), skipped
+
+
+def _macs_plan(model, analysis, sites, targets, round_to, min_channels, max_ratio) -> PrunePlan:
+    paths, per_channel = {}, {}
+    budget = 0.0
+    for name, site in sites.items():
+        group = analysis.group(name)
+        c = group.channels
+        floor = max(min_channels, math.ceil(c * (1.0 - max_ratio)))
+        sizes = [c] + [k for k in range(c - 1, floor - 1, -1) if k % round_to == 0]
+        paths[name] = site_error_path(model, analysis, site, sizes)
+        per_channel[name] = group.macs / c
+        budget += (c - targets[name]) * per_channel[name]
+    current = {name: analysis.group(name).channels for name in sites}
+    saved = 0.0
+    while saved < budget - 1e-6:
+        best = None
+        for name, path in paths.items():
+            smaller = [k for k in path if k < current[name]]
+            if not smaller:
+                continue
+            nxt = max(smaller)
+            gain = (current[name] - nxt) * per_channel[name]
+            cost = (path[nxt][1] - path[current[name]][1]) / gain
+            if best is None or cost < best[0]:
+                best = (cost, name, nxt, gain)
+        if best is None:
+            break
+        _, name, nxt, gain = best
+        current[name] = nxt
+        saved += gain
+    keep = {name: tuple(sorted(paths[name][k][0])) for name, k in current.items()
+            if k < analysis.group(name).channels}
+    return PrunePlan(keep=keep)

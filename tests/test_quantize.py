@@ -1,0 +1,105 @@
+"""Tests for fake weight quantization and data-free activation ranges."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dfp_deploy.compress.quantize import (activation_ranges_from_bn, quantize_model_weights, quantize_weight,
+                                          weight_scale)
+from dfp_deploy.core.errors import InputError
+
+
+def _weights(seed: int = 0) -> torch.Tensor:
+    w = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(seed))
+    w[3] *= 100.0  # channels with very different ranges
+    w[5] = 0.0
+    return w
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+def test_levels_scale_and_error_bound(bits):
+    w = _weights()
+    q = quantize_weight(w, bits)
+    n = 2 ** (bits - 1) - 1
+    scale = weight_scale(w, bits)
+    for c in range(8):
+        if c == 5:
+            continue
+        codes = q[c] / scale[c]
+        assert torch.allclose(codes, codes.round(), atol=1e-4)
+        assert codes.round().abs().max() == n  # the largest |w| lands exactly on ±n: per-channel scale
+        assert len(torch.unique(codes.round())) <= 2 * n + 1
+        assert (w[c] - q[c]).abs().max() <= scale[c].item() / 2 + 1e-6
+    assert torch.equal(q[5], torch.zeros_like(q[5]))
+    assert torch.equal(quantize_weight(torch.zeros(3, 2), bits), torch.zeros(3, 2))
+
+
+def test_zero_maps_to_zero_and_quantization_is_idempotent_and_scale_equivariant():
+    w = _weights(1)
+    w[0, 0, 0, 0] = 0.0
+    q = quantize_weight(w, 4)
+    assert q[0, 0, 0, 0] == 0
+    assert torch.equal(quantize_weight(q, 4), q)
+    scaled = quantize_weight(w * torch.arange(1, 9).float().view(-1, 1, 1, 1), 4)
+    assert torch.allclose(scaled, q * torch.arange(1, 9).float().view(-1, 1, 1, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_many_levels_are_used_at_8_bits():
+    w = torch.randn(1, 10_000, generator=torch.Generator().manual_seed(2))
+    assert len(torch.unique(quantize_weight(w, 8))) > 200
+
+
+def test_quantize_model_weights_copies_and_respects_skip():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    q = quantize_model_weights(model, 3, skip=lambda name, m: isinstance(m, nn.Linear))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # original untouched
+    assert not torch.equal(q[0].weight, model[0].weight)
+    assert torch.equal(q[0].weight, quantize_weight(model[0].weight, 3))
+    assert torch.equal(q[3].weight, model[3].weight)
+    assert torch.equal(q[0].bias, model[0].bias)
+
+
+def test_bad_bits_raise_input_error():
+    with pytest.raises(InputError, match="weight_bits"):
+        quantize_weight(torch.ones(2, 2), 1)
+    with pytest.raises(InputError, match="weight_bits"):
+        quantize_model_weights(nn.Linear(2, 2), 4.0)
+
+
+class _BnAct(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 1)
+        self.bn_relu = nn.BatchNorm2d(2)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(2, 2, 1)
+        self.bn_relu6 = nn.BatchNorm2d(2)
+        self.relu6 = nn.ReLU6()
+        self.conv3 = nn.Conv2d(2, 2, 1)
+        self.bn_plain = nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        x = self.relu(self.bn_relu(self.conv(x)))
+        x = self.relu6(self.bn_relu6(self.conv2(x)))
+        return self.bn_plain(self.conv3(x))
+
+
+def test_activation_ranges_from_bn_known_answer():
+    model = _BnAct().eval()
+    with torch.no_grad():
+        for bn in (model.bn_relu, model.bn_relu6, model.bn_plain):
+            bn.weight.copy_(torch.tensor([1.0, -2.0]))
+            bn.bias.copy_(torch.tensor([0.5, 4.0]))
+    ranges = activation_ranges_from_bn(model, torch.zeros(1, 1, 4, 4), k=3.0)
+    # β ± k|γ| = [0.5 − 3, 0.5 + 3] = [−2.5, 3.5] and [4 − 6, 4 + 6] = [−2, 10]
+    lo, hi = ranges["bn_relu"]
+    assert lo.tolist() == [0.0, 0.0] and hi.tolist() == [3.5, 10.0]
+    lo, hi = ranges["bn_relu6"]
+    assert lo.tolist() == [0.0, 0.0] and hi.tolist() == [3.5, 6.0]
+    lo, hi = ranges["bn_plain"]
+    assert lo.tolist() == [-2.5, -2.0] and hi.tolist() == [3.5, 10.0]
+    with pytest.raises(InputError, match="k"):
+        activation_ranges_from_bn(model, torch.zeros(1, 1, 4, 4), k=0)

@@ -1,0 +1,382 @@
+"""Tests for data-free closed-form reconstruction (Neuron Merging, UDFC, lmmse) and reconstruction-driven selection."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dfp_deploy.analysis import analyze
+from dfp_deploy.compress import reconstruct as R
+from dfp_deploy.compress.bnfold import folded_filters
+from dfp_deploy.compress.plan import kept_count
+from dfp_deploy.compress.prune import prune_model
+from dfp_deploy.core.errors import InputError
+from dfp_deploy.core.types import PrunePlan
+
+P, Q = 1, 3  # pruned channel p is an exact positive multiple of kept channel q
+RAW_RATIO, BN_RATIO = 2.0, 1.5  # W_p = 2 W_q; after BN, y_p = 1.5 y_q
+
+
+class ConvBnReluConv(nn.Module):
+    def __init__(self, cin: int = 3, mid: int = 6, cout: int = 5, activation: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, mid, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.act = activation or nn.ReLU()
+        self.conv2 = nn.Conv2d(mid, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
+
+
+class DepthwiseBlock(nn.Module):
+    """expand (1x1) → BN → ReLU → depthwise 3x3 → BN → ReLU → project (1x1)."""
+
+    def __init__(self, cin: int = 4, mid: int = 8, cout: int = 4) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(cin, mid, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.dw = nn.Conv2d(mid, mid, 3, padding=1, groups=mid, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.project = nn.Conv2d(mid, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.expand(x)))
+        x = torch.relu(self.bn2(self.dw(x)))
+        return self.bn3(self.project(x))
+
+
+class Residual(nn.Module):
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.conv3 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+        self.head = nn.Conv2d(c, 2, 1)
+
+    def forward(self, x):
+        s = torch.relu(self.bn1(self.conv1(x)))
+        s = torch.relu(s + self.bn2(self.conv2(s)))
+        return self.head(torch.relu(self.bn3(self.conv3(s))))
+
+
+def _random_bn(bn: nn.BatchNorm2d, gen: torch.Generator) -> None:
+    c = bn.num_features
+    with torch.no_grad():
+        bn.weight.copy_(0.5 + torch.rand(c, generator=gen))
+        bn.bias.copy_(0.3 * torch.randn(c, generator=gen))
+        bn.running_mean.copy_(0.2 * torch.randn(c, generator=gen))
+        bn.running_var.copy_(0.5 + torch.rand(c, generator=gen))
+
+
+def _seeded(module: nn.Module, seed: int) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) / math.sqrt(m.weight[0].numel()))
+                if m.bias is not None:
+                    m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
+            elif isinstance(m, nn.BatchNorm2d):
+                _random_bn(m, gen)
+    return module.eval()
+
+
+def _make_multiple(conv: nn.Conv2d, bn: nn.BatchNorm2d, p: int = P, q: int = Q) -> None:
+    """Channel p = exact positive multiple of q, with BN statistics consistent with it:
+    W_p = r W_q, μ_p = r μ_q, σ_p = r σ_q, γ_p = λ γ_q, β_p = λ β_q  ⇒  y_p = λ y_q."""
+    r, lam = RAW_RATIO, BN_RATIO
+    with torch.no_grad():
+        conv.weight[p] = r * conv.weight[q]
+        bn.running_mean[p] = r * bn.running_mean[q]
+        bn.running_var[p] = r * r * (bn.running_var[q] + bn.eps) - bn.eps
+        bn.weight[p] = lam * bn.weight[q]
+        bn.bias[p] = lam * bn.bias[q]
+
+
+def _toy(seed: int = 0, **kw) -> tuple[nn.Module, object]:
+    model = _seeded(ConvBnReluConv(**kw), seed)
+    _make_multiple(model.conv1, model.bn1)
+    return model, analyze(model, torch.zeros(1, 3, 8, 8))
+
+
+def _without(channel: int, channels: int = 6) -> PrunePlan:
+    return PrunePlan(keep={"conv1": tuple(c for c in range(channels) if c != channel)})
+
+
+def _inputs(seed: int = 1, n: int = 16, c: int = 3, hw: int = 8) -> torch.Tensor:
+    return torch.randn(n, c, hw, hw, generator=torch.Generator().manual_seed(seed))
+
+
+def _max_err(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+    return float((ya - yb).abs().max() / ya.abs().max())
+
+
+# --- exact merging ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,options", [
+    ("neuron_merging", {}),
+    ("udfc", {"alpha": 0.0}), ("udfc", {"alpha": 0.01}), ("udfc", {"alpha": 1.0}), ("udfc", {"alpha": 100.0}),
+])
+def test_merging_an_exact_multiple_restores_the_output_exactly(method, options):
+    model, analysis = _toy()
+    plain = prune_model(model, analysis, _without(P))
+    merged = R.compress_model(model, analysis, _without(P), method=method, **options)
+    x = _inputs()
+    assert _max_err(model, plain, x) > 1e-2  # pruning alone does hurt
+    assert _max_err(model, merged, x) < 1e-5
+    mixing = R.build_mixing(model, analysis, _without(P), method=method, **options)["conv1"]
+    assert mixing[P, Q - 1].item() == pytest.approx(BN_RATIO, rel=1e-6)  # column of q among kept (0,2,3,4,5)
+
+
+def test_lmmse_recovers_an_exact_multiple_from_bn_statistics_alone():
+    model, analysis = _toy()
+    merged = R.compress_model(model, analysis, _without(P), method="lmmse")
+    mixing = R.build_mixing(model, analysis, _without(P), method="lmmse")["conv1"]
+    assert mixing[P, Q - 1].item() == pytest.approx(BN_RATIO, rel=1e-3)
+    assert _max_err(model, merged, _inputs()) < 5e-3
+
+
+def test_neuron_merging_scale_needs_sigma_not_variance():
+    model, analysis = _toy()
+    bn = model.bn1
+    sigma = torch.sqrt(bn.running_var + bn.eps)
+    g = bn.weight.detach()
+    right = R.nm_scale_from_raw(RAW_RATIO, g[P].item(), sigma[P].item(), g[Q].item(), sigma[Q].item())
+    wrong = R.nm_scale_from_raw(RAW_RATIO, g[P].item(), (sigma[P] ** 2).item(), g[Q].item(), (sigma[Q] ** 2).item())
+    assert right == pytest.approx(BN_RATIO, rel=1e-6)
+    assert abs(wrong - right) > 0.5
+    plan = _without(P)
+    outputs = {}
+    for label, z in (("sigma", right), ("var", wrong)):
+        mixing = torch.zeros(6, 5, dtype=torch.float64)
+        mixing[[0, 2, 3, 4, 5], torch.arange(5)] = 1.0
+        mixing[P, Q - 1] = z
+        outputs[label] = _max_err(model, prune_model(model, analysis, plan, {"conv1": mixing}), _inputs())
+    assert outputs["sigma"] < 1e-5
+    assert outputs["var"] > 1e-2
+
+
+def test_depthwise_site_merges_exactly_when_both_stages_are_proportional():
+    model = _seeded(DepthwiseBlock(), 3)
+    p, q, t = 2, 5, 1.25
+    _make_multiple(model.expand, model.bn1, p, q)  # a_p = 1.5 a_q
+    with torch.no_grad():  # dw stage: κ_p·1.5 ∝ κ_q and biases in the same ratio so that u_p = t u_q
+        model.dw.weight[p] = model.dw.weight[q]
+        model.bn2.running_mean[p] = BN_RATIO * model.bn2.running_mean[q]
+        model.bn2.running_var[p] = BN_RATIO ** 2 * (model.bn2.running_var[q] + model.bn2.eps) - model.bn2.eps
+        model.bn2.weight[p] = t * model.bn2.weight[q]
+        model.bn2.bias[p] = t * model.bn2.bias[q]
+    analysis = analyze(model, torch.zeros(1, 4, 6, 6))
+    site, why = R.find_site(model, analysis, "expand")
+    assert site is not None and site.depthwise == "dw", why
+    plan = PrunePlan(keep={"expand": tuple(c for c in range(8) if c != p)})
+    x = _inputs(c=4, hw=6)
+    assert _max_err(model, prune_model(model, analysis, plan), x) > 1e-2
+    for method in ("neuron_merging", "udfc"):
+        merged = R.compress_model(model, analysis, plan, method=method)
+        assert _max_err(model, merged, x) < 1e-4, method  # float32 round-off through two stages
+    mixing = R.build_mixing(model, analysis, plan, method="udfc")["expand"]
+    assert mixing[p, q - 1].item() == pytest.approx(t, rel=1e-6)
+
+
+# --- never worse than plain pruning (analytic) ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(20))
+def test_udfc_merge_never_raises_the_bound_above_plain_pruning(seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(12, 27, generator=gen, dtype=torch.float64)
+    b = torch.randn(12, generator=gen, dtype=torch.float64)
+    alpha = [0.0, 0.01, 1.0][seed % 3]
+    v = R.udfc_vectors(w, b, alpha)
+    v_p, v_k = v[:5], v[5:]
+    partner, scale, loss = R.udfc_prune_partners(v_p, v_k)
+    plain = (v_p ** 2).sum(dim=1)
+    assert bool((loss <= plain + 1e-12).all())
+    for i in range(5):
+        if partner[i] >= 0:
+            assert scale[i] > 0
+            direct = ((v_p[i] - scale[i] * v_k[partner[i]]) ** 2).sum()
+            assert loss[i].item() == pytest.approx(direct.item(), rel=1e-9, abs=1e-12)
+    # the non-negative multi-channel form contains every single-partner merge, so it can only do better
+    coeffs = R.nnls_rows(v_k @ v_k.T, v_p @ v_k.T)
+    multi = ((v_p - coeffs @ v_k) ** 2).sum(dim=1)
+    assert bool((coeffs >= 0).all())
+    assert bool((multi <= loss + 1e-9).all())
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_lmmse_error_never_exceeds_mean_only_or_plain_pruning(seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(10, 18, generator=gen, dtype=torch.float64)
+    corr = R.cosine_matrix(w, w)
+    mean = torch.randn(10, generator=gen, dtype=torch.float64)
+    std = 0.5 + torch.rand(10, generator=gen, dtype=torch.float64)
+    expect, cov = R.activation_moments(mean, std, corr, "relu")
+    consumer = torch.randn(7, 10, generator=gen, dtype=torch.float64)
+    gram = consumer.T @ consumer
+    keep = [0, 2, 3, 5, 7, 8]
+    pruned = [1, 4, 6, 9]
+    lmmse = R.residual_error(cov, gram, keep)
+    mean_only = float((gram[pruned][:, pruned] * cov[pruned][:, pruned]).sum())
+    second = cov + expect[:, None] * expect[None, :]
+    plain = float((gram[pruned][:, pruned] * second[pruned][:, pruned]).sum())
+    assert lmmse <= mean_only + 1e-12 <= plain + 1e-12
+
+
+def test_activation_moments_match_monte_carlo():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+    cov = a @ a.T + torch.eye(4, dtype=torch.float64)
+    sd = cov.diagonal().sqrt()
+    corr = cov / sd[:, None] / sd[None, :]
+    mean = torch.tensor([0.5, -0.3, 1.0, 4.0], dtype=torch.float64)
+    std = torch.tensor([1.0, 0.7, 2.0, 3.0], dtype=torch.float64)
+    y = mean + (torch.randn(400_000, 4, generator=gen, dtype=torch.float64) @ torch.linalg.cholesky(corr).T) * std
+    for activation, f in (("relu", lambda t: t.clamp_min(0)), ("relu6", lambda t: t.clamp(0, 6))):
+        expect, cov_a = R.activation_moments(mean, std, corr, activation)
+        sample = f(y)
+        assert torch.allclose(expect, sample.mean(0), atol=0.01)
+        assert torch.allclose(cov_a, torch.cov(sample.T), rtol=0.01, atol=0.01)
+
+
+def test_greedy_drop_formula_matches_brute_force():
+    gen = torch.Generator().manual_seed(4)
+    a = torch.randn(9, 9, generator=gen, dtype=torch.float64)
+    cov = a @ a.T + 0.1 * torch.eye(9, dtype=torch.float64)
+    g = torch.randn(5, 9, generator=gen, dtype=torch.float64)
+    gram = g.T @ g
+    path = R.greedy_elimination(cov, gram, list(range(9, 2, -1)))
+    keep = list(range(9))
+    for kept, err in path[1:]:
+        options = {j: R.residual_error(cov, gram, [c for c in keep if c != j]) for j in keep}
+        best = min(options, key=options.get)
+        assert sorted(kept) == sorted(c for c in keep if c != best)
+        assert err == pytest.approx(options[best], rel=1e-9)
+        keep = kept
+
+
+# --- quantization compensation ------------------------------------------------------------------------------------
+
+def _calibrated_toy(seed: int) -> tuple[nn.Module, torch.Tensor]:
+    """BN statistics that are the true statistics of N(0, I) inputs, so the data-free models are honest."""
+    model = _seeded(ConvBnReluConv(cin=4, mid=12, cout=8), seed)
+    x = torch.randn(64, 4, 10, 10, generator=torch.Generator().manual_seed(100 + seed))
+    for bn in (model.bn1, model.bn2):
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average = exact batch statistics
+    model.train()
+    with torch.no_grad():
+        model(x)
+    return model.eval(), x
+
+
+def _consumer_error(model: nn.Module, compressed: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(((model(x) - compressed(x)) ** 2).mean())
+
+
+def test_quantization_compensation_reduces_next_layer_error_on_average():
+    gains = {"udfc": [], "lmmse": []}
+    for seed in range(8):
+        model, x = _calibrated_toy(seed)
+        analysis = analyze(model, x[:1])
+        rtn = R.compress_model(model, analysis, PrunePlan(), method="none", weight_bits=3)
+        base = _consumer_error(model, rtn, x)
+        for method in gains:
+            comp = R.compress_model(model, analysis, PrunePlan(), method=method, weight_bits=3)
+            gains[method].append(base - _consumer_error(model, comp, x))
+    for method, values in gains.items():
+        assert sum(values) / len(values) > 0, (method, values)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_udfc_quant_scale_beats_no_rescale_on_its_objective(seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(6, 36, generator=gen, dtype=torch.float64)
+    b = torch.randn(6, generator=gen, dtype=torch.float64)
+    from dfp_deploy.compress.quantize import quantize_weight
+
+    w_q = quantize_weight(w, 3)
+    alpha_q = 0.01
+
+    def objective(s):
+        return ((w - s[:, None] * w_q) ** 2).sum(dim=1) + alpha_q * b ** 2 * (1 - s) ** 2
+
+    s = R.udfc_quant_scales(w, w_q, b, alpha_q)
+    assert bool((objective(s) < objective(torch.ones(6, dtype=torch.float64))).all())
+
+
+# --- structure, selection, errors, determinism --------------------------------------------------------------------
+
+def test_residual_groups_get_plain_selection_with_a_reason():
+    model = _seeded(Residual(), 0)
+    analysis = analyze(model, torch.zeros(1, 4, 6, 6))
+    residual = [g for g in analysis.groups if g.residual]
+    assert residual
+    site, why = R.find_site(model, analysis, residual[0].name)
+    assert site is None and "residual" in why
+    site, why = R.find_site(model, analysis, "conv3")
+    assert site is not None and site.activation == "relu", why
+
+
+def test_select_plan_uniform_and_mac_budget():
+    model = _seeded(Residual(c=8), 1)
+    analysis = analyze(model, torch.zeros(1, 8, 6, 6))
+    plan, skipped = R.select_plan(model, analysis, ratio=0.5)
+    assert set(plan.keep) == {"conv3"} and len(plan.keep["conv3"]) == kept_count(8, 0.5)
+    assert all("residual" in why for why in skipped.values())
+    macs_plan, _ = R.select_plan(model, analysis, ratio=0.5, budget="macs")
+    group = analysis.group("conv3")
+    saved = (8 - len(macs_plan.keep["conv3"])) * group.macs / 8
+    assert saved >= (8 - kept_count(8, 0.5)) * group.macs / 8
+
+
+def test_selection_prefers_the_redundant_channel():
+    model, analysis = _toy()
+    plan, _ = R.select_plan(model, analysis, ratio=1 / 6 + 1e-3)
+    assert len(plan.keep["conv1"]) == 5
+    assert P not in plan.keep["conv1"] or Q not in plan.keep["conv1"]
+
+
+def test_compress_is_deterministic():
+    model, analysis = _toy(seed=5)
+    plan = _without(0)
+    for method in R.METHODS:
+        a = R.compress_model(model, analysis, plan, method=method, weight_bits=4).state_dict()
+        b = R.compress_model(model, analysis, plan, method=method, weight_bits=4).state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), method
+
+
+def test_bad_options_raise_input_errors():
+    model, analysis = _toy()
+    with pytest.raises(InputError, match="compress.reconstruct"):
+        R.compress_model(model, analysis, PrunePlan(), method="magic")
+    with pytest.raises(InputError, match="weight_bits"):
+        R.compress_model(model, analysis, PrunePlan(), method="udfc", weight_bits=1)
+    with pytest.raises(InputError, match="alpha"):
+        R.build_mixing(model, analysis, _without(P), method="udfc", alpha=-1.0)
+    with pytest.raises(InputError, match="budget"):
+        R.select_plan(model, analysis, ratio=0.3, budget="latency")
+
+
+def test_folded_filters_reproduce_the_bn_output():
+    model, _ = _toy()
+    w, b = folded_filters(model.conv1.weight, None, model.bn1)
+    x = _inputs(n=2)
+    with torch.no_grad():
+        y = model.bn1(model.conv1(x))
+        patches = torch.nn.functional.unfold(x, 3, padding=1)  # [N, D, L]
+        direct = torch.einsum("cd,ndl->ncl", w.float(), patches) + b.float()[None, :, None]
+    assert torch.allclose(direct.reshape(y.shape), y, atol=1e-5)
