@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dfp_deploy import __version__
-from dfp_deploy.core.errors import DfpError, InputError
+from dfp_deploy.core.errors import InputError
 from dfp_deploy.core.types import PrunePlan
 from dfp_deploy.recipe import Recipe, recipe_to_dict
 
@@ -201,22 +201,23 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
     exp_before = export_onnx(model, example, work / "original.onnx", dynamic_batch=dyn, opset=recipe.export.opset)
     exp_after = export_onnx(compressed, example, work / "model.onnx", dynamic_batch=dyn, opset=recipe.export.opset)
 
-    stage(f"building {t.backend} {t.precision} engines (batch {t.batch})")
-    eng_before = backend.build(exp_before.path, precision=t.precision, threads=t.threads, out_dir=work,
+    stage(f"building {t.backend} engines: original fp32, compressed {t.precision} (batch {t.batch})")
+    engine_onnx = exp_after.path
+    if t.precision == "int8":
+        engine_onnx = _int8_onnx(recipe, loaded, compressed, example, work, exp_after.path)
+    # the original is always the fp32 engine: the report compares what the user has with what they ship
+    eng_before = backend.build(exp_before.path, precision="fp32", threads=t.threads, out_dir=work,
                                torch_model=model)
-    eng_after = backend.build(exp_after.path, precision=t.precision, threads=t.threads, out_dir=work,
+    eng_after = backend.build(engine_onnx, precision=t.precision, threads=t.threads, out_dir=work,
                               torch_model=compressed)
 
     stage("checking parity engine vs PyTorch")
-    from dfp_deploy.core.errors import ParityError
     from dfp_deploy.measure.parity import parity
 
     x_ref, ref_kind = _reference_inputs(recipe, loaded, t.batch)
     par = parity(_torch_runner(compressed), _ChunkedEngine(eng_after, t.batch), x_ref)
-    par.update(tolerance=recipe.measure.parity_tolerance, inputs=ref_kind)
-    if not par["max_abs_err"] <= recipe.measure.parity_tolerance:
-        raise ParityError(f"parity: engine and PyTorch differ by {par['max_abs_err']:.3g} on the logits "
-                          f"(> measure.parity_tolerance {recipe.measure.parity_tolerance:g})")
+    par.update(inputs=ref_kind, precision=t.precision)
+    _check_parity(recipe, par, ref_kind)
 
     latency = {"backend": t.backend, "precision": t.precision, "batch": t.batch}
     stage("timing engines (before/after interleaved)" if recipe.measure.latency else "timing skipped")
@@ -252,15 +253,83 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
         "environment": environment(),
         "recipe": recipe_to_dict(recipe),
         "recipe_path": str(recipe_path) if recipe_path else None,
-        "artifacts": {"model_pt": "model.pt", "onnx": "model.onnx", "original_onnx": "original.onnx",
+        "artifacts": {"model_pt": "model.pt", "onnx": engine_onnx.name, "original_onnx": "original.onnx",
                       "plan": "plan.json", "report_json": REPORT_NAME, "report_md": "report.md"},
         "warnings": list(analysis.warnings),
     }
     if accuracy is not None:
         report["accuracy"] = accuracy
+    if getattr(eng_after, "kernels", None):
+        report["engine"] = {"kernels": eng_after.kernels}
+    if getattr(eng_after, "layer_summary", None):
+        report["engine"] = {"layers": eng_after.layer_summary}
+    if t.precision == "int8":
+        report["quantization"] = {"activations": recipe.compress.quantize.activations,
+                                  "range_k": recipe.compress.quantize.range_k,
+                                  "style": _qdq_style(t.backend), "onnx": engine_onnx.name}
     write_text_atomic(work / "report.md", render_markdown(report))
     write_json_atomic(work / REPORT_NAME, report)  # last: its presence marks a finished build
     return report
+
+
+def _check_parity(recipe: Recipe, par: dict, ref_kind: str) -> None:
+    """fp32/fp16 engines must reproduce PyTorch's logits; int8 engines must agree on the predicted class."""
+    from dfp_deploy.core.errors import ParityError
+
+    m = recipe.measure
+    if recipe.target.precision == "int8":
+        par["min_agreement"] = m.int8_min_agreement
+        if ref_kind == "eval images" and not par["top1_agreement"] >= m.int8_min_agreement:
+            raise ParityError(f"parity: the int8 engine agrees with PyTorch on {100 * par['top1_agreement']:.1f}% "
+                              f"of the images (< measure.int8_min_agreement {m.int8_min_agreement:g})")
+        return
+    par["tolerance"] = m.parity_tolerance
+    if not par["max_abs_err"] <= m.parity_tolerance:
+        raise ParityError(f"parity: engine and PyTorch differ by {par['max_abs_err']:.3g} on the logits "
+                          f"(> measure.parity_tolerance {m.parity_tolerance:g})")
+
+
+def _qdq_style(backend: str) -> str:
+    """TensorRT and ORT's GPU provider want symmetric int8 Q/DQ; ORT on CPU runs uint8 activations fastest."""
+    return "ort-cpu" if backend in ("ort-cpu", "torch-cpu") else "tensorrt"
+
+
+def _int8_onnx(recipe: Recipe, loaded, compressed, example, work: Path, fp32_onnx: Path) -> Path:
+    """The Q/DQ graph of the compressed model, with activation ranges from BN statistics or calibration images."""
+    from dfp_deploy.export.passes.prepare import prepare_int8_onnx
+    from dfp_deploy.export.ranges import calibration_ranges, data_free_ranges
+
+    q = recipe.compress.quantize
+    if q.activations == "calibration":
+        x = _calibration_images(recipe, loaded)
+        ranges = calibration_ranges(fp32_onnx, x, threads=recipe.target.threads)
+    else:
+        from dfp_deploy.export.onnx_export import export_onnx
+
+        pre = loaded.preprocess
+        lo = tuple((0.0 - m) / s for m, s in zip(pre.mean, pre.std))
+        hi = tuple((255.0 - m) / s for m, s in zip(pre.mean, pre.std))
+        bn_kept = export_onnx(compressed, example, work / ".bn_kept.onnx", dynamic_batch=True,
+                              opset=recipe.export.opset, optimize=False)
+        ranges = data_free_ranges(bn_kept.path, (lo, hi), k=q.range_k)
+        bn_kept.path.unlink()
+    return prepare_int8_onnx(fp32_onnx, work / "model.int8.onnx", style=_qdq_style(recipe.target.backend),
+                             ranges=ranges)
+
+
+def _calibration_images(recipe: Recipe, loaded) -> np.ndarray:
+    from dfp_deploy.measure.dataset import load_images, to_tensor
+
+    c = recipe.compress.calibration
+    if not c.data:
+        raise InputError("compress.quantize.activations: calibration needs compress.calibration.data "
+                         "(an .npz of unlabeled images, or 'synthetic')")
+    if c.data == "synthetic":
+        from dfp_deploy.search.synthetic import bn_matched_inputs
+
+        return bn_matched_inputs(loaded.module, loaded.input_shape, c.samples, seed=recipe.seed).numpy()
+    x, _ = load_images(c.data, loaded.preprocess, limit=c.samples, require_labels=False)
+    return to_tensor(x, loaded.preprocess)
 
 
 class _ChunkedEngine:

@@ -112,7 +112,7 @@ def test_importing_the_registry_stays_light():
 
 def test_ort_cpu_int8_is_unavailable_not_silently_fp32(onnx_files):
     _, folder = onnx_files
-    with pytest.raises(BackendUnavailable, match="int8 on ort-cpu arrives with the Q/DQ pass"):
+    with pytest.raises(BackendUnavailable, match="int8 on ort-cpu needs a Q/DQ ONNX"):
         build_ort_cpu(folder / "static.onnx", precision="int8")
 
 

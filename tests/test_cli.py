@@ -140,3 +140,18 @@ def test_backends_lists_ort_cpu_available():
 def test_recipe_keys_lists_contract_keys():
     res = run("recipe-keys")
     assert "compress.prune.ratio" in res.output and "target.batch" in res.output
+
+
+@pytest.mark.slow
+def test_int8_build_runs_integer_kernels(recipe, tmp_path):
+    out = tmp_path / "int8"
+    res = run("build", recipe, "--out", out, *FAST, "--set", "target.precision=int8",
+              "--set", "measure.int8_min_agreement=0")  # random-init weights: agreement itself is not the point
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "report.json").read_text())
+    assert r["quantization"]["style"] == "ort-cpu"
+    assert r["artifacts"]["onnx"] == "model.int8.onnx" and (out / "model.int8.onnx").is_file()
+    kernels = r["engine"]["kernels"]
+    assert kernels["integer_conv_gemm"] >= 19 and kernels["float_conv_gemm"] == 0  # 19 convs + 1 gemm in ResNet-20
+    assert 0 <= r["parity"]["top1_agreement"] <= 1
+    assert not (out / ".bn_kept.onnx").exists()

@@ -21,7 +21,8 @@ from dfp_deploy.backends.registry import BackendInfo, check_precision, check_thr
 from dfp_deploy.core.env import cpu_model, gpu_models, physical_cores
 from dfp_deploy.core.errors import BackendUnavailable, InputError
 
-_INT8_PLAN = "int8 on {name} arrives with the Q/DQ pass (issue 4)"
+_INT8_NEEDS_QDQ = ("int8 on {name} needs a Q/DQ ONNX (dfp_deploy.export.passes.prepare_int8_onnx makes one; "
+                   "`dfp-deploy build` does it for target.precision: int8)")
 _FP16_PLAN = "fp16 on {name} is not supported yet; use fp32"
 
 
@@ -129,19 +130,25 @@ class _OrtBackend:
               torch_model=None) -> OrtEngine:
         """A session on `onnx_path`; `out_dir` and `torch_model` are unused (ORT keeps its engine in memory)."""
         check_threads(threads)
-        check_precision(self.name, precision, ("fp32",),
-                        {"int8": _INT8_PLAN.format(name=self.name), "fp16": _FP16_PLAN.format(name=self.name)})
+        check_precision(self.name, precision, ("fp32", "int8"), {"fp16": _FP16_PLAN.format(name=self.name)})
         info = self.info()
         if not info.available:
             raise BackendUnavailable(f"{self.name}: {info.reason}")
         onnx_path = Path(onnx_path)
         if not onnx_path.is_file():
             raise InputError(f"{self.name}: ONNX file {onnx_path} does not exist")
+        if (precision == "int8") != has_qdq(onnx_path):
+            raise BackendUnavailable(_INT8_NEEDS_QDQ.format(name=self.name) if precision == "int8" else
+                                     f"{self.name}: {onnx_path.name} contains Q/DQ nodes; build it as int8")
         ort = _import_ort()
         threads = threads or default_threads()
+        options = session_options(ort, threads)
+        optimized = Path(out_dir) / f".{onnx_path.stem}.ort-optimized.onnx"
+        if precision == "int8":
+            # ORT writes the graph it really runs: proof that Q/DQ pairs became integer kernels (never assumed)
+            options.optimized_model_filepath = str(optimized)
         try:
-            session = ort.InferenceSession(str(onnx_path), session_options(ort, threads),
-                                           providers=self._providers())
+            session = ort.InferenceSession(str(onnx_path), options, providers=self._providers())
         except Exception as e:
             raise BackendUnavailable(f"{self.name}: could not create a session on {onnx_path.name}: "
                                      f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
@@ -150,7 +157,32 @@ class _OrtBackend:
             # ORT silently falls back to CPU when a provider fails to initialise: a result would be mislabelled
             raise BackendUnavailable(f"{self.name}: {self.provider} failed to initialise (session providers: "
                                      f"{', '.join(session.get_providers())}); check the CUDA/cuDNN libraries")
-        return OrtEngine(session, self.name, self.device_kind, threads)
+        engine = OrtEngine(session, self.name, self.device_kind, threads)
+        engine.kernels = kernel_counts(optimized) if precision == "int8" else None
+        optimized.unlink(missing_ok=True)
+        return engine
+
+
+def has_qdq(onnx_path: Path) -> bool:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+
+
+def kernel_counts(optimized_path: Path) -> dict | None:
+    """Op counts of ORT's optimized graph: how many convolutions/gemms/adds run as integer kernels vs float."""
+    import collections
+
+    import onnx
+
+    if not optimized_path.is_file():
+        return None
+    ops = collections.Counter(n.op_type for n in onnx.load(str(optimized_path)).graph.node)
+    integer = sum(ops[k] for k in ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger"))
+    floating = sum(ops[k] for k in ("Conv", "FusedConv", "Gemm", "MatMul", "FusedGemm"))
+    return {"integer_conv_gemm": integer, "float_conv_gemm": floating,
+            "ops": {k: v for k, v in sorted(ops.items())}}
 
 
 class OrtCpuBackend(_OrtBackend):

@@ -102,10 +102,10 @@ def _quiet_exporter():
         registration.setLevel(level)
 
 
-def _export_dynamo(model, x, temp: Path, dynamic_batch: bool, opset: int) -> None:
+def _export_dynamo(model, x, temp: Path, dynamic_batch: bool, opset: int, optimize: bool = True) -> None:
     shapes = ({0: torch.export.Dim(BATCH_DIM)},) if dynamic_batch else None
     torch.onnx.export(model, (x,), str(temp), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                      output_names=[OUTPUT_NAME], dynamic_shapes=shapes, external_data=False, optimize=True,
+                      output_names=[OUTPUT_NAME], dynamic_shapes=shapes, external_data=False, optimize=optimize,
                       verbose=False, report=False)
 
 
@@ -115,7 +115,7 @@ def _export_torchscript(model, x, temp: Path, dynamic_batch: bool, opset: int) -
                       output_names=[OUTPUT_NAME], dynamic_axes=axes, do_constant_folding=True, verbose=False)
 
 
-def _run_exporter(model, x, temp: Path, dynamic_batch: bool, opset: int) -> str:
+def _run_exporter(model, x, temp: Path, dynamic_batch: bool, opset: int, optimize: bool = True) -> str:
     """Export to `temp`; return the name of the exporter that succeeded."""
     name = type(model).__name__
     torchscript_max = getattr(getattr(torch.onnx, "_constants", None), "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20)
@@ -127,7 +127,7 @@ def _run_exporter(model, x, temp: Path, dynamic_batch: bool, opset: int) -> str:
                 raise ExportError(f"ONNX export of {name} at opset {opset} failed: {one_line(e)}") from e
             return "torchscript"
         try:
-            _export_dynamo(model, x, temp, dynamic_batch, opset)
+            _export_dynamo(model, x, temp, dynamic_batch, opset, optimize)
             return "dynamo"
         except Exception as dynamo_error:
             if opset > torchscript_max:
@@ -164,12 +164,16 @@ def _summarise(temp: Path, final: Path, opset: int, dynamic_batch: bool, exporte
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, *, dynamic_batch: bool = False,
-                opset: int = 18) -> ExportResult:
-    """Export `model` at `example_input`'s shape (batch fixed unless dynamic_batch) to `path`, validated."""
+                opset: int = 18, optimize: bool = True) -> ExportResult:
+    """Export `model` at `example_input`'s shape (batch fixed unless dynamic_batch) to `path`, validated.
+
+    optimize=False skips the onnxscript optimizer, so BatchNormalization nodes stay in the graph (with the same
+    tensor names as the optimized export): the data-free activation ranges are read from them.
+    """
     _check_arguments(model, example_input, opset)
     path = Path(path)
     with _eval_mode(model), atomic_path(path) as temp:
-        exporter = _run_exporter(model, example_input, temp, dynamic_batch, opset)
+        exporter = _run_exporter(model, example_input, temp, dynamic_batch, opset, optimize)
         if not temp.is_file():
             raise ExportError(f"ONNX export of {type(model).__name__} wrote no file")
         validate_onnx(temp)

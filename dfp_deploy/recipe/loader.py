@@ -18,7 +18,7 @@ import yaml
 from dfp_deploy.core.errors import RecipeError
 from dfp_deploy.recipe.schema import Recipe
 
-_PASSTHROUGH_PREFIXES = ("pypi:",)  # path-typed values that name something other than a file
+_PASSTHROUGH = ("pypi:", "synthetic")  # path-typed values that name something other than a file
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = (), *, out: str | None = None) -> Recipe:
@@ -126,7 +126,7 @@ def _build(cls, raw, prefix: str, base: Path, overridden: set[str]):
 
 
 def _resolve_path(value: str, base: Path) -> str:
-    if value.startswith(_PASSTHROUGH_PREFIXES):
+    if value.startswith(_PASSTHROUGH):
         return value
     p = Path(value).expanduser()
     return str(p if p.is_absolute() else (base / p).resolve())

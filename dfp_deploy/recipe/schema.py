@@ -49,6 +49,18 @@ class PruneSection:
 class QuantizeSection:
     weight_bits: int | None = spec(None, "per-channel symmetric weight bits, simulated (null = float weights)",
                                    lo=2, hi=8)
+    activations: Literal["data_free", "calibration"] = spec(
+        "data_free", "where int8 engines get activation ranges: BatchNorm statistics (no data) or "
+        "compress.calibration.data images")
+    range_k: float = spec(6.0, "data-free ranges cover mean ± range_k·std of each channel (see export/ranges.py)",
+                          lo=0.0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class CalibrationSection:
+    data: str | None = spec(None, "unlabeled images (.npz like eval.data; labels ignored) or 'synthetic'",
+                            path=True)
+    samples: int = spec(512, "how many calibration images to use (the first N)", lo=1)
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,7 @@ class CompressSection:
     reconstruct: Literal["none", "neuron_merging", "udfc"] = spec(
         "none", "closed-form data-free repair folded into the next layer")
     quantize: QuantizeSection = spec(None, "weight quantization", factory=QuantizeSection)
+    calibration: CalibrationSection = spec(None, "optional few unlabeled images", factory=CalibrationSection)
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,8 @@ class MeasureSection:
     rounds: int = spec(5, "before/after engines alternate over this many rounds", lo=1)
     parity_tolerance: float = spec(1e-3, "largest allowed |engine - PyTorch| on the logits", lo=0.0, lo_open=True)
     parity_samples: int = spec(64, "inputs used for the parity check", lo=1)
+    int8_min_agreement: float = spec(0.9, "int8 engines: least top-1 agreement with PyTorch on real images",
+                                     lo=0.0, hi=1.0)
     latency: bool = spec(True, "measure latency (off: build and check only)")
 
 

@@ -44,9 +44,19 @@ def render_markdown(r: dict) -> str:
     else:
         lines += ["Latency: not measured (measure.latency is false).", ""]
     par = r["parity"]
+    gate = (f"tolerance {par['tolerance']:g}" if "tolerance" in par
+            else f"int8: gate is top-1 agreement ≥ {100 * par['min_agreement']:g}% on real images")
     lines += [f"Parity (engine vs PyTorch, {par['n']} inputs from {par['inputs']}): max |diff| "
-              f"{par['max_abs_err']:.2e} (tolerance {par['tolerance']:g}), top-1 agreement "
-              f"{100 * par['top1_agreement']:.2f}%.", ""]
+              f"{par['max_abs_err']:.2e} ({gate}), top-1 agreement {100 * par['top1_agreement']:.2f}%.", ""]
+    if "quantization" in r:
+        q = r["quantization"]
+        lines += [f"int8 engine: {q['style']}-style Q/DQ (`{q['onnx']}`), activation ranges "
+                  f"{'from BatchNorm statistics, k=' + format(q['range_k'], 'g') if q['activations'] == 'data_free' else 'from calibration images'}.",
+                  ""]
+    kernels = r.get("engine", {}).get("kernels")
+    if kernels:
+        lines += [f"ORT's optimized graph runs {kernels['integer_conv_gemm']} conv/gemm as integer kernels and "
+                  f"{kernels['float_conv_gemm']} in float.", ""]
     env = r["environment"]
     lines += ["Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
     if r.get("warnings"):
