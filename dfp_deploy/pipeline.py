@@ -181,7 +181,11 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
 
     stage("analysing channel groups")
     analysis = analyze(model, one)
-    plan = _plan(recipe, model, analysis)
+    search_report = None
+    if recipe.search.episodes:
+        plan, search_report = _search(recipe, loaded, analysis, example, work, backend, quiet=stage.quiet)
+    else:
+        plan = _plan(recipe, model, analysis)
 
     stage(f"compressing ({_describe(recipe, plan)})")
     compressed = _compress(recipe, model, analysis, plan)
@@ -259,6 +263,8 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
     }
     if accuracy is not None:
         report["accuracy"] = accuracy
+    if search_report is not None:
+        report["search"] = search_report
     if getattr(eng_after, "kernels", None):
         report["engine"] = {"kernels": eng_after.kernels}
     if getattr(eng_after, "layer_summary", None):
@@ -270,6 +276,96 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
     write_text_atomic(work / "report.md", render_markdown(report))
     write_json_atomic(work / REPORT_NAME, report)  # last: its presence marks a finished build
     return report
+
+
+def cache_dir() -> Path:
+    """Per-user cache (synthetic inputs, TensorRT timing caches): $XDG_CACHE_HOME/dfp-deploy or ~/.cache/dfp-deploy."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dfp-deploy"
+
+
+def _search(recipe: Recipe, loaded, analysis, example, work: Path, backend, *, quiet: bool):
+    """AutoDFP: the SAC agent picks per-group ratios; each candidate is compressed exactly as the final build will
+    be and scored by its fidelity to the original on BN-matched synthetic inputs (no data). The budget is enforced
+    by the agent's action wall on a cost model: MACs, or latency predicted per group from MACs and fitted to
+    engines measured on the target backend (the original and a uniform plan at the budget)."""
+    from dfp_deploy.analysis import count_macs
+    from dfp_deploy.compress.plan import make_plan
+    from dfp_deploy.search.env import LatencyModel, MacCost
+    from dfp_deploy.search.loop import run_search
+    from dfp_deploy.search.reward import fidelity, proxy
+    from dfp_deploy.search.space import build_space
+    from dfp_deploy.search.synthetic import bn_matched_inputs
+
+    S, p, model = recipe.search, recipe.compress.prune, loaded.module
+    one = example[:1]
+    round_to = p.round_to or default_round_to(recipe.target.backend, recipe.target.precision)
+    space = build_space(model, analysis, one, min_keep=S.min_keep, round_to=round_to,
+                        include_residual=S.include_residual)
+    x_syn = bn_matched_inputs(model, loaded.input_shape, S.synthetic_samples, steps=S.synthetic_steps,
+                              seed=recipe.seed, cache_dir=cache_dir() / "synthetic")
+    with torch.inference_mode():
+        reference = model(x_syn)
+
+    def plan_for(ratios: dict) -> PrunePlan:
+        if not ratios:
+            return PrunePlan()
+        # the search already snapped kept counts to round_to; round_to=1 reproduces them exactly
+        return make_plan(model, analysis, ratio=0.0, ratios=ratios, round_to=1, importance=p.importance,
+                         include_residual=S.include_residual)
+
+    def evaluate(ratios: dict) -> dict:
+        candidate = _compress(recipe, model, analysis, plan_for(ratios)).eval()
+        with torch.inference_mode():
+            fid = fidelity(reference, candidate(x_syn))
+        return {"proxy": proxy(fid, S.proxy), **fid, "macs": count_macs(candidate, one)}
+
+    cost, fitted = MacCost(space), None
+    if S.target == "latency":
+        cost, fitted = _latency_model(recipe, model, analysis, space, example, work, backend, plan_for,
+                                      LatencyModel)
+    state = work.parent / f".{work.name.split('.building-')[0].lstrip('.')}.search"
+    log = state / "search_log.jsonl"
+    result = run_search(space, evaluate, episodes=S.episodes, warmup=S.warmup if S.warmup is not None
+                        else S.episodes // 4, seed=recipe.seed, target=S.budget, log_path=log, resume=S.resume,
+                        cost=cost, plot_path=state / "search_pareto.png", progress=not quiet)
+    for f in (log, result.plot_path):
+        if f is not None and Path(f).is_file():
+            shutil.copy2(f, work / Path(f).name)
+    rep = result.as_report()
+    rep.update(log="search_log.jsonl", pareto_plot="search_pareto.png" if result.plot_path else None,
+               target=S.target, budget=S.budget, proxy_metric=S.proxy, state_dir=str(state),
+               latency_model=fitted)
+    return plan_for(result.best_ratios), rep
+
+
+def _latency_model(recipe, model, analysis, space, example, work, backend, plan_for, LatencyModel):
+    """Fit the per-group latency model to two engines measured on the target: the original and a uniform plan."""
+    import numpy as _np
+
+    from dfp_deploy.export.onnx_export import export_onnx
+    from dfp_deploy.measure.latency import time_interleaved
+
+    t = recipe.target
+    # second point of the fit: every group kept at the budget fraction (any clearly smaller plan would do)
+    uniform_kept = [space.snap(g, recipe.search.budget) for g in range(space.size)]
+    uniform_keep = _np.asarray(uniform_kept, dtype=_np.float64) / _np.asarray(space.channels)
+    uniform = plan_for(space.ratios(uniform_kept))
+    candidates = {"original": model, "uniform": _compress(recipe, model, analysis, uniform).eval()}
+    runners = {}
+    for name, m in candidates.items():
+        exp = export_onnx(m, example, work / f".search_{name}.onnx", opset=recipe.export.opset)
+        runners[name] = backend.build(exp.path, precision="fp32", threads=t.threads, out_dir=work,
+                                      torch_model=m).prepare(example.numpy())
+    stats = time_interleaved(runners, warmup=recipe.measure.warmup, runs=50, rounds=5, batch=t.batch,
+                             threads=t.threads)
+    cost = LatencyModel(space)
+    cost.observe(_np.ones(space.size), stats["original"].p50_ms)
+    cost.observe(uniform_keep, stats["uniform"].p50_ms)
+    for name in candidates:
+        (work / f".search_{name}.onnx").unlink(missing_ok=True)
+    return cost, {"measured_ms": {k: v.p50_ms for k, v in stats.items()}, "intercept_ms": cost.c0,
+                  "scale_ms": cost.scale}
 
 
 def _check_parity(recipe: Recipe, par: dict, ref_kind: str) -> None:

@@ -155,3 +155,19 @@ def test_int8_build_runs_integer_kernels(recipe, tmp_path):
     assert kernels["integer_conv_gemm"] >= 19 and kernels["float_conv_gemm"] == 0  # 19 convs + 1 gemm in ResNet-20
     assert 0 <= r["parity"]["top1_agreement"] <= 1
     assert not (out / ".bn_kept.onnx").exists()
+
+
+@pytest.mark.slow
+def test_search_build_meets_the_mac_budget_and_logs_episodes(recipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "searched"
+    res = run("build", recipe, "--out", out, *FAST, "--set", "search.episodes=3", "--set", "search.warmup=2",
+              "--set", "search.synthetic_samples=8", "--set", "search.synthetic_steps=2",
+              "--set", "search.budget=0.6", "--set", "compress.reconstruct=udfc")
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "report.json").read_text())
+    assert r["search"]["episodes"] == 3
+    assert r["macs"]["after"] <= 0.6 * r["macs"]["before"] * 1.0001
+    lines = (out / "search_log.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and all(json.loads(l)["macs"] <= 0.6 * r["macs"]["before"] * 1.0001 for l in lines)
+    assert "Search (AutoDFP, SAC)" in (out / "report.md").read_text()

@@ -66,8 +66,8 @@ class CalibrationSection:
 @dataclass(frozen=True)
 class CompressSection:
     prune: PruneSection = spec(None, "channel pruning", factory=PruneSection)
-    reconstruct: Literal["none", "neuron_merging", "udfc"] = spec(
-        "none", "closed-form data-free repair folded into the next layer")
+    reconstruct: Literal["none", "neuron_merging", "udfc", "lmmse"] = spec(
+        "none", "closed-form data-free repair folded into the next layer (see dfp_deploy/compress/reconstruct.py)")
     quantize: QuantizeSection = spec(None, "weight quantization", factory=QuantizeSection)
     calibration: CalibrationSection = spec(None, "optional few unlabeled images", factory=CalibrationSection)
 
@@ -111,6 +111,21 @@ class OutputSection:
 
 
 @dataclass(frozen=True)
+class SearchSection:
+    episodes: int = spec(0, "AutoDFP search episodes (0 = no search: use compress.prune as written)", lo=0)
+    warmup: int | None = spec(None, "random warm-up episodes (default: a quarter of the episodes)", lo=0)
+    target: Literal["macs", "latency"] = spec("macs", "what the budget limits")
+    budget: float = spec(0.5, "allowed fraction of the original MACs or latency", lo=0.0, hi=1.0, lo_open=True)
+    min_keep: float = spec(0.2, "no group keeps fewer than this fraction of its channels", lo=0.0, hi=1.0,
+                           lo_open=True)
+    include_residual: bool = spec(False, "also search the groups tied across residual adds")
+    proxy: Literal["kl", "top1"] = spec("kl", "data-free fidelity score on BN-matched synthetic inputs")
+    synthetic_samples: int = spec(64, "BN-matched synthetic inputs scoring each candidate", lo=1)
+    synthetic_steps: int = spec(50, "optimisation steps generating them (cached per model)", lo=1)
+    resume: bool = spec(True, "continue an interrupted search from its log")
+
+
+@dataclass(frozen=True)
 class Recipe:
     model: ModelSection = spec(None, "what to compress", factory=ModelSection)
     compress: CompressSection = spec(None, "how to compress it", factory=CompressSection)
@@ -119,4 +134,5 @@ class Recipe:
     measure: MeasureSection = spec(None, "latency and parity protocol", factory=MeasureSection)
     eval: EvalSection = spec(None, "accuracy on labelled images (optional)", factory=EvalSection)
     output: OutputSection = spec(None, "where artifacts go", factory=OutputSection)
+    search: SearchSection = spec(None, "per-group ratios chosen by a SAC agent (AutoDFP)", factory=SearchSection)
     seed: int = spec(0, "seed for every random choice", lo=0)

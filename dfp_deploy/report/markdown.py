@@ -57,6 +57,13 @@ def render_markdown(r: dict) -> str:
     if kernels:
         lines += [f"ORT's optimized graph runs {kernels['integer_conv_gemm']} conv/gemm as integer kernels and "
                   f"{kernels['float_conv_gemm']} in float.", ""]
+    srch = r.get("search")
+    if srch:
+        lines += [f"Search (AutoDFP, SAC): {srch['episodes']} episodes, {srch['evaluations']} candidates scored in "
+                  f"{srch['seconds']:.0f} s; budget {srch['budget']:g} of the original {srch['target']}; best episode "
+                  f"{srch['best_episode']} (proxy {srch['best_proxy']:.4g}, data-free {srch['proxy_metric']} on "
+                  f"BN-matched synthetic inputs). Log `{srch['log']}`"
+                  + (f", Pareto plot `{srch['pareto_plot']}`." if srch.get("pareto_plot") else "."), ""]
     env = r["environment"]
     lines += ["Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
     if r.get("warnings"):
