@@ -90,9 +90,25 @@ def _plan(recipe: Recipe, model, analysis) -> PrunePlan:
                      min_channels=p.min_channels, importance=p.importance, include_residual=p.include_residual)
 
 
-def _compress(recipe: Recipe, model, analysis, plan: PrunePlan):
+def _uses_calibration(recipe: Recipe) -> bool:
+    c = recipe.compress.calibration
+    return bool(c.data) and c.two_phase
+
+
+def _compress(recipe: Recipe, model, analysis, plan: PrunePlan, calib_inputs=None):
     method = recipe.compress.reconstruct
     bits = recipe.compress.quantize.weight_bits
+    if calib_inputs is not None:
+        from dfp_deploy.compress.calibrate import calibrate
+
+        c = recipe.compress.calibration
+        out = calibrate(model, analysis, plan, calib_inputs, squeeze_epochs=c.squeeze_epochs,
+                        calib_epochs=c.calib_epochs, lr=c.lr, seed=recipe.seed, progress=sys.stderr.isatty())
+        if bits is not None:
+            from dfp_deploy.compress.quantize import quantize_model_weights
+
+            out = quantize_model_weights(out, bits)
+        return out
     if method == "none" and bits is None:
         from dfp_deploy.compress.prune import prune_model
 
@@ -188,7 +204,14 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
         plan = _plan(recipe, model, analysis)
 
     stage(f"compressing ({_describe(recipe, plan)})")
-    compressed = _compress(recipe, model, analysis, plan)
+    calib_inputs = None
+    if _uses_calibration(recipe):
+        if recipe.compress.reconstruct != "none":
+            raise InputError(f"compress.reconstruct: {recipe.compress.reconstruct} and compress.calibration.data "
+                             "are both set; calibration replaces the data-free repair: set one of them (or "
+                             "compress.calibration.two_phase: false to use the images only for int8 ranges)")
+        calib_inputs = torch.from_numpy(_calibration_images(recipe, loaded))
+    compressed = _compress(recipe, model, analysis, plan, calib_inputs)
     compressed.eval()
     sizes = {
         "params": {"before": count_params(model), "after": count_params(compressed)},
@@ -251,7 +274,10 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
         **sizes,
         "prune": _prune_summary(analysis, plan),
         "compress": {"reconstruct": recipe.compress.reconstruct,
-                     "weight_bits": recipe.compress.quantize.weight_bits},
+                     "weight_bits": recipe.compress.quantize.weight_bits,
+                     "calibration": ({"data": recipe.compress.calibration.data,
+                                      "samples": recipe.compress.calibration.samples}
+                                     if _uses_calibration(recipe) else None)},
         "latency": latency,
         "parity": par,
         "environment": environment(),
@@ -414,18 +440,17 @@ def _int8_onnx(recipe: Recipe, loaded, compressed, example, work: Path, fp32_onn
 
 
 def _calibration_images(recipe: Recipe, loaded) -> np.ndarray:
-    from dfp_deploy.measure.dataset import load_images, to_tensor
+    """compress.calibration.data as model inputs: a seeded subset of unlabeled images, or BN-matched synthetic ones."""
+    from dfp_deploy.compress.calibrate import load_calibration_inputs
 
     c = recipe.compress.calibration
     if not c.data:
         raise InputError("compress.quantize.activations: calibration needs compress.calibration.data "
                          "(an .npz of unlabeled images, or 'synthetic')")
-    if c.data == "synthetic":
-        from dfp_deploy.search.synthetic import bn_matched_inputs
-
-        return bn_matched_inputs(loaded.module, loaded.input_shape, c.samples, seed=recipe.seed).numpy()
-    x, _ = load_images(c.data, loaded.preprocess, limit=c.samples, require_labels=False)
-    return to_tensor(x, loaded.preprocess)
+    x = load_calibration_inputs(c.data, c.samples, model=loaded.module, preprocess=loaded.preprocess,
+                                input_shape=loaded.input_shape, seed=recipe.seed,
+                                synthetic_steps=c.synthetic_steps, cache_dir=cache_dir() / "synthetic")
+    return x.numpy()
 
 
 class _ChunkedEngine:
@@ -449,6 +474,8 @@ def _accuracy(recipe, loaded, eng_before, eng_after, batch, dynamic, *, quiet):
 
 def _describe(recipe: Recipe, plan: PrunePlan) -> str:
     parts = [f"prune {len(plan.keep)} groups" if plan.keep else "no pruning"]
+    if _uses_calibration(recipe):
+        parts.append(f"two-phase calibration on {recipe.compress.calibration.samples} inputs")
     if recipe.compress.reconstruct != "none":
         parts.append(f"reconstruct {recipe.compress.reconstruct}")
     if recipe.compress.quantize.weight_bits:

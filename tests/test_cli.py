@@ -171,3 +171,22 @@ def test_search_build_meets_the_mac_budget_and_logs_episodes(recipe, tmp_path, m
     lines = (out / "search_log.jsonl").read_text().splitlines()
     assert len(lines) == 3 and all(json.loads(l)["macs"] <= 0.6 * r["macs"]["before"] * 1.0001 for l in lines)
     assert "Search (AutoDFP, SAC)" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_two_phase_calibration_build(recipe, tmp_path):
+    out = tmp_path / "calibrated"
+    res = run("build", recipe, "--out", out, *FAST, "--set", "compress.calibration.data=" + str(tmp_path / "eval.npz"),
+              "--set", "compress.calibration.samples=16", "--set", "compress.calibration.squeeze_epochs=1",
+              "--set", "compress.calibration.calib_epochs=1")
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "report.json").read_text())
+    assert r["compress"]["calibration"] == {"data": str(tmp_path / "eval.npz"), "samples": 16}
+    assert r["params"]["after"] < r["params"]["before"]
+
+
+def test_calibration_and_data_free_repair_are_exclusive(recipe, tmp_path):
+    res = run("build", recipe, "--out", tmp_path / "o", "--quiet", "--set", "compress.reconstruct=udfc",
+              "--set", "compress.calibration.data=" + str(tmp_path / "eval.npz"))
+    assert res.exit_code == 2
+    assert "calibration replaces the data-free repair" in res.output

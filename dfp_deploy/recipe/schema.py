@@ -60,7 +60,14 @@ class QuantizeSection:
 class CalibrationSection:
     data: str | None = spec(None, "unlabeled images (.npz like eval.data; labels ignored) or 'synthetic'",
                             path=True)
-    samples: int = spec(512, "how many calibration images to use (the first N)", lo=1)
+    samples: int = spec(512, "how many calibration images to use (a seeded random subset)", lo=1)
+    two_phase: bool = spec(True, "repair pruning with the images (squeeze, prune, calibrate layer outputs); "
+                           "false: use them only for int8 activation ranges")
+    squeeze_epochs: int = spec(10, "phase 1 epochs (pull removed channels to zero while matching layer outputs)",
+                               lo=0)
+    calib_epochs: int = spec(5, "phase 2 epochs of per-layer Adam after the least-squares step", lo=0)
+    lr: float = spec(1e-3, "Adam step size of both phases", lo=0.0, lo_open=True)
+    synthetic_steps: int = spec(50, "optimisation steps for data: synthetic (cached per model)", lo=1)
 
 
 @dataclass(frozen=True)
