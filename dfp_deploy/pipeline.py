@@ -418,25 +418,13 @@ def _qdq_style(backend: str) -> str:
 
 def _int8_onnx(recipe: Recipe, loaded, compressed, example, work: Path, fp32_onnx: Path) -> Path:
     """The Q/DQ graph of the compressed model, with activation ranges from BN statistics or calibration images."""
-    from dfp_deploy.export.passes.prepare import prepare_int8_onnx
-    from dfp_deploy.export.ranges import calibration_ranges, data_free_ranges
+    from dfp_deploy.export.int8 import int8_onnx
 
     q = recipe.compress.quantize
-    if q.activations == "calibration":
-        x = _calibration_images(recipe, loaded)
-        ranges = calibration_ranges(fp32_onnx, x, threads=recipe.target.threads)
-    else:
-        from dfp_deploy.export.onnx_export import export_onnx
-
-        pre = loaded.preprocess
-        lo = tuple((0.0 - m) / s for m, s in zip(pre.mean, pre.std))
-        hi = tuple((255.0 - m) / s for m, s in zip(pre.mean, pre.std))
-        bn_kept = export_onnx(compressed, example, work / ".bn_kept.onnx", dynamic_batch=True,
-                              opset=recipe.export.opset, optimize=False)
-        ranges = data_free_ranges(bn_kept.path, (lo, hi), k=q.range_k)
-        bn_kept.path.unlink()
-    return prepare_int8_onnx(fp32_onnx, work / "model.int8.onnx", style=_qdq_style(recipe.target.backend),
-                             ranges=ranges)
+    calib = _calibration_images(recipe, loaded) if q.activations == "calibration" else None
+    return int8_onnx(compressed, example, fp32_onnx, work / "model.int8.onnx", style=_qdq_style(recipe.target.backend),
+                     preprocess=loaded.preprocess, calibration_inputs=calib, range_k=q.range_k,
+                     opset=recipe.export.opset, threads=recipe.target.threads)
 
 
 def _calibration_images(recipe: Recipe, loaded) -> np.ndarray:

@@ -1,0 +1,44 @@
+"""The int8 Q/DQ ONNX of a PyTorch model: activation ranges (data-free from BN statistics, or calibrated) + passes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from dfp_deploy.core.types import Preprocess
+
+
+def input_range(preprocess: Preprocess) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (lo, hi) of the normalised input: pixels 0..255 through (x - mean) / std."""
+    lo = tuple((0.0 - m) / s for m, s in zip(preprocess.mean, preprocess.std))
+    hi = tuple((255.0 - m) / s for m, s in zip(preprocess.mean, preprocess.std))
+    return lo, hi
+
+
+def int8_onnx(model: nn.Module, example: torch.Tensor, fp32_onnx: Path, out_path: Path, *, style: str,
+              preprocess: Preprocess, calibration_inputs: np.ndarray | None = None, range_k: float = 6.0,
+              opset: int = 18, threads: int | None = None) -> Path:
+    """Write the Q/DQ model of `fp32_onnx` (exported from `model`) for `style` ("ort-cpu" | "tensorrt") to out_path.
+
+    With calibration_inputs, activation ranges are min/max over them (ORT runs the fp32 graph); without, they come
+    from BatchNorm statistics (export/ranges.py), read from a second export that keeps the BN nodes (same tensor
+    names as the optimized one) and deleted afterwards.
+    """
+    from dfp_deploy.export.onnx_export import export_onnx
+    from dfp_deploy.export.passes.prepare import prepare_int8_onnx
+    from dfp_deploy.export.ranges import calibration_ranges, data_free_ranges
+
+    out_path = Path(out_path)
+    if calibration_inputs is not None:
+        ranges = calibration_ranges(fp32_onnx, calibration_inputs, threads=threads)
+    else:
+        bn_kept = out_path.parent / f".{out_path.stem}.bn_kept.onnx"
+        try:
+            export_onnx(model, example, bn_kept, dynamic_batch=True, opset=opset, optimize=False)
+            ranges = data_free_ranges(bn_kept, input_range(preprocess), k=range_k)
+        finally:
+            bn_kept.unlink(missing_ok=True)
+    return prepare_int8_onnx(fp32_onnx, out_path, style=style, ranges=ranges)
