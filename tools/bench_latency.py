@@ -2,7 +2,9 @@
 
 Regenerates the latency tables of docs/BENCHMARKS.md, e.g.
   python tools/bench_latency.py --model cifar_resnet56 --weights ../shared/models/resnet56-4bfd9763.th \
-      --eval ../shared/data/cifar10_test_exact932.npz --batch 1 8 --threads 1
+      --eval ../shared/data/cifar10_test_exact932.npz --batch 1 8 --threads 1 --int8
+With --int8 every variant is also built as an ORT-CPU int8 engine (Q/DQ, data-free activation ranges from BN
+statistics, 7-bit weights on CPUs without VNNI) and its top-1 is that of the int8 engine itself.
 Each engine's realized speedup (p50 of the original / p50 of the variant) is printed beside its MAC reduction
 factor (MACs of the original / MACs of the variant); "realized/MACs" is their ratio (1.0 = the engine is exactly
 as much faster as the MAC count promises). Variants are all timed in the same rotating schedule so machine noise
@@ -22,7 +24,7 @@ import torch
 from dfp_deploy.analysis import analyze, count_macs
 from dfp_deploy.backends.registry import get_backend
 from dfp_deploy.compress.plan import make_plan
-from dfp_deploy.compress.prune import prune_model
+from dfp_deploy.export.int8 import int8_onnx
 from dfp_deploy.export.onnx_export import export_onnx
 from dfp_deploy.measure.accuracy import top1
 from dfp_deploy.measure.dataset import load_images, to_tensor
@@ -30,14 +32,18 @@ from dfp_deploy.measure.latency import time_interleaved
 from dfp_deploy.models import load_model
 
 
-def variants(model, analysis, ratios: list[float], round_to: int, importance: str):
+def variants(model, analysis, ratios: list[float], round_to: int, importance: str, reconstruct: str,
+             residual: bool):
+    from dfp_deploy.compress.reconstruct import compress_model
+
     yield "original", model
-    for include_residual in (False, True):
+    for include_residual in (False, True) if residual else (False,):
         for r in ratios:
             plan = make_plan(model, analysis, ratio=r, round_to=round_to, importance=importance,
                              include_residual=include_residual)
-            name = f"pruned {r:g}" + (" (+residual)" if include_residual else " (block-internal)")
-            yield name, prune_model(model, analysis, plan)
+            name = f"pruned {r:g}" + (" +residual" if include_residual else "") + \
+                (f" {reconstruct}" if reconstruct != "none" else "")
+            yield name, compress_model(model, analysis, plan, method=reconstruct)
 
 
 def main(argv=None) -> int:
@@ -51,6 +57,9 @@ def main(argv=None) -> int:
     ap.add_argument("--round-to", type=int, default=4)
     ap.add_argument("--importance", default="l2")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reconstruct", default="none", help="none | neuron_merging | udfc | lmmse")
+    ap.add_argument("--residual", action="store_true", help="also prune the residual-stream groups")
+    ap.add_argument("--int8", action="store_true", help="also time int8 (ort-cpu Q/DQ) engines of every variant")
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=10)
     args = ap.parse_args(argv)
@@ -59,26 +68,37 @@ def main(argv=None) -> int:
     loaded = load_model(args.model, args.weights)
     one = torch.zeros((1, *loaded.input_shape))
     analysis = analyze(loaded.module, one)
-    models = list(variants(loaded.module, analysis, args.ratios, args.round_to, args.importance))
+    models = list(variants(loaded.module, analysis, args.ratios, args.round_to, args.importance, args.reconstruct,
+                           args.residual))
     macs = {name: count_macs(m, one) for name, m in models}
-    acc = {}
+    backend = get_backend("ort-cpu")
+    x = y = None
     if args.eval:
         x8, y = load_images(args.eval, loaded.preprocess, limit=args.eval_limit)
         x = to_tensor(x8, loaded.preprocess)
-        for name, m in models:
-            with torch.inference_mode():
-                acc[name] = top1(lambda a: m(torch.from_numpy(a)).numpy(), x, y, batch=64, static_batch=False)
-    backend = get_backend("ort-cpu")
-    print(f"# {args.model}: ORT CPU fp32, {args.threads} thread(s), {args.runs} timed runs per engine in "
+    print(f"# {args.model}: ORT CPU, {args.threads} thread(s), {args.runs} timed runs per engine in "
           f"{args.rounds} interleaved rounds, importance {args.importance}, round_to {args.round_to}\n")
+    accs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for batch in args.batch:
             example = torch.randn((batch, *loaded.input_shape), generator=torch.Generator().manual_seed(0))
-            runners = {}
+            runners, acc, rows = {}, {}, []
             for i, (name, m) in enumerate(models):
-                exp = export_onnx(m, example, Path(tmp) / f"b{batch}_{i}.onnx")
-                engine = backend.build(exp.path, precision="fp32", threads=args.threads, out_dir=Path(tmp))
-                runners[name] = engine.prepare(example.numpy())
+                exp = export_onnx(m, example, Path(tmp) / f"b{batch}_{i}.onnx", dynamic_batch=True)
+                builds = [(name, exp.path, "fp32")]
+                if args.int8:
+                    q = int8_onnx(m, example, exp.path, Path(tmp) / f"b{batch}_{i}.int8.onnx", style="ort-cpu",
+                                  preprocess=loaded.preprocess, threads=args.threads)
+                    builds.append((f"{name} int8", q, "int8"))
+                for label, path, precision in builds:
+                    engine = backend.build(path, precision=precision, threads=args.threads, out_dir=Path(tmp))
+                    runners[label] = engine.prepare(example.numpy())
+                    rows.append((label, name))
+                    if x is not None and batch == args.batch[0]:
+                        acc[label] = top1(engine.run, x, y, batch=64, static_batch=False)
+                    elif x is not None:
+                        acc[label] = accs[label]
+            accs = acc
             stats = time_interleaved(runners, warmup=10, runs=args.runs, rounds=args.rounds, batch=batch,
                                      threads=args.threads, progress=sys.stderr.isatty())
             base = stats["original"].p50_ms
@@ -86,13 +106,13 @@ def main(argv=None) -> int:
             print("| variant | MACs (M) | MAC cut | p50 ms | p90/p50 | speedup | realized/MACs |"
                   + (" top-1 |" if acc else ""))
             print("|---|---|---|---|---|---|---|" + ("---|" if acc else ""))
-            for name, _ in models:
-                s = stats[name]
+            for label, name in rows:
+                s = stats[label]
                 mac_factor = macs["original"] / macs[name]
                 speed = base / s.p50_ms
-                row = (f"| {name} | {macs[name] / 1e6:.2f} | {mac_factor:.2f}x | {s.p50_ms:.3f} | "
+                row = (f"| {label} | {macs[name] / 1e6:.2f} | {mac_factor:.2f}x | {s.p50_ms:.3f} | "
                        f"{s.p90_ms / s.p50_ms:.2f} | {speed:.2f}x | {speed / mac_factor:.2f} |")
-                print(row + (f" {acc[name]:.2f} |" if acc else ""))
+                print(row + (f" {acc[label]:.2f} |" if acc else ""))
             print()
     return 0
 
