@@ -38,7 +38,7 @@ Phase 2, calibrate (on the physically pruned model, prune_model):
  (c) a few epochs of Adam on L over every Conv/Linear/BN parameter, with per-layer step sizes η_k = η · k / M for the
      k-th of M layers in execution order (later layers correct the accumulated error; early ones barely move, which
      limits over-fitting to the few images).
- (d) BatchNorm re-estimation again (same rule).
+ (d) BatchNorm re-estimation again (same rule; skipped with calib_epochs = 0).
 
 Determinism: data order comes from a torch.Generator seeded with `seed`; every op runs on CPU in a fixed order.
 """
@@ -108,13 +108,17 @@ def calibrate(model: nn.Module, analysis: Analysis, plan: PrunePlan, inputs: tor
                 log.least_squares_layers = _least_squares(teacher, pruned, analysis, keep, inputs[:ls_samples],
                                                           batch, ridge, kept_out, layer_order, bar)
                 log.after_least_squares = _mean_loss(teacher, pruned, inputs, batch, layer_order, kept_out)
-                log.bn_reestimated.append(_maybe_reestimate_bn(teacher, pruned, inputs, batch, layer_order,
-                                                               kept_out))
-                _calibrate_layers(teacher, pruned, inputs, layer_order, kept_out, calib_epochs, batch, lr, seed,
-                                  bar, log)
-                log.bn_reestimated.append(_maybe_reestimate_bn(teacher, pruned, inputs, batch, layer_order,
-                                                               kept_out))
-                log.final = _mean_loss(teacher, pruned, inputs, batch, layer_order, kept_out)
+                kept_bn, loss = _maybe_reestimate_bn(teacher, pruned, inputs, batch, layer_order, kept_out,
+                                                     log.after_least_squares)
+                log.bn_reestimated.append(kept_bn)
+                if calib_epochs:
+                    _calibrate_layers(teacher, pruned, inputs, layer_order, kept_out, calib_epochs, batch, lr, seed,
+                                      bar, log)
+                    kept_bn, loss = _maybe_reestimate_bn(teacher, pruned, inputs, batch, layer_order, kept_out,
+                                                         _mean_loss(teacher, pruned, inputs, batch, layer_order,
+                                                                    kept_out))
+                    log.bn_reestimated.append(kept_bn)
+                log.final = loss
             finally:
                 bar.close()
     finally:
@@ -484,16 +488,16 @@ def _set_flat_weight(module: nn.Module, flat: torch.Tensor) -> None:
 # --- phase 2b/d: BatchNorm statistics -----------------------------------------------------------------------------
 
 def _maybe_reestimate_bn(teacher: _Teacher, model: nn.Module, inputs: torch.Tensor, batch: int, names: list[str],
-                         kept_out: dict[str, torch.Tensor]) -> bool:
-    """Re-estimate every BatchNorm's running statistics on `inputs`; keep them only if L goes down.
+                         kept_out: dict[str, torch.Tensor], before: float) -> tuple[bool, float]:
+    """Re-estimate every BatchNorm's running statistics on `inputs`; keep them only if L (`before`: its current value)
+    goes down. Returns (kept?, L afterwards).
 
     After phase 1/2 trained against the running statistics, fresh statistics can undo what was learned, while right
     after pruning they usually repair the shifted channel statistics; measuring L decides instead of guessing."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
            and m.track_running_stats and m.running_mean is not None]
     if not bns:
-        return False
-    before = _mean_loss(teacher, model, inputs, batch, names, kept_out)
+        return False, before
     saved = [(m.running_mean.clone(), m.running_var.clone(), m.momentum) for m in bns]
     with torch.no_grad():
         for m in bns:
@@ -505,12 +509,13 @@ def _maybe_reestimate_bn(teacher: _Teacher, model: nn.Module, inputs: torch.Tens
     for m, (_, _, momentum) in zip(bns, saved):
         m.momentum = momentum
         m.eval()
-    if _mean_loss(teacher, model, inputs, batch, names, kept_out) < before:
-        return True
+    after = _mean_loss(teacher, model, inputs, batch, names, kept_out)
+    if after < before:
+        return True, after
     for m, (mean, var, _) in zip(bns, saved):
         m.running_mean.copy_(mean)
         m.running_var.copy_(var)
-    return False
+    return False, before
 
 
 # --- phase 2c: per-layer Adam -------------------------------------------------------------------------------------
