@@ -182,7 +182,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
 
     torch.manual_seed(recipe.seed)
     t = recipe.target
-    backend = get_backend(t.backend)
+    backend = get_backend(t.backend, **_backend_options(recipe))
     info = backend.info()
     if not info.available:
         from dfp_deploy.core.errors import BackendUnavailable
@@ -392,6 +392,14 @@ def _latency_model(recipe, model, analysis, space, example, work, backend, plan_
         (work / f".search_{name}.onnx").unlink(missing_ok=True)
     return cost, {"measured_ms": {k: v.p50_ms for k, v in stats.items()}, "intercept_ms": cost.c0,
                   "scale_ms": cost.scale}
+
+
+def _backend_options(recipe: Recipe) -> dict:
+    t = recipe.target
+    if t.backend == "tensorrt":
+        return {"opt_level": t.opt_level, "workspace_mb": t.workspace_mb, "cuda_graph": t.cuda_graph,
+                "timing_cache_dir": cache_dir() / "trt-timing"}
+    return {}
 
 
 def _check_parity(recipe: Recipe, par: dict, ref_kind: str) -> None:

@@ -556,3 +556,16 @@ def test_tensorrt_builds_and_runs_a_tiny_model(precision, tmp_path):
         assert "INT8" not in summary["weighted_by_precision"]
     if precision == "fp16":
         assert "FP16" in summary["weighted_by_precision"], summary
+
+
+def test_recipe_target_keys_reach_the_tensorrt_builder_settings():
+    from dfp_deploy.backends.registry import get_backend
+    from dfp_deploy.pipeline import _backend_options
+    from dfp_deploy.recipe import load_recipe
+
+    recipe = load_recipe(None, ["target.backend=tensorrt", "target.opt_level=5", "target.workspace_mb=512",
+                                "target.cuda_graph=false"])
+    backend = get_backend("tensorrt", **_backend_options(recipe))
+    assert (backend.opt_level, backend.workspace_mb, backend.cuda_graph) == (5, 512, False)
+    assert str(backend.timing_cache_dir).endswith("trt-timing")
+    assert _backend_options(load_recipe(None)) == {}  # ORT backends take no builder options

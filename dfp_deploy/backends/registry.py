@@ -72,11 +72,12 @@ def backend_names() -> list[str]:
     return list(_REGISTRY)
 
 
-def get_backend(name: str) -> Backend:
+def get_backend(name: str, **options) -> Backend:
+    """The backend called `name`; `options` go to its constructor (e.g. TensorRT's opt_level, workspace_mb)."""
     if name not in _REGISTRY:
         raise InputError(f"target.backend: unknown backend {name!r}; known: {', '.join(_REGISTRY)}")
     module_name, attribute = _REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module_name), attribute)()
+    return getattr(importlib.import_module(module_name), attribute)(**options)
 
 
 def list_backends() -> list[BackendInfo]:

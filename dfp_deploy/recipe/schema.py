@@ -92,6 +92,10 @@ class TargetSection:
     precision: Literal["fp32", "fp16", "int8"] = spec("fp32", "engine precision")
     batch: int = spec(1, "deployment batch size (engines are built and timed at this batch)", lo=1, hi=4096)
     threads: int | None = spec(None, "CPU threads for the engine (default: all cores)", lo=1)
+    opt_level: int = spec(3, "TensorRT builder optimization level (higher: longer builds, maybe faster)",
+                          lo=0, hi=5)
+    workspace_mb: int | None = spec(None, "TensorRT builder workspace limit in MiB (default: TensorRT's)", lo=1)
+    cuda_graph: bool = spec(True, "TensorRT: replay the timed inference as a CUDA graph")
 
 
 @dataclass(frozen=True)
