@@ -3,7 +3,7 @@
 One line of JSON per configuration is appended to --out, and a Markdown row is printed, e.g.
   python tools/bench_calibrate.py --model cifar_resnet56 --weights ../shared/models/resnet56-4bfd9763.th \\
       --calib ../shared/data/cifar10_train_exact4660.npz --eval ../shared/data/cifar10_test_exact932.npz \\
-      --ratios 0.3 0.5 --samples 64 256 1024 --squeeze-epochs 5 --calib-epochs 5
+      --ratios 0.3 0.5 --samples 64 256 1024 --squeeze-epochs 2 --calib-epochs 2
 Calibration images are a seeded random subset of --calib (a TRAINING file; never point it at test images), or
 "synthetic" for BN-matched generated inputs. Wall time is for calibrate() alone; the 1-minute load average before and
 after is recorded because these machines are shared.
@@ -41,10 +41,10 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
     ap.add_argument("--samples", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--importance", default="l2")
-    ap.add_argument("--squeeze-epochs", type=int, default=5)
-    ap.add_argument("--calib-epochs", type=int, default=5)
+    ap.add_argument("--squeeze-epochs", type=int, default=2)
+    ap.add_argument("--calib-epochs", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--ridge", type=float, default=1e-3)
     ap.add_argument("--ls-samples", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)

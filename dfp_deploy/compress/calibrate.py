@@ -78,7 +78,7 @@ class CalibrationLog:
 
 
 def calibrate(model: nn.Module, analysis: Analysis, plan: PrunePlan, inputs: torch.Tensor, *,
-              squeeze_epochs: int = 10, calib_epochs: int = 5, batch: int = 64, lr: float = 1e-3,
+              squeeze_epochs: int = 2, calib_epochs: int = 2, batch: int = 64, lr: float = 3e-4,
               ridge: float = 1e-3, ls_samples: int = 256, seed: int = 0, progress: bool = True,
               log: CalibrationLog | None = None) -> nn.Module:
     """The physically pruned, calibrated model (see the module docstring); `model` itself is left untouched.
