@@ -103,3 +103,27 @@ def test_activation_ranges_from_bn_known_answer():
     assert lo.tolist() == [-2.5, -2.0] and hi.tolist() == [3.5, 10.0]
     with pytest.raises(InputError, match="k"):
         activation_ranges_from_bn(model, torch.zeros(1, 1, 4, 4), k=0)
+
+
+def test_hessian_rounding_is_nearest_for_identity_and_better_in_its_metric():
+    from dfp_deploy.compress.quantize import quantize_weight_hessian
+
+    w = _weights(3)
+    assert torch.equal(quantize_weight_hessian(w, 3, torch.eye(36)), quantize_weight(w, 3))
+    gen = torch.Generator().manual_seed(7)
+    wins = 0
+    for trial in range(10):
+        a = torch.randn(36, 36, generator=gen, dtype=torch.float64)
+        h = a @ a.T / 36 + 4.0 * torch.ones(36, 36, dtype=torch.float64)  # correlated inputs with a large mean
+        rows = torch.randn(6, 36, generator=gen)
+        q = quantize_weight_hessian(rows, 3, h)
+        scale = weight_scale(rows, 3)
+        codes = q / scale
+        assert torch.allclose(codes, codes.round(), atol=1e-4) and codes.round().abs().max() <= 3
+
+        def cost(x):
+            e = (rows - x).double()
+            return float(torch.einsum("ci,ij,cj->", e, h, e))
+
+        wins += cost(q) < cost(quantize_weight(rows, 3))
+    assert wins >= 9

@@ -287,17 +287,46 @@ def _consumer_error(model: nn.Module, compressed: nn.Module, x: torch.Tensor) ->
 
 
 def test_quantization_compensation_reduces_next_layer_error_on_average():
-    gains = {"udfc": [], "lmmse": []}
+    # iid N(0, I) inputs: UDFC's isotropic assumption holds; lmmse with round-to-nearest (its spatial prior for
+    # Hessian rounding assumes natural images and is tested separately below)
+    options = {"udfc": {}, "lmmse": {"rounding": "nearest"}}
+    gains = {method: [] for method in options}
     for seed in range(8):
         model, x = _calibrated_toy(seed)
         analysis = analyze(model, x[:1])
         rtn = R.compress_model(model, analysis, PrunePlan(), method="none", weight_bits=3)
         base = _consumer_error(model, rtn, x)
-        for method in gains:
-            comp = R.compress_model(model, analysis, PrunePlan(), method=method, weight_bits=3)
+        for method, kw in options.items():
+            comp = R.compress_model(model, analysis, PrunePlan(), method=method, weight_bits=3, **kw)
             gains[method].append(base - _consumer_error(model, comp, x))
     for method, values in gains.items():
         assert sum(values) / len(values) > 0, (method, values)
+
+
+def _smooth_inputs(seed: int, n: int = 64, c: int = 4, hw: int = 10) -> torch.Tensor:
+    """Spatially correlated, positive-mean inputs (like post-ReLU feature maps of natural images)."""
+    noise = torch.randn(n, c, hw + 4, hw + 4, generator=torch.Generator().manual_seed(seed))
+    blur = torch.ones(c, 1, 5, 5) / 5.0
+    return 1.0 + torch.nn.functional.conv2d(noise, blur, groups=c)
+
+
+def test_hessian_rounding_helps_when_inputs_are_smooth():
+    gains = []
+    for seed in range(6):
+        model = _seeded(ConvBnReluConv(cin=4, mid=12, cout=8), seed)
+        x = _smooth_inputs(200 + seed)
+        for bn in (model.bn1, model.bn2):
+            bn.reset_running_stats()
+            bn.momentum = None
+        model.train()
+        with torch.no_grad():
+            model(x)
+        model.eval()
+        analysis = analyze(model, x[:1])
+        near = R.compress_model(model, analysis, PrunePlan(), method="lmmse", weight_bits=3, rounding="nearest")
+        hess = R.compress_model(model, analysis, PrunePlan(), method="lmmse", weight_bits=3, rounding="hessian")
+        gains.append(_consumer_error(model, near, x) - _consumer_error(model, hess, x))
+    assert sum(gains) / len(gains) > 0, gains
 
 
 @pytest.mark.parametrize("seed", range(10))

@@ -76,7 +76,7 @@ from torch import nn
 
 from dfp_deploy.analysis import Analysis
 from dfp_deploy.compress.bnfold import bn_output_moments, bn_scale_shift, folded_filters
-from dfp_deploy.compress.quantize import check_bits, quantize_weight
+from dfp_deploy.compress.quantize import check_bits, quantize_weight, quantize_weight_hessian
 from dfp_deploy.core.errors import InputError
 from dfp_deploy.core.types import PrunePlan
 
@@ -85,6 +85,7 @@ DEFAULT_ALPHA = 0.01
 DEFAULT_ALPHA_Q = 0.01
 NM_THRESHOLD = 0.1
 NM_LAMBDA = 0.85
+SPATIAL_RHO_DEFAULT = 0.8  # input model: correlation of neighbouring pixels (natural images), chosen on train images
 _PATH_OK = {"bn", "relu", "relu6", "depthwise", "pool", "flatten", "pad"}
 _BN = nn.modules.batchnorm._BatchNorm
 _DENSE = (nn.modules.conv._ConvNd, nn.Linear)
@@ -545,8 +546,8 @@ def _cosine_gram(rows: torch.Tensor) -> torch.Tensor:
 
 
 def _lmmse_site(st: _SiteTensors, keep: list[int], activation: str) -> tuple[torch.Tensor, torch.Tensor,
-                                                                            torch.Tensor]:
-    """(M [C, K], d [C], E[â_K]): pruned rows of M are the lmmse estimate from the deployed kept activations; a kept
+                                                                            torch.Tensor, torch.Tensor]:
+    """(M [C, K], d [C], E[â_K], Cov[â_K]): pruned rows of M are the lmmse estimate from the deployed kept activations; a kept
     channel keeps its own column (M[k,k] = 1) and only gets the mean offset d_k = E[a_k] − E[â_k]. Measured: letting
     kept channels also mix (full lmmse) or rescale themselves (s' from the model) costs accuracy at 3 bits, because
     the cosine correlations are too rough to improve on a channel that is still present (tools/bench_reconstruct.py)."""
@@ -561,7 +562,7 @@ def _lmmse_site(st: _SiteTensors, keep: list[int], activation: str) -> tuple[tor
     if len(pruned):
         rows, shift = lmmse_mixing(mom.cov[pruned][:, dep], mom.cov[dep][:, dep], mom.mean[pruned], mom.mean[dep])
         mixing[pruned], offset[pruned] = rows, shift
-    return mixing, offset, mom.mean[dep]
+    return mixing, offset, mom.mean[dep], mom.cov[dep][:, dep]
 
 
 # =================================================================================================================
@@ -571,12 +572,13 @@ def _lmmse_site(st: _SiteTensors, keep: list[int], activation: str) -> tuple[tor
 
 @dataclass
 class Reconstruction:
-    """Per group: the mixing M [C, K], the offsets d [C] (constant per original channel, lmmse only) and the mean of
-    each kept channel's deployed activation (lmmse only; consumers' bias correction uses it)."""
+    """Per group: the mixing M [C, K], the offsets d [C] (constant per original channel, lmmse only) and the mean and
+    covariance of the kept channels' deployed activations (lmmse only; the consumers' quantization uses them)."""
 
     mixing: dict[str, torch.Tensor] = field(default_factory=dict)
     offsets: dict[str, torch.Tensor] = field(default_factory=dict)
     kept_means: dict[str, torch.Tensor] = field(default_factory=dict)
+    kept_covs: dict[str, torch.Tensor] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # group -> why it got plain selection
 
 
@@ -622,8 +624,9 @@ def build_reconstruction(model: nn.Module, analysis: Analysis, plan: PrunePlan, 
         elif method == "udfc":
             result.mixing[name] = _udfc_site(st, keep, alpha, alpha_q, multi)
         else:
-            mixing, offset, kept_mean = _lmmse_site(st, keep, site.activation)
-            result.mixing[name], result.offsets[name], result.kept_means[name] = mixing, offset, kept_mean
+            mixing, offset, kept_mean, kept_cov = _lmmse_site(st, keep, site.activation)
+            result.mixing[name], result.offsets[name] = mixing, offset
+            result.kept_means[name], result.kept_covs[name] = kept_mean, kept_cov
     return result
 
 
@@ -642,22 +645,28 @@ def _check_positive(what: str, value) -> None:
 
 def compress_model(model: nn.Module, analysis: Analysis, plan: PrunePlan, *, method: str,
                    weight_bits: int | None = None, alpha: float = DEFAULT_ALPHA, alpha_q: float = DEFAULT_ALPHA_Q,
-                   bias_correction: bool | None = None, **options) -> nn.Module:
+                   bias_correction: bool | None = None, rounding: str | None = None,
+                   spatial_rho: float = SPATIAL_RHO_DEFAULT, **options) -> nn.Module:
     """Prune (plan), reconstruct (method) and fake-quantize (weight_bits) jointly; returns a new model.
 
     Order, and why: (1) every reconstruction is computed from the ORIGINAL model, with the producers' kept filters
     quantized, so merges land on the filters that will be deployed; (2) prune_model folds the mixing into the
     consumers and lmmse's constant offsets go into their biases; (3) all conv/linear weights are quantized, the
-    consumers AFTER their compensation (quantizing first would leave the compensation itself unquantized);
-    (4) with bias_correction (default on for lmmse only), each quantized layer's mean output shift (Q(W) − W)·E[x]
-    is removed using the input means we know. A producer that is itself the consumer of another compensated group
-    (a chain) is modelled with its original filters' quantization, an approximation (none in ResNets/EfficientNet)."""
+    consumers AFTER their compensation (quantizing first would leave the compensation itself unquantized), by
+    round-to-nearest or, with rounding="hessian", by Hessian-aware rounding with the data-free input model below;
+    (4) with bias_correction, each quantized layer's mean output shift (Q(W) − W)·E[x] is removed using the same
+    input means. Defaults: lmmse uses both (3, hessian) and (4); the other methods neither (as published).
+    A producer that is itself the consumer of another compensated group (a chain) is modelled with its original
+    filters' quantization, an approximation (there is no such chain in ResNets or EfficientNet)."""
     from dfp_deploy.compress.prune import prune_model
 
     check_method(method)
     bits = check_bits(weight_bits) if weight_bits is not None else None
     if bias_correction is None:
         bias_correction = method == "lmmse"
+    rounding = rounding or ("hessian" if method == "lmmse" else "nearest")
+    if rounding not in ROUNDINGS:
+        raise InputError(f"weight rounding: {rounding!r} is not one of {', '.join(ROUNDINGS)}")
     recon = build_reconstruction(model, analysis, plan, method=method, weight_bits=bits, alpha=alpha,
                                  alpha_q=alpha_q, **options)
     compressed = prune_model(model, analysis, plan, recon.mixing)
@@ -667,16 +676,49 @@ def compress_model(model: nn.Module, analysis: Analysis, plan: PrunePlan, *, met
         _add_consumer_offsets(original, modules, analysis, name, offset)
     if bits is None:
         return compressed
-    full = {n: m.weight.detach().clone() for n, m in modules.items() if isinstance(m, _QUANTIZABLE_TYPES)}
+    if isinstance(spatial_rho, bool) or not isinstance(spatial_rho, (int, float)) or not 0 <= spatial_rho < 1:
+        raise InputError(f"spatial_rho: {spatial_rho!r} is not a correlation in [0, 1)")
+    needed = bias_correction or rounding == "hessian"
+    inputs = _input_models(model, analysis, plan, recon, spatial_rho) if needed else {}
     with torch.no_grad():
-        for name, weight in full.items():
-            modules[name].weight.copy_(quantize_weight(weight, bits))
-    if bias_correction:
-        means = _input_means(model, analysis, plan, recon)
-        for name, mean in means.items():
-            if name in full:
-                _remove_output_shift(modules[name], analysis.bn_after.get(name), modules, full[name], mean)
+        for name, module in modules.items():
+            if not isinstance(module, _QUANTIZABLE_TYPES):
+                continue
+            full = module.weight.detach().clone()
+            known = inputs.get(name)
+            if rounding == "hessian" and known is not None:
+                hessian = _layer_hessian(module, *known, spatial_rho)
+                module.weight.copy_(quantize_weight_hessian(full, bits, hessian))
+            else:
+                module.weight.copy_(quantize_weight(full, bits))
+            if bias_correction and known is not None:
+                _remove_output_shift(module, analysis.bn_after.get(name), modules, full, known[0])
     return compressed
+
+
+ROUNDINGS = ("nearest", "hessian")
+
+
+def spatial_correlation(kernel: tuple[int, ...], rho: float) -> torch.Tensor:
+    """[T, T] correlation between the taps of a kernel: ρ^(Manhattan distance between taps)."""
+    grids = torch.meshgrid(*[torch.arange(k, dtype=torch.float64) for k in kernel], indexing="ij")
+    taps = torch.stack([g.reshape(-1) for g in grids], dim=1)
+    return rho ** (taps[:, None, :] - taps[None, :, :]).abs().sum(dim=-1)
+
+
+def _kernel(module: nn.Module) -> tuple[int, ...]:
+    return tuple(module.kernel_size) if isinstance(module, nn.modules.conv._ConvNd) else (1,)
+
+
+def _layer_hessian(module: nn.Module, mean: torch.Tensor, cov: torch.Tensor, rho: float) -> torch.Tensor:
+    """H = E[x xᵀ] over input patches (input position-major, taps minor, as the weight is flattened):
+    Cov_channels ⊗ S_spatial + (m mᵀ) ⊗ 1 1ᵀ (each channel's mean is the same at every tap). Depthwise convs get
+    one [T, T] block per channel."""
+    spatial = spatial_correlation(_kernel(module), rho)
+    ones = torch.ones_like(spatial)
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
+        return cov.diagonal()[:, None, None] * spatial + (mean * mean)[:, None, None] * ones
+    return torch.kron(cov, spatial) + torch.kron(mean[:, None] * mean[None, :], ones)
 
 
 _QUANTIZABLE_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
@@ -724,68 +766,86 @@ def _remove_output_shift(module: nn.Module, bn_name: str | None, modules: dict[s
     _shift_output(module, bn_name, modules, -delta)
 
 
-def _input_means(model: nn.Module, analysis: Analysis, plan: PrunePlan,
-                 recon: Reconstruction) -> dict[str, torch.Tensor]:
-    """Per quantized layer of the COMPRESSED model: the mean of each input position, where known (else 0, i.e. no
-    correction for that position). Known: a compensated site's consumers (deployed kept means); any other layer with
-    a BN after it: m ≥ 0 solving (Σ_taps W)·m = μ − bias on the original weights (module docstring, method 3)."""
+def _input_models(model: nn.Module, analysis: Analysis, plan: PrunePlan, recon: Reconstruction,
+                  rho: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per quantizable layer of the COMPRESSED model, where we know it: (mean [I], channel covariance [I, I]) of its
+    input positions. A compensated site's consumers: the deployed kept activations' moments (lmmse). Any other
+    layer with a BN after it: means m ≥ 0 and variances v ≥ 0 per input channel, uncorrelated, solving
+    (Σ_taps W)·m = μ − bias and Σ_i v_i W_iᵀ S W_i = running_var (non-negative least squares on the original
+    weights; S = spatial_correlation); a depthwise conv solves each channel exactly. Others: unknown (absent)."""
     modules = dict(model.named_modules())
-    keep_of = {g.name: sorted(plan.keep[g.name]) if g.name in plan.keep else list(range(g.channels))
-               for g in analysis.groups}
-    # map each layer's original input positions to the positions that survive pruning
-    dropped: dict[str, set[int]] = {}
-    for g in analysis.groups:
-        if g.name not in plan.keep:
-            continue
-        kept = set(plan.keep[g.name])
-        members = analysis.members(g.name)
-        for table in (members.consumers,):
-            for name, mapping in table.items():
-                dropped.setdefault(name, set()).update(i for i, c in _position_channels(mapping) if c not in kept)
-        for name, mapping in members.passthrough.items():
-            dropped.setdefault(name, set()).update(i for i, c in enumerate(mapping) if c >= 0 and c not in kept)
-    means: dict[str, torch.Tensor] = {}
+    dropped = _dropped_inputs(analysis, plan)
+    models: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, module in modules.items():
-        if not isinstance(module, _QUANTIZABLE_TYPES):
-            continue
-        estimate = _fitted_input_mean(module, modules.get(analysis.bn_after.get(name, "")))
-        if estimate is not None:
-            means[name] = estimate
+        if isinstance(module, _QUANTIZABLE_TYPES):
+            fitted = _fitted_input_model(module, modules.get(analysis.bn_after.get(name, "")), rho)
+            if fitted is not None:
+                models[name] = fitted
     for group, kept_mean in recon.kept_means.items():
-        column = {c: j for j, c in enumerate(keep_of[group])}
+        keep = sorted(plan.keep[group]) if group in plan.keep else list(range(analysis.group(group).channels))
+        column = {c: j for j, c in enumerate(keep)}
+        kept_cov = recon.kept_covs[group]
         for consumer, mapping in analysis.members(group).consumers.items():
-            width = modules[consumer].weight.shape[1]
-            vec = means.setdefault(consumer, torch.zeros(width, dtype=torch.float64))
-            for position, channel in _position_channels(mapping):
-                if channel in column:
-                    vec[position] = kept_mean[column[channel]]
-    return {name: _surviving(vec, dropped.get(name, set())) for name, vec in means.items()}
+            placed = [(i, column[c]) for i, c in _position_channels(mapping) if c in column]
+            if len(placed) != len(mapping) - len(dropped.get(consumer, ())):
+                continue  # the consumer also reads other channels: keep the fitted model
+            pos = torch.as_tensor([i for i, _ in placed], dtype=torch.long)
+            col = torch.as_tensor([j for _, j in placed], dtype=torch.long)
+            width = len(mapping)
+            mean = torch.zeros(width, dtype=torch.float64)
+            cov = torch.zeros(width, width, dtype=torch.float64)
+            mean[pos] = kept_mean[col]
+            cov[pos[:, None], pos[None, :]] = kept_cov[col[:, None], col[None, :]]
+            models[consumer] = (mean, cov)
+    result = {}
+    for name, (mean, cov) in models.items():
+        alive = _alive(len(mean), dropped.get(name, set()))
+        result[name] = (mean[alive], cov[alive][:, alive])
+    return result
 
 
-def _surviving(vec: torch.Tensor, dropped: set[int]) -> torch.Tensor:
-    if not dropped:
-        return vec
-    return vec[torch.as_tensor([i for i in range(len(vec)) if i not in dropped], dtype=torch.long)]
+def _dropped_inputs(analysis: Analysis, plan: PrunePlan) -> dict[str, set[int]]:
+    """Input positions of each consumer / per-channel module that pruning removes."""
+    dropped: dict[str, set[int]] = {}
+    for name, kept in plan.keep.items():
+        kept = set(kept)
+        members = analysis.members(name)
+        for table in (members.consumers, members.passthrough):
+            for module, mapping in table.items():
+                dropped.setdefault(module, set()).update(i for i, c in _position_channels(mapping) if c not in kept)
+    return dropped
 
 
-def _fitted_input_mean(module: nn.Module, bn: nn.Module | None) -> torch.Tensor | None:
-    """Input means implied by the BN's running mean (None without a BN with statistics)."""
-    if not isinstance(bn, _BN) or bn.running_mean is None:
+def _alive(width: int, dropped: set[int]) -> torch.Tensor:
+    return torch.as_tensor([i for i in range(width) if i not in dropped], dtype=torch.long)
+
+
+def _fitted_input_model(module: nn.Module, bn: nn.Module | None,
+                        rho: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Input means and variances implied by the statistics of the BN after `module` (None without one)."""
+    if not isinstance(bn, _BN) or bn.running_mean is None or bn.running_var is None:
         return None
     weight = module.weight.detach().double()
-    target = bn.running_mean.detach().double()
+    target_mean = bn.running_mean.detach().double()
     if module.bias is not None:
-        target = target - module.bias.detach().double()
+        target_mean = target_mean - module.bias.detach().double()
+    target_var = bn.running_var.detach().double()
+    spatial = spatial_correlation(_kernel(module), rho)
+    taps = weight.reshape(weight.shape[0], weight.shape[1], -1)  # [out, in, T]
+    spread = torch.einsum("cit,ts,cis->ci", taps, spatial, taps)  # var_c = Σ_i v_i spread[c, i]
     if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
-        if module.groups != module.in_channels or module.out_channels != module.in_channels:
+        if not module.groups == module.in_channels == module.out_channels:
             return None
-        taps = weight.reshape(weight.shape[0], -1).sum(dim=1)
-        return torch.where(taps.abs() > 1e-12, target / torch.where(taps.abs() > 1e-12, taps, torch.ones_like(taps)),
-                           torch.zeros_like(taps))
+        total = taps.sum(dim=(1, 2))
+        mean = torch.where(total.abs() > 1e-12, target_mean / torch.where(total.abs() > 1e-12, total, 1.0), 0.0)
+        var = torch.where(spread[:, 0] > 1e-300, target_var / spread[:, 0].clamp_min(1e-300), 0.0)
+        return mean, torch.diag(var)
     if getattr(module, "groups", 1) != 1:
         return None
-    a = weight.reshape(weight.shape[0], weight.shape[1], -1).sum(dim=2)  # [out, in]
-    return nnls_rows(a.T @ a, (a.T @ target)[None, :]).squeeze(0)
+    a = taps.sum(dim=2)  # [out, in]
+    mean = nnls_rows(a.T @ a, (a.T @ target_mean)[None, :]).squeeze(0)
+    var = nnls_rows(spread.T @ spread, (spread.T @ target_var)[None, :]).squeeze(0)
+    return mean, torch.diag(var)
 
 
 # =================================================================================================================
