@@ -79,15 +79,23 @@ def _example_input(loaded, batch: int, seed: int) -> torch.Tensor:
     return torch.randn((batch, *loaded.input_shape), generator=gen)
 
 
-def _plan(recipe: Recipe, model, analysis) -> PrunePlan:
-    from dfp_deploy.compress.plan import make_plan
+def _planner(recipe: Recipe, model, analysis, *, round_to: int | None = None, allocation: str | None = None,
+             include_residual: bool | None = None):
+    from dfp_deploy.compress.selection import ChannelPlanner
 
+    p = recipe.compress.prune
+    return ChannelPlanner(model, analysis, importance=p.importance, allocation=allocation or p.allocation,
+                          exclude=p.exclude, min_channels=p.min_channels,
+                          round_to=round_to or p.round_to or default_round_to(recipe.target.backend,
+                                                                              recipe.target.precision),
+                          include_residual=p.include_residual if include_residual is None else include_residual)
+
+
+def _plan(recipe: Recipe, model, analysis) -> PrunePlan:
     p = recipe.compress.prune
     if p.ratio == 0 and not p.ratios:
         return PrunePlan()
-    round_to = p.round_to or default_round_to(recipe.target.backend, recipe.target.precision)
-    return make_plan(model, analysis, ratio=p.ratio, ratios=p.ratios, exclude=p.exclude, round_to=round_to,
-                     min_channels=p.min_channels, importance=p.importance, include_residual=p.include_residual)
+    return _planner(recipe, model, analysis).plan(p.ratio, p.ratios)
 
 
 def _uses_calibration(recipe: Recipe) -> bool:
@@ -114,8 +122,10 @@ def _compress(recipe: Recipe, model, analysis, plan: PrunePlan, calib_inputs=Non
 
         return prune_model(model, analysis, plan)
     from dfp_deploy.compress.reconstruct import compress_model
+    from dfp_deploy.core.threads import torch_threads
 
-    return compress_model(model, analysis, plan, method=method, weight_bits=bits)
+    with torch_threads(1):  # closed-form math on small matrices (core/threads.py)
+        return compress_model(model, analysis, plan, method=method, weight_bits=bits)
 
 
 def _reference_inputs(recipe: Recipe, loaded, batch: int) -> tuple[np.ndarray, str]:
@@ -316,7 +326,6 @@ def _search(recipe: Recipe, loaded, analysis, example, work: Path, backend, *, q
     by the agent's action wall on a cost model: MACs, or latency predicted per group from MACs and fitted to
     engines measured on the target backend (the original and a uniform plan at the budget)."""
     from dfp_deploy.analysis import count_macs
-    from dfp_deploy.compress.plan import make_plan
     from dfp_deploy.search.env import LatencyModel, MacCost
     from dfp_deploy.search.loop import run_search
     from dfp_deploy.search.reward import fidelity, proxy
@@ -324,6 +333,10 @@ def _search(recipe: Recipe, loaded, analysis, example, work: Path, backend, *, q
     from dfp_deploy.search.synthetic import bn_matched_inputs
 
     S, p, model = recipe.search, recipe.compress.prune, loaded.module
+    if p.exclude:
+        # the agent's budget wall counts every group of its space; silently skipping some would break the budget
+        raise InputError("compress.prune.exclude cannot be combined with search yet (the agent prunes every group "
+                         "of its search space); remove it")
     one = example[:1]
     round_to = p.round_to or default_round_to(recipe.target.backend, recipe.target.precision)
     space = build_space(model, analysis, one, min_keep=S.min_keep, round_to=round_to,
@@ -333,12 +346,13 @@ def _search(recipe: Recipe, loaded, analysis, example, work: Path, backend, *, q
     with torch.inference_mode():
         reference = model(x_syn)
 
+    # the search already snapped kept counts to round_to (round_to=1 reproduces them exactly) and is itself the
+    # allocation across groups
+    planner = _planner(recipe, model, analysis, round_to=1, allocation="uniform",
+                       include_residual=S.include_residual)
+
     def plan_for(ratios: dict) -> PrunePlan:
-        if not ratios:
-            return PrunePlan()
-        # the search already snapped kept counts to round_to; round_to=1 reproduces them exactly
-        return make_plan(model, analysis, ratio=0.0, ratios=ratios, round_to=1, importance=p.importance,
-                         include_residual=S.include_residual)
+        return planner.plan(0.0, ratios) if ratios else PrunePlan()
 
     def evaluate(ratios: dict) -> dict:
         candidate = _compress(recipe, model, analysis, plan_for(ratios)).eval()

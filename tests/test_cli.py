@@ -190,3 +190,24 @@ def test_calibration_and_data_free_repair_are_exclusive(recipe, tmp_path):
               "--set", "compress.calibration.data=" + str(tmp_path / "eval.npz"))
     assert res.exit_code == 2
     assert "calibration replaces the data-free repair" in res.output
+
+
+@pytest.mark.slow
+def test_shipped_quickstart_recipe_builds(tmp_path):
+    """The README's first command builds this recipe: it must work with no files beside the checkout."""
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+    res = run("build", recipe, "--out", tmp_path / "qs", *FAST)
+    assert res.exit_code == 0, res.output
+    r = json.loads((tmp_path / "qs" / "report.json").read_text())
+    assert r["recipe"]["compress"]["reconstruct"] == "lmmse"
+    assert r["macs"]["after"] < 0.6 * r["macs"]["before"]
+    assert r["parity"]["max_abs_err"] <= 1e-3
+
+
+def test_every_shipped_recipe_is_valid():
+    from dfp_deploy.recipe import load_recipe
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 4
+    for path in recipes:
+        assert load_recipe(path).model.name, path

@@ -102,7 +102,9 @@ def test_resolved_recipe_round_trips_to_a_dict():
 def test_importance_choices_match_the_implementation():
     import typing
 
-    from dfp_deploy.compress.importance import IMPORTANCE
+    from dfp_deploy.compress.selection import ALLOCATIONS, RANKINGS
     from dfp_deploy.recipe.schema import PruneSection
 
-    assert set(typing.get_args(typing.get_type_hints(PruneSection)["importance"])) == IMPORTANCE
+    hints = typing.get_type_hints(PruneSection)
+    assert set(typing.get_args(hints["importance"])) == set(RANKINGS)
+    assert set(typing.get_args(hints["allocation"])) == set(ALLOCATIONS)

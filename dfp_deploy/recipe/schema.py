@@ -37,8 +37,12 @@ class PruneSection:
     ratios: dict[str, float] = spec(None, "per-group ratios: {group-name pattern: ratio}, first match wins",
                                     factory=dict)
     exclude: list[str] = spec(None, "group or module name patterns never pruned", factory=list)
-    importance: Literal["l1", "l2", "bn_l2", "group_l2", "group_l2_raw"] = spec(
-        "l2", "channel ranking (see dfp_deploy/compress/importance.py)")
+    importance: Literal["l1", "l2", "bn_l2", "group_l2", "group_l2_raw", "lmmse"] = spec(
+        "l2", "channel ranking: a per-channel score (dfp_deploy/compress/importance.py) or lmmse, the kept set with "
+        "the least data-free reconstruction error (dfp_deploy/compress/selection.py)")
+    allocation: Literal["uniform", "macs"] = spec(
+        "uniform", "uniform: every group loses `ratio`; macs (importance lmmse): the same MACs are removed, "
+        "taken where reconstruction loses least")
     round_to: int | None = spec(None, "kept channel counts snap to this multiple (default: what the target likes)",
                                 lo=1)
     min_channels: int = spec(1, "never keep fewer channels than this in a group", lo=1)
@@ -63,10 +67,10 @@ class CalibrationSection:
     samples: int = spec(512, "how many calibration images to use (a seeded random subset)", lo=1)
     two_phase: bool = spec(True, "repair pruning with the images (squeeze, prune, calibrate layer outputs); "
                            "false: use them only for int8 activation ranges")
-    squeeze_epochs: int = spec(10, "phase 1 epochs (pull removed channels to zero while matching layer outputs)",
+    squeeze_epochs: int = spec(2, "phase 1 epochs (pull removed channels to zero while matching layer outputs)",
                                lo=0)
-    calib_epochs: int = spec(5, "phase 2 epochs of per-layer Adam after the least-squares step", lo=0)
-    lr: float = spec(1e-3, "Adam step size of both phases", lo=0.0, lo_open=True)
+    calib_epochs: int = spec(2, "phase 2 epochs of per-layer Adam after the least-squares step", lo=0)
+    lr: float = spec(3e-4, "Adam step size of both phases", lo=0.0, lo_open=True)
     synthetic_steps: int = spec(50, "optimisation steps for data: synthetic (cached per model)", lo=1)
 
 
