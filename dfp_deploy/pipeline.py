@@ -79,15 +79,17 @@ def _example_input(loaded, batch: int, seed: int) -> torch.Tensor:
     return torch.randn((batch, *loaded.input_shape), generator=gen)
 
 
+def _round_to(recipe: Recipe) -> int:
+    return recipe.compress.prune.round_to or default_round_to(recipe.target.backend, recipe.target.precision)
+
+
 def _planner(recipe: Recipe, model, analysis, *, round_to: int | None = None, allocation: str | None = None,
              include_residual: bool | None = None):
     from dfp_deploy.compress.selection import ChannelPlanner
 
     p = recipe.compress.prune
     return ChannelPlanner(model, analysis, importance=p.importance, allocation=allocation or p.allocation,
-                          exclude=p.exclude, min_channels=p.min_channels,
-                          round_to=round_to or p.round_to or default_round_to(recipe.target.backend,
-                                                                              recipe.target.precision),
+                          exclude=p.exclude, min_channels=p.min_channels, round_to=round_to or _round_to(recipe),
                           include_residual=p.include_residual if include_residual is None else include_residual)
 
 
@@ -214,6 +216,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
         plan = _plan(recipe, model, analysis)
 
     stage(f"compressing ({_describe(recipe, plan)})")
+    unrounded = _unrounded_plan(recipe, model, analysis, plan) if search_report is None else None
     calib_inputs = None
     if _uses_calibration(recipe):
         if recipe.compress.reconstruct != "none":
@@ -241,12 +244,17 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
     stage(f"building {t.backend} engines: original fp32, compressed {t.precision} (batch {t.batch})")
     engine_onnx = exp_after.path
     if t.precision == "int8":
-        engine_onnx = _int8_onnx(recipe, loaded, compressed, example, work, exp_after.path)
+        engine_onnx = _int8_onnx(recipe, loaded, compressed, example, exp_after.path, work / "model.int8.onnx")
     # the original is always the fp32 engine: the report compares what the user has with what they ship
     eng_before = backend.build(exp_before.path, precision="fp32", threads=t.threads, out_dir=work,
                                torch_model=model)
     eng_after = backend.build(engine_onnx, precision=t.precision, threads=t.threads, out_dir=work,
                               torch_model=compressed)
+    engines = {"before": eng_before, "after": eng_after}
+    rounding = None
+    if unrounded is not None and calib_inputs is None and recipe.measure.latency:
+        rounding, engines["unrounded"] = _unrounded_engine(recipe, loaded, analysis, unrounded, example, work,
+                                                           backend)
 
     stage("checking parity engine vs PyTorch")
     from dfp_deploy.measure.parity import parity
@@ -262,7 +270,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
         from dfp_deploy.measure.latency import time_interleaved
 
         xb = example.numpy()
-        stats = time_interleaved({"before": eng_before.prepare(xb), "after": eng_after.prepare(xb)},
+        stats = time_interleaved({name: engine.prepare(xb) for name, engine in engines.items()},
                                  warmup=recipe.measure.warmup, runs=recipe.measure.runs,
                                  rounds=recipe.measure.rounds, batch=t.batch, threads=t.threads,
                                  progress=not stage.quiet)
@@ -271,6 +279,10 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
                        speedup=stats["before"].p50_ms / stats["after"].p50_ms,
                        protocol=dict(warmup=recipe.measure.warmup, runs=recipe.measure.runs,
                                      rounds=recipe.measure.rounds, order="interleaved, rotating"))
+        if rounding is not None:
+            rounding.update(macs_rounded=sizes["macs"]["after"], p50_ms_rounded=stats["after"].p50_ms,
+                            p50_ms_unrounded=stats["unrounded"].p50_ms,
+                            latency_gain=stats["unrounded"].p50_ms / stats["after"].p50_ms)
 
     stage("evaluating accuracy" if recipe.eval.data else "accuracy skipped (no eval.data)")
     accuracy = None
@@ -289,6 +301,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
                                       "samples": recipe.compress.calibration.samples}
                                      if _uses_calibration(recipe) else None)},
         "latency": latency,
+        **({"rounding": rounding} if rounding is not None else {}),
         "parity": par,
         "environment": environment(),
         "recipe": recipe_to_dict(recipe),
@@ -338,8 +351,7 @@ def _search(recipe: Recipe, loaded, analysis, example, work: Path, backend, *, q
         raise InputError("compress.prune.exclude cannot be combined with search yet (the agent prunes every group "
                          "of its search space); remove it")
     one = example[:1]
-    round_to = p.round_to or default_round_to(recipe.target.backend, recipe.target.precision)
-    space = build_space(model, analysis, one, min_keep=S.min_keep, round_to=round_to,
+    space = build_space(model, analysis, one, min_keep=S.min_keep, round_to=_round_to(recipe),
                         include_residual=S.include_residual)
     x_syn = bn_matched_inputs(model, loaded.input_shape, S.synthetic_samples, steps=S.synthetic_steps,
                               seed=recipe.seed, cache_dir=cache_dir() / "synthetic")
@@ -438,15 +450,43 @@ def _qdq_style(backend: str) -> str:
     return "ort-cpu" if backend in ("ort-cpu", "torch-cpu") else "tensorrt"
 
 
-def _int8_onnx(recipe: Recipe, loaded, compressed, example, work: Path, fp32_onnx: Path) -> Path:
+def _int8_onnx(recipe: Recipe, loaded, compressed, example, fp32_onnx: Path, out: Path) -> Path:
     """The Q/DQ graph of the compressed model, with activation ranges from BN statistics or calibration images."""
     from dfp_deploy.export.int8 import int8_onnx
 
     q = recipe.compress.quantize
     calib = _calibration_images(recipe, loaded) if q.activations == "calibration" else None
-    return int8_onnx(compressed, example, fp32_onnx, work / "model.int8.onnx", style=_qdq_style(recipe.target.backend),
+    return int8_onnx(compressed, example, fp32_onnx, out, style=_qdq_style(recipe.target.backend),
                      preprocess=loaded.preprocess, calibration_inputs=calib, range_k=q.range_k,
                      opset=recipe.export.opset, threads=recipe.target.threads)
+
+
+def _unrounded_plan(recipe: Recipe, model, analysis, plan: PrunePlan) -> PrunePlan | None:
+    """The plan without the target's channel rounding, when rounding changed it (else None)."""
+    p = recipe.compress.prune
+    if not plan.keep or not recipe.measure.rounding_cost or _round_to(recipe) == 1:
+        return None
+    exact = _planner(recipe, model, analysis, round_to=1).plan(p.ratio, p.ratios)
+    return exact if exact.keep != plan.keep else None
+
+
+def _unrounded_engine(recipe: Recipe, loaded, analysis, plan: PrunePlan, example, work: Path, backend):
+    """Build the unrounded plan's engine exactly like the shipped one, to time what rounding cost or gained. Its
+    files are hidden in the staging folder and removed once the engine is loaded."""
+    from dfp_deploy.analysis import count_macs
+    from dfp_deploy.export.onnx_export import export_onnx
+
+    t = recipe.target
+    model = _compress(recipe, loaded.module, analysis, plan).eval()
+    path = export_onnx(model, example, work / ".unrounded.onnx", dynamic_batch=recipe.export.dynamic_batch,
+                       opset=recipe.export.opset).path
+    if t.precision == "int8":
+        path = _int8_onnx(recipe, loaded, model, example, path, work / ".unrounded.int8.onnx")
+    engine = backend.build(path, precision=t.precision, threads=t.threads, out_dir=work, torch_model=model)
+    for leftover in work.glob(".unrounded*"):
+        leftover.unlink()
+    info = {"round_to": _round_to(recipe), "macs_unrounded": count_macs(model, example[:1])}
+    return info, engine
 
 
 def _calibration_images(recipe: Recipe, loaded) -> np.ndarray:

@@ -211,3 +211,18 @@ def test_every_shipped_recipe_is_valid():
     assert len(recipes) >= 4
     for path in recipes:
         assert load_recipe(path).model.name, path
+
+
+@pytest.mark.slow
+def test_report_shows_what_channel_rounding_cost(recipe, tmp_path):
+    out = tmp_path / "r"
+    res = run("build", recipe, "--out", out, *FAST, "--set", "compress.prune.ratio=0.4",
+              "--set", "compress.prune.round_to=8")
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "report.json").read_text())
+    rnd = r["rounding"]
+    assert rnd["round_to"] == 8 and rnd["macs_rounded"] == r["macs"]["after"]
+    assert rnd["macs_unrounded"] != rnd["macs_rounded"]  # 16·0.6 = 9.6 → 8 channels rounded, 10 exact
+    assert rnd["p50_ms_unrounded"] > 0 and rnd["latency_gain"] > 0
+    assert "Channel rounding to multiples of 8" in (out / "report.md").read_text()
+    assert not list(out.glob(".unrounded*"))

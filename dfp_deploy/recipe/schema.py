@@ -112,6 +112,8 @@ class MeasureSection:
     int8_min_agreement: float = spec(0.9, "int8 engines: least top-1 agreement with PyTorch on real images",
                                      lo=0.0, hi=1.0)
     latency: bool = spec(True, "measure latency (off: build and check only)")
+    rounding_cost: bool = spec(True, "also build and time the plan without the target's channel rounding "
+                               "(report.json `rounding`: the MACs and latency that rounding cost or gained)")
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,12 @@ def render_markdown(r: dict) -> str:
                   "Compare the ratio, not absolute times, on a shared machine.", ""]
     else:
         lines += ["Latency: not measured (measure.latency is false).", ""]
+    rnd = r.get("rounding")
+    if rnd:
+        lines += [f"Channel rounding to multiples of {rnd['round_to']}: {_count(rnd['macs_unrounded'])} → "
+                  f"{_count(rnd['macs_rounded'])} MACs, p50 {rnd['p50_ms_unrounded']:.3f} → "
+                  f"{rnd['p50_ms_rounded']:.3f} ms ({rnd['latency_gain']:.2f}x; the unrounded plan's engine was timed "
+                  "in the same rounds).", ""]
     par = r["parity"]
     gate = (f"tolerance {par['tolerance']:g}" if "tolerance" in par
             else f"int8: gate is top-1 agreement ≥ {100 * par['min_agreement']:g}% on real images")
