@@ -23,7 +23,7 @@ import torch
 
 from dfp_deploy.analysis import analyze, count_macs
 from dfp_deploy.backends.registry import get_backend
-from dfp_deploy.compress.plan import make_plan
+from dfp_deploy.compress.selection import ChannelPlanner
 from dfp_deploy.export.int8 import int8_onnx
 from dfp_deploy.export.onnx_export import export_onnx
 from dfp_deploy.measure.accuracy import top1
@@ -32,15 +32,16 @@ from dfp_deploy.measure.latency import time_interleaved
 from dfp_deploy.models import load_model
 
 
-def variants(model, analysis, ratios: list[float], round_to: int, importance: str, reconstruct: str,
-             residual: bool):
+def variants(model, analysis, ratios: list[float], round_to: int, importance: str, allocation: str,
+             reconstruct: str, residual: bool):
     from dfp_deploy.compress.reconstruct import compress_model
 
     yield "original", model
     for include_residual in (False, True) if residual else (False,):
+        planner = ChannelPlanner(model, analysis, importance=importance, allocation=allocation, round_to=round_to,
+                                 include_residual=include_residual)
         for r in ratios:
-            plan = make_plan(model, analysis, ratio=r, round_to=round_to, importance=importance,
-                             include_residual=include_residual)
+            plan = planner.plan(r)
             name = f"pruned {r:g}" + (" +residual" if include_residual else "") + \
                 (f" {reconstruct}" if reconstruct != "none" else "")
             yield name, compress_model(model, analysis, plan, method=reconstruct)
@@ -55,7 +56,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
     ap.add_argument("--round-to", type=int, default=4)
-    ap.add_argument("--importance", default="l2")
+    ap.add_argument("--importance", default="l2", help="channel ranking: l1 | l2 | bn_l2 | group_l2 | lmmse ...")
+    ap.add_argument("--allocation", default="uniform", help="uniform | macs (importance lmmse only)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reconstruct", default="none", help="none | neuron_merging | udfc | lmmse")
     ap.add_argument("--residual", action="store_true", help="also prune the residual-stream groups")
@@ -68,8 +70,8 @@ def main(argv=None) -> int:
     loaded = load_model(args.model, args.weights)
     one = torch.zeros((1, *loaded.input_shape))
     analysis = analyze(loaded.module, one)
-    models = list(variants(loaded.module, analysis, args.ratios, args.round_to, args.importance, args.reconstruct,
-                           args.residual))
+    models = list(variants(loaded.module, analysis, args.ratios, args.round_to, args.importance, args.allocation,
+                           args.reconstruct, args.residual))
     macs = {name: count_macs(m, one) for name, m in models}
     backend = get_backend("ort-cpu")
     x = y = None
@@ -77,7 +79,8 @@ def main(argv=None) -> int:
         x8, y = load_images(args.eval, loaded.preprocess, limit=args.eval_limit)
         x = to_tensor(x8, loaded.preprocess)
     print(f"# {args.model}: ORT CPU, {args.threads} thread(s), {args.runs} timed runs per engine in "
-          f"{args.rounds} interleaved rounds, importance {args.importance}, round_to {args.round_to}\n")
+          f"{args.rounds} interleaved rounds, importance {args.importance} ({args.allocation}), "
+          f"reconstruct {args.reconstruct}, round_to {args.round_to}\n")
     accs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for batch in args.batch:
