@@ -246,16 +246,18 @@ def _apply(y: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 def activation_moments(mean: torch.Tensor, std: torch.Tensor, corr: torch.Tensor, activation: str,
-                       chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                       chunk: int = 64, active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(E[a] [V], Cov[a] [V, V]) for a = f(y), y Gaussian with the given means, stds and correlation matrix.
     E[a_i a_j] = E_{z}[f(m_i + s_i z) · E[f(y_j) | z]] with y_j | z ~ N(m_j + s_j ρ_ij z, s_j²(1 − ρ_ij²)),
     integrated over z ~ N(0, 1) on a fixed grid (pairwise Gaussian: only bivariate marginals matter).
     Row by row, over the grid nodes where f(m_i + s_i z) ≠ 0 only (the others contribute exact zeros): the same
     sums as the dense [V, V, nodes] form up to summation order, about 5× faster at V = 300 and small enough to stay
     in cache (EfficientNet-Lite0 groups have up to 1152 channels). `chunk` is kept for compatibility (unused).
-    Results are memoised on the inputs' bytes (select_plan and lmmse ask for the same moments repeatedly)."""
+    Results are memoised on the inputs' bytes (select_plan and lmmse ask for the same moments repeatedly).
+    `active` (bool [V]): only pairs of active variables get their covariance; the others get their mean and
+    variance only (off-diagonal 0): the entries that are computed are the same as without it."""
     mean, std, corr = mean.double(), std.double().clamp_min(1e-12), corr.double().clamp(-1.0, 1.0)
-    key = _moments_key(mean, std, corr, activation)
+    key = _moments_key(mean, std, corr, activation, active)
     cached = _MOMENTS_CACHE.get(key)
     if cached is not None:
         _MOMENTS_CACHE.move_to_end(key)
@@ -268,21 +270,27 @@ def activation_moments(mean: torch.Tensor, std: torch.Tensor, corr: torch.Tensor
     second = torch.empty(count, count, dtype=torch.float64)
     outer_all = _apply(mean[:, None] + std[:, None] * z[None, :], activation)  # [V, nodes]
     every = torch.arange(len(z))
-    for i in range(count):
+    cols = torch.arange(count) if active is None else active.nonzero().squeeze(1)
+    second.zero_()
+    m_c, s_c = mean[cols], std[cols]
+    for i in cols.tolist():
         outer = outer_all[i]
         nodes = every if activation == "identity" else (outer != 0).nonzero().squeeze(1)
         if len(nodes) == 0:
-            second[i] = 0.0
             continue
-        rho = corr[i].clamp(-1.0 + 1e-9, 1.0 - 1e-9)
-        cond_mean = mean[:, None] + (std * rho)[:, None] * z[nodes][None, :]
-        cond_std = (std * torch.sqrt(1.0 - rho * rho))[:, None].expand(-1, len(nodes))
+        rho = corr[i, cols].clamp(-1.0 + 1e-9, 1.0 - 1e-9)
+        cond_mean = m_c[:, None] + (s_c * rho)[:, None] * z[nodes][None, :]
+        cond_std = (s_c * torch.sqrt(1.0 - rho * rho))[:, None].expand(-1, len(nodes))
         inner = gaussian_activation_mean(cond_mean, cond_std, activation)  # [V, nodes_i]
-        second[i] = inner @ (outer[nodes] * weight[nodes])
+        second[i, cols] = inner @ (outer[nodes] * weight[nodes])
     exact_square = (weight * _apply(mean[:, None] + std[:, None] * z, activation) ** 2).sum(dim=-1)
     second.diagonal().copy_(exact_square)
     cov = second - expect[:, None] * expect[None, :]
     cov = 0.5 * (cov + cov.T)
+    if active is not None:
+        pair = active[:, None] & active[None, :]
+        pair.diagonal().fill_(True)
+        cov = torch.where(pair, cov, torch.zeros_like(cov))
     _MOMENTS_CACHE[key] = (expect, cov)
     while len(_MOMENTS_CACHE) > _MOMENTS_CACHE_SIZE:
         _MOMENTS_CACHE.popitem(last=False)
@@ -293,9 +301,10 @@ _MOMENTS_CACHE: "collections.OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor
 _MOMENTS_CACHE_SIZE = 48
 
 
-def _moments_key(mean: torch.Tensor, std: torch.Tensor, corr: torch.Tensor, activation: str) -> tuple:
+def _moments_key(mean: torch.Tensor, std: torch.Tensor, corr: torch.Tensor, activation: str,
+                 active: torch.Tensor | None) -> tuple:
     digest = hashlib.blake2b(digest_size=16)
-    for t in (mean, std, corr):
+    for t in (mean, std, corr) + (() if active is None else (active,)):
         digest.update(t.contiguous().numpy().tobytes())
     return activation, len(mean), digest.hexdigest()
 
@@ -540,8 +549,10 @@ class _Moments:
     deployed: list[int]  # variable index of each kept channel's deployed activation
 
 
-def _site_moments(st: _SiteTensors, keep: list[int], activation: str) -> _Moments:
-    """Gaussian model of the site's activations (module docstring, method 3)."""
+def _site_moments(st: _SiteTensors, keep: list[int], activation: str, lmmse_only: bool = False) -> _Moments:
+    """Gaussian model of the site's activations (module docstring, method 3). lmmse_only: when quantizing, the
+    covariances lmmse reads only (pruned originals and deployed kept channels; the original kept channels get
+    means and variances), which is C instead of C + K variables."""
     channels = st.w.shape[0]
     k = torch.as_tensor(keep, dtype=torch.long)
     quantized = st.w_q is not None
@@ -551,7 +562,11 @@ def _site_moments(st: _SiteTensors, keep: list[int], activation: str) -> _Moment
     std = torch.cat([st.std, st.std[k] * st.w_q[k].norm(dim=1) / norm[k]]) if quantized else st.std
     corr = _cosine_gram(filters)
     deployed = list(range(channels, channels + len(keep))) if quantized else list(keep)
-    expect, cov = activation_moments(mean, std, corr, activation)
+    active = None
+    if quantized and lmmse_only:
+        active = torch.ones(len(mean), dtype=torch.bool)
+        active[k] = False
+    expect, cov = activation_moments(mean, std, corr, activation, active=active)
     if st.dw is None:
         return _Moments(expect, cov, channels, deployed)
     # second stage: dw kernel, BN, activation (spatially white activations: cov(κ_i⊛a_i, κ_j⊛a_j) = ⟨κ_i,κ_j⟩ C_ij)
@@ -566,7 +581,7 @@ def _site_moments(st: _SiteTensors, keep: list[int], activation: str) -> _Moment
         ratio = (kernels[channels:].norm(dim=1) / st.dw[k].norm(dim=1).clamp_min(1e-300)
                  * sd1[channels:] / sd1[k].clamp_min(1e-300))
         std2 = torch.cat([st.dw_std, st.dw_std[k] * ratio])
-    expect2, cov2 = activation_moments(mean2, std2, corr2, activation)
+    expect2, cov2 = activation_moments(mean2, std2, corr2, activation, active=active)
     return _Moments(expect2, cov2, channels, deployed)
 
 
@@ -583,7 +598,7 @@ def _lmmse_site(st: _SiteTensors, keep: list[int], activation: str) -> tuple[tor
     channel keeps its own column (M[k,k] = 1) and only gets the mean offset d_k = E[a_k] − E[â_k]. Measured: letting
     kept channels also mix (full lmmse) or rescale themselves (s' from the model) costs accuracy at 3 bits, because
     the cosine correlations are too rough to improve on a channel that is still present (tools/bench_reconstruct.py)."""
-    mom = _site_moments(st, keep, activation)
+    mom = _site_moments(st, keep, activation, lmmse_only=True)
     c = mom.channels
     dep = torch.as_tensor(mom.deployed, dtype=torch.long)
     k = torch.as_tensor(keep, dtype=torch.long)
