@@ -4,6 +4,8 @@ Sections (--sections, comma separated):
   tune    hyper-parameter sweeps (UDFC α, α', multi-channel form; lmmse rounding, bias correction, spatial ρ; NM t),
           on TUNING images only: the first --tune-train exact training images plus JPEG test images
           [--jpeg-start, --jpeg-start + --tune-jpeg) (relative numbers only; disjoint from the exact test images)
+  select  lmmse-macs allocation knobs (select_plan max_ratio × normalise) at --ratios, lmmse fp32, on the TUNING
+          images of `tune` (never the test images)
   prune   top-1 on the exact test images for ratio × channel selection × method × weight bits (block-internal
           groups only, as make_plan does by default); selection "l2"/"group_l2" = make_plan's rankings,
           "lmmse-u" = select_plan(budget="uniform"), "lmmse-macs" = select_plan(budget="macs") (same MACs removed
@@ -77,6 +79,8 @@ def parse_args(argv=None):
                     help="channel selections of the prune table")
     ap.add_argument("--full-selections", default="l2,lmmse-macs",
                     help="selections that get every weight bit width (the others fp32 only)")
+    ap.add_argument("--quant-methods", default="all",
+                    help="comma-separated row labels of the quant table (default all), e.g. RTN,UDFC")
     ap.add_argument("--calib", default=str(SHARED / "data" / "cifar10_train_exact4660.npz"),
                     help="real training images for the ORT quantize_static peer")
     ap.add_argument("--calib-count", type=int, default=512)
@@ -225,6 +229,26 @@ class Bench:
         print(markdown(["config", "MACs −%", "train top-1", "JPEG top-1", "time"], rows))
         self.results["tune"] = {"base": base, "rows": record}
 
+    # ------------------------------------------------------------------------------------------------ select
+    def select(self):
+        a = self.args
+        ev = self.evaluator({"train": load_set(a.train, self.pre, 0, a.tune_train),
+                             "jpeg": load_set(a.jpeg, self.pre, a.jpeg_start, a.tune_jpeg)})
+        rows, record = [], []
+        for ratio in [float(r) for r in a.ratios.split(",")]:
+            for normalise in (True, False):
+                for max_ratio in (0.6, 0.7, 0.8, 0.9):
+                    plan, _ = R.select_plan(self.model, self.analysis, ratio=ratio, budget="macs",
+                                            max_ratio=max_ratio, normalise=normalise)
+                    acc, cut = self.run(ev, plan, "lmmse", 32)
+                    label = f"r={ratio} lmmse-macs max_ratio={max_ratio} normalise={normalise}"
+                    rows.append([label, fmt(cut), fmt(acc["train"]), fmt(acc["jpeg"])])
+                    record.append({"config": label, "macs_cut": cut, **acc})
+                    print(f"  {label}: MACs -{cut:.1f}% train {acc['train']:.2f} jpeg {acc['jpeg']:.2f}", flush=True)
+        print("\n## Selection allocation (tuning images; lmmse fp32)\n")
+        print(markdown(["config", "MACs −%", "train top-1", "JPEG top-1"], rows))
+        self.results["select"] = record
+
     # ------------------------------------------------------------------------------------------------ prune
     def prune(self, ev):
         a = self.args
@@ -266,6 +290,9 @@ class Bench:
                    ("UDFC", "udfc", {}), ("UDFC + bias corr.", "udfc", {"bias_correction": True}),
                    ("lmmse (Hessian + bias corr.)", "lmmse", {})]
         bits_list = [int(b) for b in self.args.quant_bits.split(",")]
+        if self.args.quant_methods != "all":
+            wanted = [x.strip() for x in self.args.quant_methods.split(",")]
+            configs = [c for c in configs if any(c[0] == w or c[0].startswith(w + " (") for w in wanted)]
         rows, record = [], []
         for label, method, kw in configs:
             cells = []
@@ -349,12 +376,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     bench = Bench(args)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(sections) - {"tune", "prune", "quant", "peers"}
+    unknown = set(sections) - {"tune", "select", "prune", "quant", "peers"}
     if unknown:
-        print(f"error: unknown section(s) {sorted(unknown)}; choose from tune, prune, quant, peers", file=sys.stderr)
+        print(f"error: unknown section(s) {sorted(unknown)}; choose from tune, select, prune, quant, peers",
+              file=sys.stderr)
         return 2
     if "tune" in sections:
         bench.tune()
+    if "select" in sections:
+        bench.select()
     if {"prune", "quant", "peers"} & set(sections):
         ev = bench.evaluator({"test": load_set(args.test, bench.pre)})
         base = ev(bench.model)

@@ -929,14 +929,18 @@ def consumer_gram(model: nn.Module, analysis: Analysis, site: Site, channels: in
     return gram
 
 
-def site_error_path(model: nn.Module, analysis: Analysis, site: Site, sizes: list[int]) -> dict[int, tuple]:
-    """{kept count: (kept channels, E / tr(GC))} along the greedy lmmse elimination path, for the given sizes."""
+def site_error_path(model: nn.Module, analysis: Analysis, site: Site, sizes: list[int],
+                    normalise: bool = True) -> dict[int, tuple]:
+    """{kept count: (kept channels, E / tr(GC))} along the greedy lmmse elimination path, for the given sizes
+    (E itself with normalise=False)."""
     channels = analysis.group(site.group).channels
     st = _site_tensors(dict(model.named_modules()), site, None)
     mom = _site_moments(st, list(range(channels)), site.activation)
     gram = consumer_gram(model, analysis, site, channels)
     total = float((gram * mom.cov).sum())
     path = greedy_elimination(mom.cov, gram, sizes)
+    if not normalise:
+        return {len(k): (k, err) for k, err in path}
     return {len(k): (k, err / total if total > 0 else 0.0) for k, err in path}
 
 
@@ -985,11 +989,12 @@ def greedy_elimination(cov: torch.Tensor, gram: torch.Tensor, sizes: list[int],
 
 def select_plan(model: nn.Module, analysis: Analysis, *, ratio: float, budget: str = "uniform",
                 round_to: int = 1, min_channels: int = 1, max_ratio: float = 0.8,
-                groups: list[str] | None = None) -> tuple[PrunePlan, dict[str, str]]:
+                groups: list[str] | None = None, normalise: bool = True) -> tuple[PrunePlan, dict[str, str]]:
     """Choose the kept channels of every compensable group by lmmse reconstruction error (module docstring).
     budget="uniform": each group keeps kept_count(C, ratio) channels. budget="macs": the same total MACs are
     removed, allocated across groups greedily by (normalised error increase) / (MACs saved), each group keeping at
-    least C·(1 − max_ratio) channels. Returns (plan, {group: why it was left out}) for groups not compensable."""
+    least C·(1 − max_ratio) channels; normalise=False compares the groups on ΔE itself (consumer-BN units) instead
+    of ΔE / tr(GC). Returns (plan, {group: why it was left out}) for groups not compensable."""
     from dfp_deploy.compress.plan import kept_count
 
     if budget not in BUDGETS:
@@ -1016,10 +1021,10 @@ def select_plan(model: nn.Module, analysis: Analysis, *, ratio: float, budget: s
             if targets[name] < channels:
                 keep[name] = tuple(sorted(site_error_path(model, analysis, site, [targets[name]])[targets[name]][0]))
         return PrunePlan(keep=keep), skipped
-    return _macs_plan(model, analysis, sites, targets, round_to, min_channels, max_ratio), skipped
+    return _macs_plan(model, analysis, sites, targets, round_to, min_channels, max_ratio, normalise), skipped
 
 
-def _macs_plan(model, analysis, sites, targets, round_to, min_channels, max_ratio) -> PrunePlan:
+def _macs_plan(model, analysis, sites, targets, round_to, min_channels, max_ratio, normalise=True) -> PrunePlan:
     paths, per_channel = {}, {}
     budget = 0.0
     for name, site in sites.items():
@@ -1027,7 +1032,7 @@ def _macs_plan(model, analysis, sites, targets, round_to, min_channels, max_rati
         c = group.channels
         floor = max(min_channels, math.ceil(c * (1.0 - max_ratio)))
         sizes = [c] + [k for k in range(c - 1, floor - 1, -1) if k % round_to == 0]
-        paths[name] = site_error_path(model, analysis, site, sizes)
+        paths[name] = site_error_path(model, analysis, site, sizes, normalise)
         per_channel[name] = group.macs / c
         budget += (c - targets[name]) * per_channel[name]
     current = {name: analysis.group(name).channels for name in sites}
