@@ -1,12 +1,19 @@
-"""Benchmark: top-1 of few-shot calibration (squeeze + least squares + per-layer Adam) against plain pruning.
+"""Benchmark: top-1 of few-shot calibration (squeeze + least squares + per-layer Adam) against data-free repair.
 
-One line of JSON per configuration is appended to --out, and a Markdown row is printed, e.g.
+For every prune ratio, the same plan (make_plan, --importance) is scored as: plain pruning, UDFC and lmmse
+(dfp_deploy.compress.reconstruct.compress_model, data-free), then calibrate() with each calibration source × size.
+One line of JSON per calibrated configuration is appended to --out, and a Markdown row is printed, e.g.
+
   python tools/bench_calibrate.py --model cifar_resnet56 --weights ../shared/models/resnet56-4bfd9763.th \\
       --calib ../shared/data/cifar10_train_exact4660.npz --eval ../shared/data/cifar10_test_exact932.npz \\
-      --ratios 0.3 0.5 --samples 64 256 1024 --squeeze-epochs 2 --calib-epochs 2
-Calibration images are a seeded random subset of --calib (a TRAINING file; never point it at test images), or
-"synthetic" for BN-matched generated inputs. Wall time is for calibrate() alone; the 1-minute load average before and
-after is recorded because these machines are shared.
+      --ratios 0.3 0.5 --samples 64 256 1024 --synthetic 256
+
+Calibration images are a seeded random subset of --calib (a TRAINING file; never point it at test images; labels are
+ignored), and --synthetic N... adds runs on N BN-matched generated inputs (search/synthetic.py, --synthetic-steps
+optimisation steps, cached under --cache so both ratios share them). Time is for calibrate() alone, as process CPU
+seconds (with one thread this is the unshared wall time; the machines are shared, so wall time, in brackets, and the
+1-minute load average before and after are recorded too); generating synthetic inputs is timed separately (gen).
+Single-threaded by default (--threads 1).
 """
 
 from __future__ import annotations
@@ -22,13 +29,15 @@ from dfp_deploy.analysis import analyze, count_macs
 from dfp_deploy.compress.calibrate import CalibrationLog, calibrate, load_calibration_inputs
 from dfp_deploy.compress.plan import make_plan
 from dfp_deploy.compress.prune import prune_model
+from dfp_deploy.compress.reconstruct import compress_model
 from dfp_deploy.measure.dataset import load_images, to_tensor
 from dfp_deploy.models import load_model
 
 
 def top1(model: torch.nn.Module, x: torch.Tensor, y) -> float:
+    model.eval()
     with torch.inference_mode():
-        pred = torch.cat([model(x[i:i + 256]).argmax(1) for i in range(0, len(x), 256)])
+        pred = torch.cat([model(x[i:i + 100]).argmax(1) for i in range(0, len(x), 100)])
     return float(100.0 * (pred.numpy() == y).mean())
 
 
@@ -36,10 +45,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="cifar_resnet56")
     ap.add_argument("--weights", default=None)
-    ap.add_argument("--calib", required=True, help="training-image .npz or 'synthetic'")
+    ap.add_argument("--calib", default=None, help="training-image .npz (real calibration images)")
     ap.add_argument("--eval", required=True, help="labelled test .npz")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
-    ap.add_argument("--samples", type=int, nargs="+", default=[64, 256, 1024])
+    ap.add_argument("--samples", type=int, nargs="*", default=[64, 256, 1024], help="real image counts")
+    ap.add_argument("--synthetic", type=int, nargs="*", default=[], help="synthetic input counts")
+    ap.add_argument("--synthetic-steps", type=int, default=50)
+    ap.add_argument("--cache", default="/tmp/dfp_bench_synthetic")
+    ap.add_argument("--baselines", default="plain,udfc,lmmse", help="data-free columns (comma separated)")
     ap.add_argument("--importance", default="l2")
     ap.add_argument("--squeeze-epochs", type=int, default=2)
     ap.add_argument("--calib-epochs", type=int, default=2)
@@ -48,49 +61,77 @@ def main(argv=None) -> int:
     ap.add_argument("--ridge", type=float, default=1e-3)
     ap.add_argument("--ls-samples", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-limit", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench_calibrate.jsonl")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.samples and not args.calib:
+        ap.error("--samples needs --calib (a training .npz); use --samples with no values for synthetic only")
 
     loaded = load_model(args.model, args.weights)
     model = loaded.module
     one = torch.zeros((1, *loaded.input_shape))
     analysis = analyze(model, one)
-    x8, y = load_images(args.eval, loaded.preprocess)
+    x8, y = load_images(args.eval, loaded.preprocess, limit=args.eval_limit)
     x_eval = torch.from_numpy(to_tensor(x8, loaded.preprocess))
+    del x8
     base = top1(model, x_eval, y)
     macs0 = count_macs(model, one)
-    print(f"# {args.model}: original top-1 {base:.2f} on {len(y)} images of {os.path.basename(args.eval)}")
-    print("| ratio | MACs | calib | n | squeeze/calib ep | plain | calibrated | LS only L | final L | BN kept | "
-          "wall s | load |")
+    print(f"# {args.model}: original top-1 {base:.2f} on {len(y)} images of {os.path.basename(args.eval)}, "
+          f"{args.threads} thread(s)", flush=True)
+
+    plans, rows = {}, {}
+    baselines = [b for b in args.baselines.split(",") if b]
     for ratio in args.ratios:
         plan = make_plan(model, analysis, ratio=ratio, importance=args.importance)
-        pruned = prune_model(model, analysis, plan)
-        plain = top1(pruned, x_eval, y)
-        macs = count_macs(pruned, one) / macs0 - 1
-        for n in args.samples:
-            inputs = load_calibration_inputs(args.calib, n, model=model, preprocess=loaded.preprocess,
-                                             input_shape=loaded.input_shape, seed=args.seed)
+        plans[ratio] = plan
+        macs = count_macs(prune_model(model, analysis, plan), one) / macs0 - 1
+        scores = {}
+        for method in baselines:
+            compressed = compress_model(model, analysis, plan, method="none" if method == "plain" else method)
+            scores[method] = top1(compressed, x_eval, y)
+        rows[ratio] = dict(macs_change=macs, **scores)
+        print(f"# ratio {ratio:g}: MACs {macs:+.1%}, data-free " +
+              ", ".join(f"{k} {v:.2f}" for k, v in scores.items()), flush=True)
+
+    print("| ratio | MACs | calib | n | ep sq/cal | lr | " + " | ".join(baselines) +
+          " | calibrated | L prune→LS→final | BN kept | CPU s (wall) | gen CPU s | load |", flush=True)
+    sources = [(args.calib, n) for n in args.samples] + [("synthetic", n) for n in args.synthetic]
+    for source, n in sources:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        inputs = load_calibration_inputs(source, n, model=model, preprocess=loaded.preprocess,
+                                         input_shape=loaded.input_shape, seed=args.seed,
+                                         synthetic_steps=args.synthetic_steps, cache_dir=args.cache)
+        gen = time.perf_counter() - start if source == "synthetic" else 0.0
+        gen_cpu = time.process_time() - cpu_start if source == "synthetic" else 0.0
+        label = "synthetic" if source == "synthetic" else os.path.basename(source)
+        for ratio in args.ratios:
             log = CalibrationLog()
             load_before = os.getloadavg()[0]
-            start = time.perf_counter()
-            calibrated = calibrate(model, analysis, plan, inputs, squeeze_epochs=args.squeeze_epochs,
+            start, cpu_start = time.perf_counter(), time.process_time()
+            calibrated = calibrate(model, analysis, plans[ratio], inputs, squeeze_epochs=args.squeeze_epochs,
                                    calib_epochs=args.calib_epochs, batch=args.batch, lr=args.lr, ridge=args.ridge,
                                    ls_samples=args.ls_samples, seed=args.seed, log=log)
-            wall = time.perf_counter() - start
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             load_after = os.getloadavg()[0]
             acc = top1(calibrated, x_eval, y)
-            row = dict(model=args.model, ratio=ratio, macs_change=macs, calib=os.path.basename(args.calib),
-                       samples=n, squeeze_epochs=args.squeeze_epochs, calib_epochs=args.calib_epochs,
-                       batch=args.batch, lr=args.lr, ridge=args.ridge, ls_samples=args.ls_samples, seed=args.seed,
-                       importance=args.importance, original=base, plain=plain, calibrated=acc, wall_s=wall,
-                       threads=args.threads, load1_before=load_before, load1_after=load_after, log=vars(log))
+            row = dict(model=args.model, ratio=ratio, calib=label, samples=n,
+                       synthetic_steps=args.synthetic_steps if source == "synthetic" else None,
+                       squeeze_epochs=args.squeeze_epochs, calib_epochs=args.calib_epochs, batch=args.batch,
+                       lr=args.lr, ridge=args.ridge, ls_samples=args.ls_samples, seed=args.seed,
+                       importance=args.importance, original=base, eval_images=len(y), **rows[ratio],
+                       calibrated=acc, wall_s=wall, cpu_s=cpu, gen_s=gen, gen_cpu_s=gen_cpu, threads=args.threads,
+                       load1_before=load_before, load1_after=load_after, log=vars(log))
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(f"| {ratio:g} | {macs:+.1%} | {row['calib']} | {n} | {args.squeeze_epochs}/{args.calib_epochs} | "
-                  f"{plain:.2f} | {acc:.2f} | {log.after_least_squares:.3g} | {log.final:.3g} | "
-                  f"{log.bn_reestimated} | {wall:.0f} | {load_before:.1f}→{load_after:.1f} |", flush=True)
+            print(f"| {ratio:g} | {rows[ratio]['macs_change']:+.1%} | {label} | {n} | "
+                  f"{args.squeeze_epochs}/{args.calib_epochs} | {args.lr:g} | " +
+                  " | ".join(f"{rows[ratio][b]:.2f}" for b in baselines) +
+                  f" | {acc:.2f} | {log.after_prune:.3g}→{log.after_least_squares:.3g}→{log.final:.3g} | "
+                  f"{log.bn_reestimated} | {cpu:.0f} ({wall:.0f}) | {gen_cpu:.0f} | "
+                  f"{load_before:.1f}→{load_after:.1f} |",
+                  flush=True)
     return 0
 
 
