@@ -252,7 +252,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
                               torch_model=compressed)
     engines = {"before": eng_before, "after": eng_after}
     rounding = None
-    if unrounded is not None and calib_inputs is None and recipe.measure.latency:
+    if unrounded is not None:
         rounding, engines["unrounded"] = _unrounded_engine(recipe, loaded, analysis, unrounded, example, work,
                                                            backend)
 
@@ -462,9 +462,11 @@ def _int8_onnx(recipe: Recipe, loaded, compressed, example, fp32_onnx: Path, out
 
 
 def _unrounded_plan(recipe: Recipe, model, analysis, plan: PrunePlan) -> PrunePlan | None:
-    """The plan without the target's channel rounding, when rounding changed it (else None)."""
+    """The plan without the target's channel rounding, when rounding changed it and its engine will be timed (else
+    None). Calibrated builds skip it: a second calibration would double their cost."""
     p = recipe.compress.prune
-    if not plan.keep or not recipe.measure.rounding_cost or _round_to(recipe) == 1:
+    m = recipe.measure
+    if not (plan.keep and m.rounding_cost and m.latency) or _uses_calibration(recipe) or _round_to(recipe) == 1:
         return None
     exact = _planner(recipe, model, analysis, round_to=1).plan(p.ratio, p.ratios)
     return exact if exact.keep != plan.keep else None
