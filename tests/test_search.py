@@ -141,6 +141,20 @@ def test_action_wall_meets_the_budget_whatever_the_agent_does(space, target):
     assert greedy.cost >= 0.9 * target * full  # keeping as much as allowed uses (almost) all of the budget
 
 
+@pytest.mark.parametrize("target", [0.25, 0.5, 0.9])
+def test_budget_floor_spends_the_budget_and_can_be_turned_off(space, target):
+    full = space.terms.macs_at(np.ones(space.size))
+    rng = np.random.default_rng(1)
+    filled = PruneEnv(space, MacCost(space), target)
+    for act in [lambda s: -1.0, lambda s: float(rng.uniform(-1, 1))] * 5:
+        episode = filled.rollout(act)
+        assert 0.95 * target * full <= episode.cost <= target * full * (1 + 1e-9)
+        assert filled.replay(list(episode.kept)).kept == episode.kept
+    assert filled.fill
+    unfilled = PruneEnv(space, MacCost(space), target, fill=False).rollout(lambda s: -1.0)
+    assert list(unfilled.kept) == list(space.min_kept) or target == 0.25
+
+
 def test_unreachable_target_is_an_input_error(space):
     with pytest.raises(InputError, match="unreachable"):
         PruneEnv(space, MacCost(space), 0.01).rollout(lambda s: 0.0)

@@ -9,7 +9,13 @@ Action wall (AMC). With budget B = target · cost(1) and the rest of the groups 
     k_t ≤ W_t = max{k allowed : cost(k_0..k_{t−1}, k, k_min(t+1..G−1)) ≤ B}
 found by bisection (cost is non-decreasing in every ratio). If cost(k_min everywhere) ≤ B (checked up front, else
 the target is unreachable), every step has a feasible choice and the finished plan has cost ≤ B: the budget is met
-by construction, whatever the agent does. The recorded action is the one actually taken (κ of the clipped k_t mapped
+by construction, whatever the agent does.
+Budget floor (`fill`, default on). Symmetrically, with the rest of the groups kept whole,
+    k_t ≥ F_t = min{k allowed : cost(k_0..k_{t−1}, k, C_{t+1..G−1}) ≥ B}      (k_t = min(max(k, F_t), W_t))
+so a plan never leaves budget unused that it could have spent: the finished plan costs B up to the snapping of the
+last groups (when F_t > W_t the wall wins and the plan ends a little under B). Measured on ResNet-56 at 50% MACs:
+without the floor, random and early SAC episodes often ended at 40-46% of the MACs, wasting accuracy on a budget
+nobody asked to undercut (tools/bench_search.py). The recorded action is the one actually taken (κ of the clipped k_t mapped
 back to [−1, 1]), so the critic learns about what happened, not about what was asked for.
 
 Cost models, both of the form cost(r) with r the keep ratios of the searched groups:
@@ -111,10 +117,11 @@ class Episode:
 class PruneEnv:
     """Budgeted walk over `space`'s groups with cost model `cost` and budget target · cost(1)."""
 
-    def __init__(self, space: SearchSpace, cost: Callable[[np.ndarray], float], target: float):
+    def __init__(self, space: SearchSpace, cost: Callable[[np.ndarray], float], target: float, *,
+                 fill: bool = True):
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
             raise InputError(f"search target: {target!r} is not a fraction of the original cost in (0, 1]")
-        self.space, self.cost, self.target = space, cost, float(target)
+        self.space, self.cost, self.target, self.fill = space, cost, float(target), bool(fill)
         self.min_ratio = np.asarray(space.min_kept, dtype=np.float64) / np.asarray(space.channels)
 
     def budget(self) -> float:
@@ -156,6 +163,28 @@ class PruneEnv:
             lo, hi = (mid, hi) if fits(int(choices[mid])) else (lo, mid)
         return int(choices[lo])
 
+    def floor(self, t: int, kept: list[int]) -> int:
+        """The smallest allowed kept count of group t with which the rest, kept whole, can still spend the budget."""
+        choices = self.space.choices(t)
+        channels = np.asarray(self.space.channels, dtype=np.float64)
+        ratios = np.ones(self.space.size)
+        ratios[:t] = np.asarray(kept[:t], dtype=np.float64) / channels[:t]
+        limit = self.budget() * (1 - _TOLERANCE)
+
+        def reaches(count: int) -> bool:
+            ratios[t] = count / channels[t]
+            return self.cost(ratios) >= limit
+
+        lo, hi = 0, len(choices) - 1
+        if reaches(int(choices[lo])):
+            return int(choices[lo])
+        if not reaches(int(choices[hi])):
+            return int(choices[hi])
+        while hi - lo > 1:  # invariant: choices[hi] reaches, choices[lo] does not
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if reaches(int(choices[mid])) else (mid, hi)
+        return int(choices[hi])
+
     def rollout(self, act: Callable[[np.ndarray], float]) -> Episode:
         """Play one episode, asking `act(state) -> action in [−1, 1]` at every step."""
         return self._walk(lambda t, state: self.space.snap(t, self.action_to_keep(t, act(state))))
@@ -174,7 +203,10 @@ class PruneEnv:
         for t in range(self.space.size):
             wall_count = self.wall(t, kept)
             state = self.space.state(t, kept, prev, wall_count / self.space.channels[t])
-            count = min(choose(t, state), wall_count)
+            chosen = choose(t, state)
+            if self.fill:
+                chosen = max(chosen, self.floor(t, kept))
+            count = min(chosen, wall_count)
             keep = count / self.space.channels[t]
             kept.append(count)
             states.append(state)

@@ -75,18 +75,19 @@ def checkpoint_path(log_path: Path) -> Path:
 def run_search(space: SearchSpace, evaluate: Evaluate, *, episodes: int, warmup: int, seed: int, target: float,
                log_path: Path, resume: bool = False, cost: Callable[[np.ndarray], float] | None = None,
                target_ms: float | None = None, penalty: float = 1.0, config: SacConfig = SacConfig(),
-               plot_path: Path | None = None, progress: bool = True, greedy_last: bool = True) -> SearchResult:
+               plot_path: Path | None = None, progress: bool = True, greedy_last: bool = True,
+               fill: bool = True) -> SearchResult:
     """Search keep ratios for `space` under budget target · cost(1) (cost defaults to MACs); see module docstring."""
     _check_counts(episodes, warmup, seed)
     log_path = Path(log_path)
     started = time.perf_counter()
     cost = cost if cost is not None else MacCost(space)
-    env = PruneEnv(space, cost, target)
+    env = PruneEnv(space, cost, target, fill=fill)
     env.check_reachable()
     agent = SacAgent(space.state_dim, 1, seed=seed, capacity=config.buffer_episodes * space.size, config=config)
     state = _State(space=space, env=env, agent=agent, evaluate=evaluate, target_ms=target_ms, penalty=penalty)
     meta = {"groups": list(space.groups), "channels": list(space.channels), "seed": seed, "target": target,
-            "warmup": warmup, "config": config.__dict__}
+            "warmup": warmup, "config": config.__dict__, "fill": fill}
     start = _resume(state, log_path, meta) if resume else 0
     if start == 0:
         log_path.parent.mkdir(parents=True, exist_ok=True)
