@@ -410,3 +410,19 @@ def test_folded_filters_reproduce_the_bn_output():
         patches = torch.nn.functional.unfold(x, 3, padding=1)  # [N, D, L]
         direct = torch.einsum("cd,ndl->ncl", w.float(), patches) + b.float()[None, :, None]
     assert torch.allclose(direct.reshape(y.shape), y, atol=1e-5)
+
+
+def test_activation_moments_accept_grad_tensors_and_memoise():
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    corr = R._cosine_gram(rows)
+    mean = torch.randn(6, generator=gen, dtype=torch.float64).requires_grad_()
+    std = (torch.rand(6, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+    first = R.activation_moments(mean, std, corr, "relu6")
+    second = R.activation_moments(mean.detach(), std.detach(), corr, "relu6")
+    assert not first[1].requires_grad
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    active = torch.tensor([True, False, True, True, False, True])
+    _, sub = R.activation_moments(mean, std, corr, "relu6", active=active)
+    pair = active[:, None] & active[None, :]
+    assert torch.allclose(sub[pair], first[1][pair], rtol=1e-12, atol=1e-15)

@@ -256,7 +256,8 @@ def activation_moments(mean: torch.Tensor, std: torch.Tensor, corr: torch.Tensor
     Results are memoised on the inputs' bytes (select_plan and lmmse ask for the same moments repeatedly).
     `active` (bool [V]): only pairs of active variables get their covariance; the others get their mean and
     variance only (off-diagonal 0): the entries that are computed are the same as without it."""
-    mean, std, corr = mean.double(), std.double().clamp_min(1e-12), corr.double().clamp(-1.0, 1.0)
+    mean, std = mean.detach().double(), std.detach().double().clamp_min(1e-12)
+    corr = corr.detach().double().clamp(-1.0, 1.0)
     key = _moments_key(mean, std, corr, activation, active)
     cached = _MOMENTS_CACHE.get(key)
     if cached is not None:
@@ -305,7 +306,7 @@ def _moments_key(mean: torch.Tensor, std: torch.Tensor, corr: torch.Tensor, acti
                  active: torch.Tensor | None) -> tuple:
     digest = hashlib.blake2b(digest_size=16)
     for t in (mean, std, corr) + (() if active is None else (active,)):
-        digest.update(t.contiguous().numpy().tobytes())
+        digest.update(t.detach().contiguous().numpy().tobytes())
     return activation, len(mean), digest.hexdigest()
 
 
