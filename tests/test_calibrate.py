@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from dfp_deploy.analysis import analyze
-from dfp_deploy.compress.calibrate import (CalibrationLog, calibrate, kept_output_positions, layer_output_error,
-                                           load_calibration_inputs)
+from dfp_deploy.compress.calibrate import (CalibrationLog, auto_batch, calibrate, kept_output_positions,
+                                           layer_output_error, load_calibration_inputs)
 from dfp_deploy.compress.plan import make_plan
 from dfp_deploy.compress.prune import prune_model
 from dfp_deploy.core.errors import DataError, InputError
@@ -194,3 +194,21 @@ def test_synthetic_calibration_inputs_are_bn_matched_and_seeded():
     with torch.no_grad():
         noise = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
         assert bn_statistic_loss(model, a) < bn_statistic_loss(model, noise)
+
+
+def test_auto_batch_bounds_the_activation_memory_and_leaves_bn_statistics_alone():
+    model, analysis, plan = setup()
+    x = images(4, seed=1)
+    model.train()
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    assert auto_batch(model, x) == 64  # tiny activations: the cap
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items()) and model.training
+    model.eval()
+    # outputs recorded per 8x8 sample: 12+12 (conv1, bn1) + 12+12 + 8+8 (conv3, bn3) channels x 64 px + 5 logits
+    per_sample = 3 * 4 * ((12 + 12 + 12 + 12 + 8 + 8) * 64 + 5)
+    assert auto_batch(model, x, budget_bytes=10 * per_sample) == 10
+    assert auto_batch(model, x, budget_bytes=1) == 1
+    a = calibrate(model, analysis, plan, images(24, seed=1), squeeze_epochs=1, calib_epochs=1, progress=False)
+    b = calibrate(model, analysis, plan, images(24, seed=1), squeeze_epochs=1, calib_epochs=1, batch=64,
+                  progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))

@@ -26,7 +26,7 @@ import time
 import torch
 
 from dfp_deploy.analysis import analyze, count_macs
-from dfp_deploy.compress.calibrate import CalibrationLog, calibrate, load_calibration_inputs
+from dfp_deploy.compress.calibrate import CalibrationLog, auto_batch, calibrate, load_calibration_inputs
 from dfp_deploy.compress.plan import make_plan
 from dfp_deploy.compress.prune import prune_model
 from dfp_deploy.compress.reconstruct import compress_model
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("--importance", default="l2")
     ap.add_argument("--squeeze-epochs", type=int, default=2)
     ap.add_argument("--calib-epochs", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=None, help="default: calibrate's auto_batch (64 ResNet-56, 16 Lite0)")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--ridge", type=float, default=1e-3)
     ap.add_argument("--ls-samples", type=int, default=256)
@@ -118,7 +118,8 @@ def main(argv=None) -> int:
             acc = top1(calibrated, x_eval, y)
             row = dict(model=args.model, ratio=ratio, calib=label, samples=n,
                        synthetic_steps=args.synthetic_steps if source == "synthetic" else None,
-                       squeeze_epochs=args.squeeze_epochs, calib_epochs=args.calib_epochs, batch=args.batch,
+                       squeeze_epochs=args.squeeze_epochs, calib_epochs=args.calib_epochs,
+                       batch=args.batch or auto_batch(model, inputs[:1]),
                        lr=args.lr, ridge=args.ridge, ls_samples=args.ls_samples, seed=args.seed,
                        importance=args.importance, original=base, eval_images=len(y), **rows[ratio],
                        calibrated=acc, wall_s=wall, cpu_s=cpu, gen_s=gen, gen_cpu_s=gen_cpu, threads=args.threads,

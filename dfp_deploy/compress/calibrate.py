@@ -78,14 +78,17 @@ class CalibrationLog:
 
 
 def calibrate(model: nn.Module, analysis: Analysis, plan: PrunePlan, inputs: torch.Tensor, *,
-              squeeze_epochs: int = 2, calib_epochs: int = 2, batch: int = 64, lr: float = 3e-4,
+              squeeze_epochs: int = 2, calib_epochs: int = 2, batch: int | None = None, lr: float = 3e-4,
               ridge: float = 1e-3, ls_samples: int = 256, seed: int = 0, progress: bool = True,
               log: CalibrationLog | None = None) -> nn.Module:
     """The physically pruned, calibrated model (see the module docstring); `model` itself is left untouched.
 
     `inputs`: float [N, ...] calibration inputs, already normalised like the model expects. `ls_samples`: how many of
-    them (the first, in the seeded order) the least-squares step uses. Epochs may be 0 to skip a phase."""
-    _check_arguments(inputs, squeeze_epochs, calib_epochs, batch, lr, ridge, ls_samples)
+    them (the first, in the seeded order) the least-squares step uses. Epochs may be 0 to skip a phase. `batch`: None
+    picks the largest batch up to 64 whose layer outputs (teacher, student and autograd's saved tensors, estimated as
+    3× the recorded outputs) fit in 2.5 GiB (auto_batch): 64 for CIFAR ResNets, 16 for EfficientNet-Lite0 at 224,
+    which needs about 10 GB at batch 64."""
+    _check_arguments(inputs, squeeze_epochs, calib_epochs, batch if batch is not None else 1, lr, ridge, ls_samples)
     keep = validate_plan(analysis, plan)
     log = log if log is not None else CalibrationLog()
     inputs = inputs.detach().float()
@@ -96,6 +99,8 @@ def calibrate(model: nn.Module, analysis: Analysis, plan: PrunePlan, inputs: tor
     try:
         teacher = _Teacher(model)
         layer_order = _execution_order(model, inputs[:1])
+        if batch is None:
+            batch = auto_batch(model, inputs[:1], layer_order)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             bar = _progress_bar(progress, _total_steps(len(inputs), batch, squeeze_epochs, calib_epochs))
@@ -125,6 +130,21 @@ def calibrate(model: nn.Module, analysis: Analysis, plan: PrunePlan, inputs: tor
         model.train(was_training)
     _restore_requires_grad(model, pruned)
     return pruned.eval()
+
+
+def auto_batch(model: nn.Module, example: torch.Tensor, names: list[str] | None = None, *, cap: int = 64,
+               budget_bytes: int = 5 << 29) -> int:
+    """The largest batch <= `cap` whose calibration step fits in `budget_bytes` (default 2.5 GiB): 3 × the bytes of
+    every recorded layer output of one `example` (teacher outputs, student outputs, tensors saved for backward)."""
+    was_training = model.training
+    model.eval()  # BatchNorm must not update its running statistics on the probe
+    try:
+        names = names if names is not None else _execution_order(model, example[:1])
+        outputs = _Teacher(model).outputs(example[:1], names)
+    finally:
+        model.train(was_training)
+    per_sample = 3 * sum(t.numel() * t.element_size() for outs in outputs.values() for t in outs)
+    return max(1, min(cap, int(budget_bytes // max(per_sample, 1))))
 
 
 def layer_output_error(reference: nn.Module, candidate: nn.Module, inputs: torch.Tensor,
