@@ -9,7 +9,8 @@ Sections (--sections, comma separated):
   prune   top-1 on the exact test images for ratio × channel selection × method × weight bits (block-internal
           groups only, as make_plan does by default); selection "l2"/"group_l2" = make_plan's rankings,
           "lmmse-u" = select_plan(budget="uniform"), "lmmse-macs" = select_plan(budget="macs") (same MACs removed
-          as the uniform plan, allocated across blocks)
+          as the uniform plan, allocated across blocks), "lmmse-macs-abs" = the same on ΔE itself with every group
+          keeping ≥ 30% (select_plan normalise=False, max_ratio=0.7: chosen by the select section)
   quant   top-1 for weight quantization alone: round-to-nearest, + bias correction, + Hessian rounding, UDFC, lmmse
   peers   what a user would reach for instead (needs the `bench` extra: pip install torch-pruning):
           Torch-Pruning MagnitudeImportance(p=2) on the same block-internal groups with the same kept counts as the
@@ -182,8 +183,11 @@ class Bench:
             if selection in ("l2", "group_l2", "bn_l2"):
                 self._plans[key] = make_plan(self.model, self.analysis, ratio=ratio, importance=selection)
             else:
-                budget = {"lmmse-u": "uniform", "lmmse-macs": "macs"}[selection]
-                self._plans[key], _ = R.select_plan(self.model, self.analysis, ratio=ratio, budget=budget)
+                budget = {"lmmse-u": "uniform", "lmmse-macs": "macs", "lmmse-macs-abs": "macs"}[selection]
+                # lmmse-macs-abs: groups compete on ΔE itself, each keeping ≥ 30% (chosen by --sections select on
+                # the tuning images at r=0.5, ResNet-56)
+                extra = {"normalise": False, "max_ratio": 0.7} if selection == "lmmse-macs-abs" else {}
+                self._plans[key], _ = R.select_plan(self.model, self.analysis, ratio=ratio, budget=budget, **extra)
         return self._plans[key]
 
     def run(self, evaluate, plan, method, bits, **kw) -> tuple[dict, float]:

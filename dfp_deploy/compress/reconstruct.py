@@ -27,7 +27,12 @@ applies it) and the constant Σ_c W'_c d_c goes into the consumer's bias (or the
        s'* = (⟨ŵ_c, Q(ŵ_c)⟩ + α' b̂_c²) / (‖Q(ŵ_c)‖² + α' b̂_c²).
    Joint: the kept filters are quantized first, pruned channels merge into the QUANTIZED partners (Q(ŵ_q) replaces
    ŵ_q in s*), M[q,q] = s'_q, and the consumers' updated weights are quantized last (so their own quantization sees
-   the final weights). α, α': DEFAULT_ALPHA / DEFAULT_ALPHA_Q, chosen by measurement (tools/bench_reconstruct.py).
+   the final weights). α, α': DEFAULT_ALPHA / DEFAULT_ALPHA_Q, chosen by measurement (tools/bench_reconstruct.py
+   --sections tune, ResNet-56, tuning images only: 1000 exact train + 3000 JPEG test images 5000..7999): α = 0.01
+   (α ≤ 0.01 ties at −30% MACs, 0.01 best at −50%; ≥ 0.1 loses 1-4 points); α' = 1 (w3: 90.5 / 67.1 train / JPEG
+   top-1 against 85.6 / 62.2 at the paper's 0.01; w4 flat within noise for α' from 0.001 to 10); the NM threshold
+   t = 0.1 (0.3 and 0.5 lose 2-19 points). The NNLS vector form (multi) measured better than single merges there
+   (+1.6 / +7.6 at −30%, +6.0 / +5.8 at −50%) but has no bound; it stays an option.
 
 3. "lmmse" (ours): the linear minimum-mean-square-error estimate of every channel's activation from the kept
    channels' deployed activations, under a Gaussian model built only from weights and BN statistics:
@@ -84,7 +89,7 @@ from dfp_deploy.core.types import PrunePlan
 
 METHODS = ("none", "neuron_merging", "udfc", "lmmse")
 DEFAULT_ALPHA = 0.01
-DEFAULT_ALPHA_Q = 0.01
+DEFAULT_ALPHA_Q = 1.0
 NM_THRESHOLD = 0.1
 NM_LAMBDA = 0.85
 SPATIAL_RHO_DEFAULT = 0.8  # input model: correlation of neighbouring pixels (natural images), chosen on train images
