@@ -426,3 +426,4 @@ def test_activation_moments_accept_grad_tensors_and_memoise():
     _, sub = R.activation_moments(mean, std, corr, "relu6", active=active)
     pair = active[:, None] & active[None, :]
     assert torch.allclose(sub[pair], first[1][pair], rtol=1e-12, atol=1e-15)
+

@@ -726,7 +726,7 @@ def compress_model(model: nn.Module, analysis: Analysis, plan: PrunePlan, *, met
     original = dict(model.named_modules())
     modules = dict(compressed.named_modules())
     for name, offset in recon.offsets.items():
-        _add_consumer_offsets(original, modules, analysis, name, offset)
+        _add_consumer_offsets(original, modules, analysis, name, offset, plan)
     if bits is None:
         return compressed
     if isinstance(spatial_rho, bool) or not isinstance(spatial_rho, (int, float)) or not 0 <= spatial_rho < 1:
@@ -796,15 +796,31 @@ def _shift_output(module: nn.Module, bn_name: str | None, modules: dict[str, nn.
 
 
 def _add_consumer_offsets(original: dict[str, nn.Module], modules: dict[str, nn.Module], analysis: Analysis,
-                          group: str, offset: torch.Tensor) -> None:
-    """Σ_c W'_c d_c (over taps; exact away from zero padding) into each consumer's output."""
+                          group: str, offset: torch.Tensor, plan: PrunePlan | None = None) -> None:
+    """Σ_c W'_c d_c (over taps; exact away from zero padding) into each consumer's output. A consumer whose own
+    output channels are pruned too (EfficientNet-Lite0: stem → block 0's projection, itself a planned group) gets
+    the rows it keeps."""
     for consumer, mapping in analysis.members(group).consumers.items():
         weight = original[consumer].weight.detach().double()
         per_position = weight.reshape(weight.shape[0], weight.shape[1], -1).sum(dim=2)  # [out, in]
         delta = torch.zeros(weight.shape[0], dtype=torch.float64)
         for position, channel in _position_channels(mapping):
             delta += per_position[:, position] * offset[channel]
+        delta = delta[_kept_output_rows(analysis, plan, consumer, len(delta))]
         _shift_output(modules[consumer], analysis.bn_after.get(consumer), modules, delta)
+
+
+def _kept_output_rows(analysis: Analysis, plan: PrunePlan | None, module: str, rows: int) -> torch.Tensor:
+    """Output rows of `module` that survive the plan (all of them unless it produces a planned group)."""
+    alive = torch.ones(rows, dtype=torch.bool)
+    for name, keep in (plan.keep.items() if plan is not None else ()):
+        mapping = analysis.members(name).producers.get(module)
+        if mapping is not None:
+            kept = set(keep)
+            for row, channel in enumerate(mapping):
+                if channel >= 0 and channel not in kept:
+                    alive[row] = False
+    return alive.nonzero().squeeze(1)
 
 
 def _remove_output_shift(module: nn.Module, bn_name: str | None, modules: dict[str, nn.Module],
