@@ -127,3 +127,14 @@ def test_hessian_rounding_is_nearest_for_identity_and_better_in_its_metric():
 
         wins += cost(q) < cost(quantize_weight(rows, 3))
     assert wins >= 9
+
+
+def test_hessian_rounding_survives_an_indefinite_input_model():
+    from dfp_deploy.compress.quantize import quantize_weight_hessian
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 6, generator=gen)
+    h = torch.eye(6, dtype=torch.float64)
+    h[0, 1] = h[1, 0] = 3.0  # eigenvalue -2: not PSD
+    out = quantize_weight_hessian(w, 4, h)
+    assert out.shape == w.shape and torch.isfinite(out).all()

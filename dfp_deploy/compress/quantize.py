@@ -92,7 +92,16 @@ def _error_feedback_codes(rows: torch.Tensor, scale: torch.Tensor, n: int, hessi
     dead = h.diagonal() <= 0
     h[dead, dead] = 1.0
     h = h + damp * h.diagonal().mean() * torch.eye(d, dtype=h.dtype)
-    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    factor, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        # an input model that is not positive semi-definite (the pairwise-Gaussian moments of EfficientNet's
+        # depthwise sites can be indefinite): its nearest PSD matrix (negative eigenvalues set to 0), damped
+        values, vectors = torch.linalg.eigh(0.5 * (hessian + hessian.T))
+        h = (vectors * values.clamp_min(0.0)) @ vectors.T
+        h[dead, dead] = 1.0
+        h = h + damp * h.diagonal().mean().clamp_min(1e-12) * torch.eye(d, dtype=h.dtype)
+        factor = torch.linalg.cholesky(h)
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
     work = rows.clone()
     codes = torch.empty_like(work)
     for i in range(d):
