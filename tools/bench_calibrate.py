@@ -95,8 +95,8 @@ def main(argv=None) -> int:
         print(f"# ratio {ratio:g}: MACs {macs:+.1%}, data-free " +
               ", ".join(f"{k} {v:.2f}" for k, v in scores.items()), flush=True)
 
-    print("| ratio | MACs | calib | n | ep sq/cal | lr | " + " | ".join(baselines) +
-          " | calibrated | L prune→LS→final | BN kept | CPU s (wall) | gen CPU s | load |", flush=True)
+    print("| ratio | MACs | calib | n | ep sq/cal | lr | " + "".join(f"{b} | " for b in baselines) +
+          "calibrated | L prune→LS→final | BN kept | CPU s (wall) | gen CPU s | load |", flush=True)
     sources = [(args.calib, n) for n in args.samples] + [("synthetic", n) for n in args.synthetic]
     for source, n in sources:
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -128,8 +128,8 @@ def main(argv=None) -> int:
                 f.write(json.dumps(row) + "\n")
             print(f"| {ratio:g} | {rows[ratio]['macs_change']:+.1%} | {label} | {n} | "
                   f"{args.squeeze_epochs}/{args.calib_epochs} | {args.lr:g} | " +
-                  " | ".join(f"{rows[ratio][b]:.2f}" for b in baselines) +
-                  f" | {acc:.2f} | {log.after_prune:.3g}→{log.after_least_squares:.3g}→{log.final:.3g} | "
+                  "".join(f"{rows[ratio][b]:.2f} | " for b in baselines) +
+                  f"{acc:.2f} | {log.after_prune:.3g}→{log.after_least_squares:.3g}→{log.final:.3g} | "
                   f"{log.bn_reestimated} | {cpu:.0f} ({wall:.0f}) | {gen_cpu:.0f} | "
                   f"{load_before:.1f}→{load_after:.1f} |",
                   flush=True)
