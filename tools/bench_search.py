@@ -9,6 +9,7 @@ Sections (--sections, comma separated):
           analytical lmmse error Σ_g e_g(k_g) (search/selection.py), optionally on more synthetic samples
           (--extra-synthetic), and by real top-1 (and KL to the original on the real images, a diagnostic the
           search can never see). Prints Spearman rank correlations with real top-1, over all plans and at fixed MACs.
+  replay  real top-1 of the best plan in finished search logs (--replay-logs), with --search-selections' first
   search  search at --budget of the MACs (SAC with warm-up, and pure random search with the same number of
           episodes, per seed and selection), then real top-1 of every searched plan against the uniform plan with
           the same reconstruction (l2 and lmmse selection) and against select_plan(budget="macs"); all of them
@@ -79,8 +80,11 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=15)
     ap.add_argument("--search-seeds", default="0,1")
     ap.add_argument("--agents", default="sac,random")
+    ap.add_argument("--no-fill", dest="fill", action="store_false",
+                    help="no budget floor in the environment (plans may end under the budget)")
     ap.add_argument("--proxy-metric", default="kl", help="kl | top1 | lmmse_error")
     ap.add_argument("--search-selections", default="lmmse,l2")
+    ap.add_argument("--replay-logs", default="", help="replay section: search logs (comma separated)")
     ap.add_argument("--latency-batch", type=int, default=8)
     ap.add_argument("--latency-runs", type=int, default=50)
     ap.add_argument("--latency-rounds", type=int, default=5)
@@ -319,7 +323,7 @@ def section_search(bench: Bench, results: dict) -> None:
                 t = time.perf_counter()
                 res = run_search(bench.space, evaluate, episodes=args.episodes, warmup=warmup, seed=seed,
                                  target=args.budget, log_path=log, resume=False, progress=False,
-                                 greedy_last=agent != "random")
+                                 greedy_last=agent != "random", fill=args.fill)
                 wall = time.perf_counter() - t
                 kept = [res.best_kept[g] for g in bench.space.groups]
                 lines = [json.loads(x) for x in open(log, encoding="utf-8")]
@@ -374,6 +378,23 @@ def section_search(bench: Bench, results: dict) -> None:
     results["search_table"] = runs_table + "\n\n" + table
 
 
+def section_replay(bench: Bench, results: dict) -> None:
+    """Real top-1 of the best plan of finished search logs (--replay-logs), e.g. of a run stopped after its search."""
+    rows = []
+    for path in [p for p in bench.args.replay_logs.split(",") if p]:
+        lines = [json.loads(x) for x in open(path, encoding="utf-8") if x.strip()]
+        best = max(lines, key=lambda r: r["reward"])
+        selection = bench.args.search_selections.split(",")[0]
+        model = bench.compress(bench.plan(best["kept"], selection))
+        row = {"log": path, "episodes": len(lines), "best_episode": best["episode"], "kept": best["kept"],
+               "macs": count_macs(model, bench.one) / bench.base_macs, **bench.proxy_scores(model),
+               **bench.real_scores(model)}
+        rows.append(row)
+        print(f"{path}: {len(lines)} episodes, best at {best['episode']} (proxy {best['proxy']:.4f}), MACs "
+              f"{row['macs']:.3f}, real top-1 {row['top1']:.2f}", flush=True)
+    results["replay_rows"] = rows
+
+
 def measure_latency(bench: Bench, models: dict) -> dict:
     from dfp_deploy.backends.registry import get_backend
     from dfp_deploy.export.onnx_export import export_onnx
@@ -399,7 +420,7 @@ def main(argv=None) -> int:
     results: dict = {"args": vars(args), "base_top1": bench.base_top1, "base_macs": bench.base_macs,
                      "synthetic_s": bench.synthetic_s, "selector_s": bench.selector_s}
     for section in args.sections.split(","):
-        {"proxy": section_proxy, "search": section_search}[section](bench, results)
+        {"proxy": section_proxy, "search": section_search, "replay": section_replay}[section](bench, results)
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1, default=str))
     return 0
