@@ -1,6 +1,7 @@
 """Run the search: episodes of the environment driven by SAC, one JSON log line per episode, resumable, best plan.
 
-Episode e: the agent (uniform random actions while e < warmup) walks the groups under the action wall; the finished
+Episode e: the agent (uniform random actions while e < warmup) walks the groups under the action wall (and, with
+`fill`, the budget floor: env.py); the finished
 plan is evaluated once (`evaluate(prune_ratios) -> {"proxy", "latency_ms"?, "macs"?}`, memoised by kept counts), the
 reward R (search/reward.py) is given to every transition of the episode, and after the warm-up the agent takes one
 gradient step per transition. The last episode (when past the warm-up and `greedy_last`) plays the policy's mean
