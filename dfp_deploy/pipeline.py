@@ -358,13 +358,24 @@ def _search(recipe: Recipe, loaded, analysis, example, work: Path, backend, *, q
     with torch.inference_mode():
         reference = model(x_syn)
 
-    # the search already snapped kept counts to round_to (round_to=1 reproduces them exactly) and is itself the
-    # allocation across groups
-    planner = _planner(recipe, model, analysis, round_to=1, allocation="uniform",
-                       include_residual=S.include_residual)
+    if p.importance == "lmmse":
+        from dfp_deploy.core.threads import torch_threads
+        from dfp_deploy.search.selection import LmmseSelector
 
-    def plan_for(ratios: dict) -> PrunePlan:
-        return planner.plan(0.0, ratios) if ratios else PrunePlan()
+        # one elimination path per group gives the kept set of every count the agent may pick
+        with torch_threads(1):
+            selector = LmmseSelector(model, analysis, space)
+
+        def plan_for(ratios: dict) -> PrunePlan:
+            return selector.plan(ratios) if ratios else PrunePlan()
+    else:
+        # the search already snapped kept counts to round_to (round_to=1 reproduces them exactly) and is itself the
+        # allocation across groups
+        planner = _planner(recipe, model, analysis, round_to=1, allocation="uniform",
+                           include_residual=S.include_residual)
+
+        def plan_for(ratios: dict) -> PrunePlan:
+            return planner.plan(0.0, ratios) if ratios else PrunePlan()
 
     def evaluate(ratios: dict) -> dict:
         candidate = _compress(recipe, model, analysis, plan_for(ratios)).eval()

@@ -158,12 +158,15 @@ def test_int8_build_runs_integer_kernels(recipe, tmp_path):
 
 
 @pytest.mark.slow
-def test_search_build_meets_the_mac_budget_and_logs_episodes(recipe, tmp_path, monkeypatch):
+@pytest.mark.parametrize("selection", [("l2", "udfc"), ("lmmse", "lmmse")])
+def test_search_build_meets_the_mac_budget_and_logs_episodes(recipe, tmp_path, monkeypatch, selection):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     out = tmp_path / "searched"
+    importance, method = selection
     res = run("build", recipe, "--out", out, *FAST, "--set", "search.episodes=3", "--set", "search.warmup=2",
               "--set", "search.synthetic_samples=8", "--set", "search.synthetic_steps=2",
-              "--set", "search.budget=0.6", "--set", "compress.reconstruct=udfc")
+              "--set", "search.budget=0.6", "--set", f"compress.reconstruct={method}",
+              "--set", f"compress.prune.importance={importance}")
     assert res.exit_code == 0, res.output
     r = json.loads((out / "report.json").read_text())
     assert r["search"]["episodes"] == 3

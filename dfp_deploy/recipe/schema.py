@@ -137,7 +137,8 @@ class SearchSection:
                            lo_open=True)
     include_residual: bool = spec(False, "also search the groups tied across residual adds")
     proxy: Literal["kl", "top1"] = spec("kl", "data-free fidelity score on BN-matched synthetic inputs")
-    synthetic_samples: int = spec(64, "BN-matched synthetic inputs scoring each candidate", lo=1)
+    synthetic_samples: int = spec(256, "BN-matched synthetic inputs scoring each candidate (64 rank equal-MAC "
+                                  "plans poorly on ResNet-56: docs/BENCHMARKS.md)", lo=1)
     synthetic_steps: int = spec(50, "optimisation steps generating them (cached per model)", lo=1)
     resume: bool = spec(True, "continue an interrupted search from its log")
 
