@@ -710,7 +710,8 @@ def compress_model(model: nn.Module, analysis: Analysis, plan: PrunePlan, *, met
     (4) with bias_correction, each quantized layer's mean output shift (Q(W) − W)·E[x] is removed using the same
     input means. Defaults: lmmse uses both (3, hessian) and (4); the other methods neither (as published).
     A producer that is itself the consumer of another compensated group (a chain) is modelled with its original
-    filters' quantization, an approximation (there is no such chain in ResNets or EfficientNet)."""
+    filters' quantization, an approximation (ResNets have no such chain; EfficientNet-Lite0 has one: stem → block 0's
+    projection, whose own pruned output rows the offsets follow)."""
     from dfp_deploy.compress.prune import prune_model
 
     check_method(method)
