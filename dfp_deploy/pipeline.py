@@ -84,20 +84,21 @@ def _round_to(recipe: Recipe) -> int:
 
 
 def _planner(recipe: Recipe, model, analysis, *, round_to: int | None = None, allocation: str | None = None,
-             include_residual: bool | None = None):
+             include_residual: bool | None = None, progress: bool = False):
     from dfp_deploy.compress.selection import ChannelPlanner
 
     p = recipe.compress.prune
     return ChannelPlanner(model, analysis, importance=p.importance, allocation=allocation or p.allocation,
                           exclude=p.exclude, min_channels=p.min_channels, round_to=round_to or _round_to(recipe),
-                          include_residual=p.include_residual if include_residual is None else include_residual)
+                          include_residual=p.include_residual if include_residual is None else include_residual,
+                          progress=progress)
 
 
-def _plan(recipe: Recipe, model, analysis) -> PrunePlan:
+def _plan(recipe: Recipe, model, analysis, *, progress: bool = False) -> PrunePlan:
     p = recipe.compress.prune
     if p.ratio == 0 and not p.ratios:
         return PrunePlan()
-    return _planner(recipe, model, analysis).plan(p.ratio, p.ratios)
+    return _planner(recipe, model, analysis, progress=progress).plan(p.ratio, p.ratios)
 
 
 def _uses_calibration(recipe: Recipe) -> bool:
@@ -207,13 +208,13 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
     example = _example_input(loaded, t.batch, recipe.seed)
     one = example[:1]
 
-    stage("analysing channel groups")
+    stage("analysing channel groups, choosing channels")
     analysis = analyze(model, one)
     search_report = None
     if recipe.search.episodes:
         plan, search_report = _search(recipe, loaded, analysis, example, work, backend, quiet=stage.quiet)
     else:
-        plan = _plan(recipe, model, analysis)
+        plan = _plan(recipe, model, analysis, progress=not stage.quiet)
 
     stage(f"compressing ({_describe(recipe, plan)})")
     unrounded = _unrounded_plan(recipe, model, analysis, plan) if search_report is None else None

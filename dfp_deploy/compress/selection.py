@@ -17,6 +17,7 @@ uniform plan. Selections are cached per (group, kept count): the search asks for
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 
 from torch import nn
@@ -37,7 +38,7 @@ class ChannelPlanner:
 
     def __init__(self, model: nn.Module, analysis: Analysis, *, importance: str = "l2", allocation: str = "uniform",
                  exclude: Iterable[str] = (), round_to: int = 1, min_channels: int = 1,
-                 include_residual: bool = False):
+                 include_residual: bool = False, progress: bool = False):
         if importance not in RANKINGS:
             raise InputError(f"prune importance: {importance!r} is not one of {', '.join(RANKINGS)}")
         if allocation not in ALLOCATIONS:
@@ -45,7 +46,7 @@ class ChannelPlanner:
         if allocation == "macs" and importance != "lmmse":
             raise InputError("compress.prune.allocation: macs needs compress.prune.importance: lmmse "
                              "(only the reconstruction error compares groups with each other)")
-        self.model, self.analysis = model, analysis
+        self.model, self.analysis, self.progress = model, analysis, progress
         self.importance, self.allocation = importance, allocation
         self.options = dict(exclude=list(exclude), round_to=round_to, min_channels=min_channels,
                             include_residual=include_residual)
@@ -68,7 +69,11 @@ class ChannelPlanner:
                                  "combined with per-group compress.prune.ratios")
             return self._macs(base, ratio, compensable)
         keep = dict(base.keep)
-        for name in compensable:
+        from tqdm import tqdm
+
+        # large groups take a while (EfficientNet-Lite0: minutes on 2 cores), so show where we are
+        for name in tqdm(compensable, desc="lmmse selection", unit="group", file=sys.stderr, leave=False,
+                         disable=not (self.progress and sys.stderr.isatty())):
             keep[name] = self._lmmse_keep(name, len(base.keep[name]))
         return PrunePlan(keep=keep)
 
