@@ -57,6 +57,7 @@ from dfp_deploy.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_int8_cpu import ort_quantize_static, session  # noqa: E402  (the ORT peer, one implementation)
+from mdtable import markdown  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 METHOD_LABEL = {"none": "plain", "neuron_merging": "NM", "udfc": "UDFC", "lmmse": "lmmse"}
@@ -148,12 +149,6 @@ def load_set(path: str, preprocess, start: int = 0, count: int | None = None):
 
 def fmt(v: float) -> str:
     return f"{v:.2f}"
-
-
-def markdown(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 class Bench:

@@ -47,6 +47,7 @@ from dfp_deploy.search.reward import fidelity
 from dfp_deploy.search.selection import LmmseSelector
 from dfp_deploy.search.space import build_space
 from dfp_deploy.search.synthetic import bn_matched_inputs
+from mdtable import markdown  # tools/mdtable.py (the script's folder is on sys.path)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -116,12 +117,6 @@ def _ranks(x: np.ndarray) -> np.ndarray:
         if tied.sum() > 1:
             ranks[tied] = ranks[tied].mean()
     return ranks
-
-
-def markdown(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 class Bench:
