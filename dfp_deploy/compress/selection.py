@@ -12,7 +12,8 @@ Allocation (lmmse only): "uniform" keeps the same fraction of every group (the c
 normalised reconstruction error grows least per MAC saved (reconstruct.select_plan, budget="macs").
 
 The same count rule (plan.kept_count) applies to every ranking, so switching the ranking never changes the MACs of a
-uniform plan. Selections are cached per (group, kept count): the search asks for many plans of one model.
+uniform plan. Selections are cached per (group, kept count) for repeated plans; the search, which asks for every
+count of every group, uses the precomputed elimination paths of search/selection.py instead.
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ class ChannelPlanner:
                 raise InputError("compress.prune.allocation: macs shares one budget across groups; it cannot be "
                                  "combined with per-group compress.prune.ratios")
             return self._macs(base, ratio, compensable)
-        keep = dict(base.keep)
         from tqdm import tqdm
 
+        keep = dict(base.keep)
         # large groups take a while (EfficientNet-Lite0: minutes on 2 cores), so show where we are
         for name in tqdm(compensable, desc="lmmse selection", unit="group", file=sys.stderr, leave=False,
                          disable=not (self.progress and sys.stderr.isatty())):
