@@ -14,6 +14,8 @@ import math
 import torch
 from torch import nn
 
+from dfp_deploy.core.modes import eval_mode
+
 
 def module_macs(module: nn.Module, in_shape, out_shape) -> int:
     """MACs of one call of a conv / Linear for ONE image, given its batched input and output shapes; 0 otherwise."""
@@ -30,29 +32,31 @@ def module_macs(module: nn.Module, in_shape, out_shape) -> int:
     return 0
 
 
-def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
-    """Conv + linear MACs per image, measured with forward hooks on one run of `example_input` (eval mode, no grad;
-    the model's train/eval flags are restored)."""
-    total = 0
+def macs_by_module(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+    """MACs per image of every conv / Linear that ran (summed over its calls), by module name, measured with forward
+    hooks on one run of `example_input` (eval mode, no grad; the model's train/eval flags are restored)."""
+    names = {m: n for n, m in model.named_modules()}
+    totals: dict[str, int] = {}
 
     def hook(module, inputs, output):
-        nonlocal total
         if torch.is_tensor(output) and inputs and torch.is_tensor(inputs[0]):
-            total += module_macs(module, tuple(inputs[0].shape), tuple(output.shape))
+            name = names[module]
+            totals[name] = totals.get(name, 0) + module_macs(module, tuple(inputs[0].shape), tuple(output.shape))
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-    flags = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example_input)
     finally:
         for handle in handles:
             handle.remove()
-        for m, was_training in flags.items():
-            m.training = was_training
-    return total
+    return totals
+
+
+def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
+    """Conv + linear MACs per image (macs_by_module, summed)."""
+    return sum(macs_by_module(model, example_input).values())
 
 
 def count_params(model: nn.Module) -> int:

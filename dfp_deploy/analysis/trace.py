@@ -21,7 +21,6 @@ nothing.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -29,6 +28,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from dfp_deploy.core.modes import eval_mode
 
 # --- module tables -------------------------------------------------------------------------------------------
 
@@ -132,18 +133,6 @@ class _LeafTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    """Run in eval mode so shape propagation never updates BatchNorm running statistics of the caller's model."""
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, was_training in flags.items():
-            m.training = was_training
-
-
 def trace_with_shapes(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
     """Symbolically trace `model` and record every node's output shape; raises TraceFailure."""
     try:
@@ -153,7 +142,7 @@ def trace_with_shapes(model: nn.Module, example_input: torch.Tensor) -> fx.Graph
     except Exception as exc:  # fx raises many types (TraceError, TypeError, NotImplementedError, ...)
         raise TraceFailure(f"torch.fx could not trace the model ({type(exc).__name__}: {exc})") from exc
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             ShapeProp(gm).propagate(example_input)
     except Exception as exc:
         raise TraceFailure(f"the traced model failed on the example input ({type(exc).__name__}: {exc})") from exc

@@ -36,6 +36,7 @@ from torch import nn
 
 from dfp_deploy.core.atomic import atomic_path
 from dfp_deploy.core.errors import ExportError, InputError
+from dfp_deploy.core.modes import eval_mode
 from dfp_deploy.export.validate import one_line, validate_onnx
 
 MIN_OPSET = 17  # project floor; per-channel Q/DQ (the axis attribute) itself needs only 13
@@ -70,18 +71,6 @@ def _check_arguments(model, example_input, opset) -> None:
     top = max_opset()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
         raise InputError(f"export.opset: {opset!r} is not an integer in [{MIN_OPSET}, {top}]")
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    # export must see inference behaviour (BN running stats, no dropout); restore the caller's flags afterwards
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in flags.items():
-            m.training = training
 
 
 @contextlib.contextmanager
@@ -172,7 +161,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, *, dy
     """
     _check_arguments(model, example_input, opset)
     path = Path(path)
-    with _eval_mode(model), atomic_path(path) as temp:
+    with eval_mode(model), atomic_path(path) as temp:
         exporter = _run_exporter(model, example_input, temp, dynamic_batch, opset, optimize)
         if not temp.is_file():
             raise ExportError(f"ONNX export of {type(model).__name__} wrote no file")

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dfp_deploy.analysis import Analysis, module_macs
+from dfp_deploy.analysis import Analysis, macs_by_module
 from dfp_deploy.core.errors import InputError
 
 STATIC_FEATURES = ("index", "c_in", "c_out", "kernel", "stride", "macs", "cluster_ratio", "mean_cos", "max_cos")
@@ -128,7 +128,7 @@ def build_space(model: nn.Module, analysis: Analysis, example_input: torch.Tenso
         raise InputError("search: the model has no prunable channel groups to search over; check the analysis "
                          "warnings (boundaries) or set search.include_residual")
     modules = dict(model.named_modules())
-    module_cost = _module_macs(model, example_input)
+    module_cost = macs_by_module(model, example_input[:1])
     rows = []
     for index, group in enumerate(groups):
         first = modules[group.producers[0]]
@@ -251,31 +251,6 @@ def channel_similarity(filters: np.ndarray, eps: float) -> tuple[float, float, f
 
 
 # --- MAC cost terms --------------------------------------------------------------------------------------------
-
-def _module_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
-    """MACs per image of every conv / Linear (summed over calls) from one eval-mode forward."""
-    names = {m: n for n, m in model.named_modules()}
-    totals: dict[str, int] = {}
-
-    def hook(module, inputs, output):
-        if torch.is_tensor(output) and inputs and torch.is_tensor(inputs[0]):
-            name = names[module]
-            totals[name] = totals.get(name, 0) + module_macs(module, tuple(inputs[0].shape), tuple(output.shape))
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example_input[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
-        for m, was_training in flags.items():
-            m.training = was_training
-    return totals
-
 
 def _cost_terms(analysis: Analysis, searched: list[str], modules: dict[str, nn.Module],
                 module_cost: dict[str, int]) -> CostTerms:
