@@ -8,7 +8,6 @@ leaves files that look complete and never destroys the previous good output.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import shutil
 import sys
@@ -570,7 +569,3 @@ def inspect(recipe: Recipe) -> dict:
     return {"model": loaded.name, "input_shape": list(loaded.input_shape),
             "params": count_params(loaded.module), "macs": count_macs(loaded.module, one),
             "groups": analysis.groups, "plan": plan, "warnings": list(analysis.warnings)}
-
-
-def read_report(out: Path) -> dict:
-    return json.loads((out / REPORT_NAME).read_text())
