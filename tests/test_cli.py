@@ -229,3 +229,15 @@ def test_report_shows_what_channel_rounding_cost(recipe, tmp_path):
     assert rnd["p50_ms_unrounded"] > 0 and rnd["latency_gain"] > 0
     assert "Channel rounding to multiples of 8" in (out / "report.md").read_text()
     assert not list(out.glob(".unrounded*"))
+
+
+@pytest.mark.slow
+def test_first_and_last_layers_keep_their_own_bits(recipe, tmp_path):
+    out = tmp_path / "w3"
+    res = run("build", recipe, "--out", out, *FAST, "--set", "compress.reconstruct=lmmse",
+              "--set", "compress.quantize.weight_bits=3", "--set", "compress.quantize.first_last_bits=8")
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "report.json").read_text())
+    assert r["compress"]["weight_bits"] == 3
+    assert r["compress"]["layer_bits"] == {"conv1": 8, "linear": 8}  # ResNet-20's stem and classifier
+    assert "(8 in `conv1`, `linear`)" in (out / "report.md").read_text()

@@ -62,6 +62,26 @@ def test_quantize_model_weights_copies_and_respects_skip():
     assert torch.equal(q[0].bias, model[0].bias)
 
 
+def test_edge_layers_follow_execution_order_not_definition_order():
+    from dfp_deploy.analysis import analyze
+    from dfp_deploy.compress.quantize import edge_layers
+
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 2)  # defined first, runs last
+            self.body = nn.Conv2d(4, 4, 1)
+            self.stem = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.head(self.body(self.stem(x)).mean(dim=(2, 3)))
+
+    model = HeadFirst()
+    assert edge_layers(model) == ["head", "stem"]  # definition order, without a trace
+    assert edge_layers(model, analyze(model, torch.zeros(1, 3, 6, 6)).module_order) == ["stem", "head"]
+    assert edge_layers(nn.Sequential(nn.Linear(2, 2))) == ["0"]
+
+
 def test_bad_bits_raise_input_error():
     with pytest.raises(InputError, match="weight_bits"):
         quantize_weight(torch.ones(2, 2), 1)

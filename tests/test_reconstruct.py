@@ -389,6 +389,29 @@ def test_compress_is_deterministic():
         assert all(torch.equal(a[k], b[k]) for k in a), method
 
 
+def _levels_per_row(w: torch.Tensor) -> int:
+    """Most distinct values in one output channel's weights."""
+    return max(len(torch.unique(row)) for row in w.detach().reshape(w.shape[0], -1))
+
+
+@pytest.mark.parametrize("method", R.METHODS)
+def test_layer_bits_override_one_layer_and_leave_the_rest_at_weight_bits(method):
+    model, analysis = _toy(seed=3)
+    plain = R.compress_model(model, analysis, _without(0), method=method, weight_bits=3)
+    mixed = R.compress_model(model, analysis, _without(0), method=method, weight_bits=3, layer_bits={"conv2": 8})
+    # 3 bits: levels -3..3 per channel; conv2 at 8 bits has far more distinct values than 7
+    assert _levels_per_row(mixed.conv1.weight) <= 7 and _levels_per_row(plain.conv2.weight) <= 7
+    assert _levels_per_row(mixed.conv2.weight) > 7
+    assert torch.equal(mixed.conv1.weight, plain.conv1.weight)
+    # every layer overridden to 8 bits is exactly weight_bits=8: the repair also sees each producer's own bits
+    all8 = R.compress_model(model, analysis, _without(0), method=method, weight_bits=3,
+                            layer_bits={"conv1": 8, "conv2": 8}).state_dict()
+    w8 = R.compress_model(model, analysis, _without(0), method=method, weight_bits=8).state_dict()
+    assert all(torch.equal(all8[k], w8[k]) for k in w8)
+    with pytest.raises(InputError, match="bits of layer conv2"):
+        R.compress_model(model, analysis, PrunePlan(), method=method, weight_bits=3, layer_bits={"conv2": 1})
+
+
 def test_bad_options_raise_input_errors():
     model, analysis = _toy()
     with pytest.raises(InputError, match="compress.reconstruct"):

@@ -51,6 +51,7 @@ import torch
 from dfp_deploy.analysis import analyze, count_macs
 from dfp_deploy.compress import reconstruct as R
 from dfp_deploy.compress.plan import make_plan
+from dfp_deploy.compress.quantize import edge_layers
 from dfp_deploy.core.types import PrunePlan
 from dfp_deploy.measure.dataset import to_tensor
 from dfp_deploy.models import load_model
@@ -83,6 +84,8 @@ def parse_args(argv=None):
                     help="selections that get every weight bit width (the others fp32 only)")
     ap.add_argument("--quant-methods", default="all",
                     help="comma-separated row labels of the quant table (default all), e.g. RTN,UDFC")
+    ap.add_argument("--first-last-bits", type=int, default=None,
+                    help="quant table: also run every method with the first and last layer at these bits")
     ap.add_argument("--calib", default=str(SHARED / "data" / "cifar10_train_exact4660.npz"),
                     help="real training images for the ORT quantize_static peer")
     ap.add_argument("--calib-count", type=int, default=512)
@@ -292,6 +295,10 @@ class Bench:
         if self.args.quant_methods != "all":
             wanted = [x.strip() for x in self.args.quant_methods.split(",")]
             configs = [c for c in configs if any(c[0] == w or c[0].startswith(w + " (") for w in wanted)]
+        if self.args.first_last_bits:
+            edges = {name: self.args.first_last_bits for name in edge_layers(self.model, self.analysis.module_order)}
+            configs += [(f"{label}, first/last w{self.args.first_last_bits}", method, {**kw, "layer_bits": edges})
+                        for label, method, kw in configs]
         rows, record = [], []
         for label, method, kw in configs:
             cells = []

@@ -66,6 +66,7 @@ class Analysis:
     groups: list[ChannelGroup]
     warnings: list[str]
     bn_after: dict[str, str] = field(default_factory=dict)
+    module_order: list[str] = field(default_factory=list)  # leaf modules as the traced forward calls them
     _members: dict[str, GroupMembers] = field(default_factory=dict, repr=False)
 
     def group(self, name: str) -> ChannelGroup:
@@ -149,7 +150,9 @@ def analyze(model: nn.Module, example_input: torch.Tensor) -> Analysis:
         return Analysis(groups=[], warnings=[f"{exc}; the whole model is treated as unprunable"])
     walk = _propagate(gm)
     groups, members = _build_groups(walk, dict(gm.named_modules()))
-    return Analysis(groups=groups, warnings=walk.warnings, bn_after=walk.bn_after, _members=members)
+    order = list(dict.fromkeys(str(n.target) for n in gm.graph.nodes if n.op == "call_module"))
+    return Analysis(groups=groups, warnings=walk.warnings, bn_after=walk.bn_after, module_order=order,
+                    _members=members)
 
 
 # --- propagation -----------------------------------------------------------------------------------------------

@@ -114,15 +114,30 @@ def _error_feedback_codes(rows: torch.Tensor, scale: torch.Tensor, n: int, hessi
 
 
 def quantize_model_weights(model: nn.Module, bits: int, *,
-                           skip: Callable[[str, nn.Module], bool] | None = None) -> nn.Module:
-    """A deep copy of `model` with every conv and linear weight fake-quantized (biases stay float)."""
+                           skip: Callable[[str, nn.Module], bool] | None = None,
+                           layer_bits: dict[str, int] | None = None) -> nn.Module:
+    """A deep copy of `model` with every conv and linear weight fake-quantized (biases stay float);
+    `layer_bits` {module name: bits} overrides `bits` for those modules (e.g. edge_layers at 8)."""
     check_bits(bits)
+    layer_bits = layer_bits or {}
     quantized = copy.deepcopy(model)
     for name, module in quantized.named_modules():
         if isinstance(module, QUANTIZABLE) and not (skip and skip(name, module)):
             with torch.no_grad():
-                module.weight.copy_(quantize_weight(module.weight, bits))
+                module.weight.copy_(quantize_weight(module.weight, layer_bits.get(name, bits)))
     return quantized
+
+
+def edge_layers(model: nn.Module, order: list[str] | None = None) -> list[str]:
+    """Names of the first and the last conv/linear module (one name if they coincide), in execution order when
+    `order` (Analysis.module_order, from the trace) is given, else in definition order.
+
+    Low-bit quantization usually keeps these two at 8 bits (HAQ fixes them at w8; most low-bit papers do the same):
+    the first layer sees raw pixels through very few weights per filter (27 for a 3×3 RGB stem) and nothing before it
+    can compensate its error; the last one writes the logits directly. Their MACs are a small share of the network."""
+    modules = dict(model.named_modules())
+    names = [n for n in (order or modules) if isinstance(modules.get(n), QUANTIZABLE)]
+    return list(dict.fromkeys(names[:1] + names[-1:]))
 
 
 def activation_ranges_from_bn(model: nn.Module, example_input: torch.Tensor, *,

@@ -76,6 +76,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -449,7 +450,7 @@ class _SiteTensors:
     dw_std: torch.Tensor | None = None
 
 
-def _site_tensors(modules: dict[str, nn.Module], site: Site, bits: int | None) -> _SiteTensors:
+def _site_tensors(modules: dict[str, nn.Module], site: Site, bits_of: Callable[[str], int | None]) -> _SiteTensors:
     prod = modules[site.producer]
     bn = modules[site.bn]
     rows = torch.as_tensor(site.rows, dtype=torch.long)
@@ -461,7 +462,7 @@ def _site_tensors(modules: dict[str, nn.Module], site: Site, bits: int | None) -
     w = scale[bn_idx, None] * raw
     b = scale[bn_idx] * bias + shift[bn_idx]
     w_q = None
-    if bits is not None:
+    if (bits := bits_of(site.producer)) is not None:
         w_q = scale[bn_idx, None] * quantize_weight(weight, bits).double().reshape(weight.shape[0], -1)[rows]
     mean, std = bn_output_moments(bn)
     st = _SiteTensors(w, b, w_q, mean[bn_idx], std[bn_idx])
@@ -473,7 +474,7 @@ def _site_tensors(modules: dict[str, nn.Module], site: Site, bits: int | None) -
         dscale, dshift = bn_scale_shift(dbn)
         st.dw = dscale[dbn_idx, None] * kernels[dw_idx]
         st.dw_b = dscale[dbn_idx] * kbias[dw_idx] + dshift[dbn_idx]
-        if bits is not None:
+        if (bits := bits_of(site.depthwise)) is not None:
             qk = quantize_weight(conv.weight, bits).double().reshape(conv.weight.shape[0], -1)
             st.dw_q = dscale[dbn_idx, None] * qk[dw_idx]
         st.dw_mean, st.dw_std = (t[dbn_idx] for t in bn_output_moments(dbn))
@@ -645,10 +646,12 @@ def build_reconstruction(model: nn.Module, analysis: Analysis, plan: PrunePlan, 
                          weight_bits: int | None = None, alpha: float = DEFAULT_ALPHA,
                          alpha_q: float = DEFAULT_ALPHA_Q, nm_threshold: float = NM_THRESHOLD,
                          nm_lambda: float = NM_LAMBDA, multi: bool = False,
-                         groups: list[str] | None = None) -> Reconstruction:
-    """Mixing (and lmmse offsets) for every planned group, and, when quantizing, every compensable group."""
+                         groups: list[str] | None = None, layer_bits: dict[str, int] | None = None) -> Reconstruction:
+    """Mixing (and lmmse offsets) for every planned group, and, when quantizing, every compensable group.
+    `layer_bits` {module: bits} overrides weight_bits per module (only when weight_bits is set)."""
     check_method(method)
     bits = check_bits(weight_bits) if weight_bits is not None else None
+    bits_of = _bits_lookup(bits, layer_bits)
     _check_positive("alpha", alpha)
     _check_positive("alpha_q", alpha_q)
     result = Reconstruction()
@@ -671,7 +674,7 @@ def build_reconstruction(model: nn.Module, analysis: Analysis, plan: PrunePlan, 
         keep = sorted(plan.keep.get(name, range(channels)))
         if not planned and method == "udfc" and site.depthwise is not None:
             continue
-        st = _site_tensors(modules, site, bits)
+        st = _site_tensors(modules, site, bits_of)
         if method == "neuron_merging":
             result.mixing[name] = _nm_site(st, keep, nm_threshold, nm_lambda)
         elif method == "udfc":
@@ -681,6 +684,12 @@ def build_reconstruction(model: nn.Module, analysis: Analysis, plan: PrunePlan, 
             result.mixing[name], result.offsets[name] = mixing, offset
             result.kept_means[name], result.kept_covs[name] = kept_mean, kept_cov
     return result
+
+
+def _bits_lookup(bits: int | None, layer_bits: dict[str, int] | None) -> Callable[[str], int | None]:
+    """module name → its weight bits: None everywhere when not quantizing, else the override or `bits`."""
+    overrides = {name: check_bits(b, f"bits of layer {name}") for name, b in (layer_bits or {}).items()}
+    return lambda name: None if bits is None else overrides.get(name, bits)
 
 
 def build_mixing(model: nn.Module, analysis: Analysis, plan: PrunePlan, *, method: str,
@@ -699,7 +708,8 @@ def _check_positive(what: str, value) -> None:
 def compress_model(model: nn.Module, analysis: Analysis, plan: PrunePlan, *, method: str,
                    weight_bits: int | None = None, alpha: float = DEFAULT_ALPHA, alpha_q: float = DEFAULT_ALPHA_Q,
                    bias_correction: bool | None = None, rounding: str | None = None,
-                   spatial_rho: float = SPATIAL_RHO_DEFAULT, **options) -> nn.Module:
+                   spatial_rho: float = SPATIAL_RHO_DEFAULT, layer_bits: dict[str, int] | None = None,
+                   **options) -> nn.Module:
     """Prune (plan), reconstruct (method) and fake-quantize (weight_bits) jointly; returns a new model.
 
     Order, and why: (1) every reconstruction is computed from the ORIGINAL model, with the producers' kept filters
@@ -709,6 +719,8 @@ def compress_model(model: nn.Module, analysis: Analysis, plan: PrunePlan, *, met
     round-to-nearest or, with rounding="hessian", by Hessian-aware rounding with the data-free input model below;
     (4) with bias_correction, each quantized layer's mean output shift (Q(W) − W)·E[x] is removed using the same
     input means. Defaults: lmmse uses both (3, hessian) and (4); the other methods neither (as published).
+    `layer_bits` {module name: bits} gives some layers other bits than weight_bits (quantize.edge_layers at 8 is
+    the usual low-bit mixed precision); steps (1) and (3) use each module's own bits.
     A producer that is itself the consumer of another compensated group (a chain) is modelled with its original
     filters' quantization, an approximation (ResNets have no such chain; EfficientNet-Lite0 has one: stem → block 0's
     projection, whose own pruned output rows the offsets follow)."""
@@ -722,7 +734,8 @@ def compress_model(model: nn.Module, analysis: Analysis, plan: PrunePlan, *, met
     if rounding not in ROUNDINGS:
         raise InputError(f"weight rounding: {rounding!r} is not one of {', '.join(ROUNDINGS)}")
     recon = build_reconstruction(model, analysis, plan, method=method, weight_bits=bits, alpha=alpha,
-                                 alpha_q=alpha_q, **options)
+                                 alpha_q=alpha_q, layer_bits=layer_bits, **options)
+    bits_of = _bits_lookup(bits, layer_bits)
     compressed = prune_model(model, analysis, plan, recon.mixing)
     original = dict(model.named_modules())
     modules = dict(compressed.named_modules())
@@ -740,11 +753,12 @@ def compress_model(model: nn.Module, analysis: Analysis, plan: PrunePlan, *, met
                 continue
             full = module.weight.detach().clone()
             known = inputs.get(name)
+            own = bits_of(name)
             if rounding == "hessian" and known is not None:
                 hessian = _layer_hessian(module, *known, spatial_rho)
-                module.weight.copy_(quantize_weight_hessian(full, bits, hessian))
+                module.weight.copy_(quantize_weight_hessian(full, own, hessian))
             else:
-                module.weight.copy_(quantize_weight(full, bits))
+                module.weight.copy_(quantize_weight(full, own))
             if bias_correction and known is not None:
                 _remove_output_shift(module, analysis.bn_after.get(name), modules, full, known[0])
     return compressed

@@ -53,6 +53,9 @@ class PruneSection:
 class QuantizeSection:
     weight_bits: int | None = spec(None, "per-channel symmetric weight bits, simulated (null = float weights)",
                                    lo=2, hi=8)
+    first_last_bits: int | None = spec(
+        None, "bits of the first and the last conv/linear layer when weight_bits is set (null = weight_bits); 8 is "
+        "the usual mixed precision below 6 bits", lo=2, hi=8)
     activations: Literal["data_free", "calibration"] = spec(
         "data_free", "where int8 engines get activation ranges: BatchNorm statistics (no data) or "
         "compress.calibration.data images")

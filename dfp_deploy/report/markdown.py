@@ -20,7 +20,7 @@ def render_markdown(r: dict) -> str:
     p = r["prune"]
     lines += [f"Compression: {p['groups_pruned']} channel groups pruned, "
               f"{100 * p['removed_fraction']:.1f}% of prunable channels removed; reconstruction "
-              f"`{c['reconstruct']}`; weight bits `{c['weight_bits'] or 'float'}`.", ""]
+              f"`{c['reconstruct']}`; weight bits `{c['weight_bits'] or 'float'}`{_overrides(c)}.", ""]
     lines += ["| | before | after | change |", "|---|---|---|---|"]
     for key in ("params", "macs"):
         d = r[key]
@@ -77,3 +77,11 @@ def render_markdown(r: dict) -> str:
     art = r["artifacts"]
     lines += ["Artifacts: " + ", ".join(f"`{v}`" for k, v in art.items() if k != "dir"), ""]
     return "\n".join(lines)
+
+
+def _overrides(compress: dict) -> str:
+    """' (8 in conv1, linear)' for per-layer bit overrides; '' when there are none (or an older report)."""
+    by_bits: dict[int, list[str]] = {}
+    for name, bits in (compress.get("layer_bits") or {}).items():
+        by_bits.setdefault(bits, []).append(f"`{name}`")
+    return "".join(f" ({bits} in {', '.join(names)})" for bits, names in by_bits.items())
