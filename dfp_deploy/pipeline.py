@@ -27,10 +27,13 @@ REPORT_NAME = "report.json"
 
 
 def default_round_to(backend: str, precision: str) -> int:
-    """Channel multiple a target likes (DESIGN.md): TensorRT int8 tensor cores want 32, fp16 8, CPUs 4."""
+    """Channel multiple a target likes (DESIGN.md): TensorRT int8 tensor cores want 32, fp16 8; CPUs the block of
+    their NCHWc conv layout (core/env.cpu_channel_block: 8 with AVX2, 16 with AVX-512)."""
     if backend in ("tensorrt", "ort-cuda", "torch-cuda"):
         return 32 if precision == "int8" else 8
-    return 4
+    from dfp_deploy.core.env import cpu_channel_block
+
+    return cpu_channel_block()
 
 
 @dataclass
@@ -105,9 +108,20 @@ def _uses_calibration(recipe: Recipe) -> bool:
     return bool(c.data) and c.two_phase
 
 
+def _layer_bits(recipe: Recipe, model, analysis) -> dict[str, int] | None:
+    """compress.quantize.first_last_bits as per-module overrides of weight_bits."""
+    q = recipe.compress.quantize
+    if q.weight_bits is None or q.first_last_bits is None:
+        return None
+    from dfp_deploy.compress.quantize import edge_layers
+
+    return {name: q.first_last_bits for name in edge_layers(model, analysis.module_order)}
+
+
 def _compress(recipe: Recipe, model, analysis, plan: PrunePlan, calib_inputs=None):
     method = recipe.compress.reconstruct
     bits = recipe.compress.quantize.weight_bits
+    layer_bits = _layer_bits(recipe, model, analysis)
     if calib_inputs is not None:
         from dfp_deploy.compress.calibrate import calibrate
 
@@ -117,7 +131,7 @@ def _compress(recipe: Recipe, model, analysis, plan: PrunePlan, calib_inputs=Non
         if bits is not None:
             from dfp_deploy.compress.quantize import quantize_model_weights
 
-            out = quantize_model_weights(out, bits)
+            out = quantize_model_weights(out, bits, layer_bits=layer_bits)
         return out
     if method == "none" and bits is None:
         from dfp_deploy.compress.prune import prune_model
@@ -127,7 +141,7 @@ def _compress(recipe: Recipe, model, analysis, plan: PrunePlan, calib_inputs=Non
     from dfp_deploy.core.threads import torch_threads
 
     with torch_threads(1):  # closed-form math on small matrices (core/threads.py)
-        return compress_model(model, analysis, plan, method=method, weight_bits=bits)
+        return compress_model(model, analysis, plan, method=method, weight_bits=bits, layer_bits=layer_bits)
 
 
 def _reference_inputs(recipe: Recipe, loaded, batch: int) -> tuple[np.ndarray, str]:
@@ -297,6 +311,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
         "prune": _prune_summary(analysis, plan),
         "compress": {"reconstruct": recipe.compress.reconstruct,
                      "weight_bits": recipe.compress.quantize.weight_bits,
+                     "layer_bits": _layer_bits(recipe, model, analysis),
                      "calibration": ({"data": recipe.compress.calibration.data,
                                       "samples": recipe.compress.calibration.samples}
                                      if _uses_calibration(recipe) else None)},
@@ -541,8 +556,10 @@ def _describe(recipe: Recipe, plan: PrunePlan) -> str:
         parts.append(f"two-phase calibration on {recipe.compress.calibration.samples} inputs")
     if recipe.compress.reconstruct != "none":
         parts.append(f"reconstruct {recipe.compress.reconstruct}")
-    if recipe.compress.quantize.weight_bits:
-        parts.append(f"w{recipe.compress.quantize.weight_bits}")
+    q = recipe.compress.quantize
+    if q.weight_bits:
+        parts.append(f"w{q.weight_bits}" + (f" (first/last w{q.first_last_bits})"
+                                            if q.first_last_bits not in (None, q.weight_bits) else ""))
     return ", ".join(parts)
 
 

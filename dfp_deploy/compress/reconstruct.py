@@ -971,7 +971,7 @@ def site_error_path(model: nn.Module, analysis: Analysis, site: Site, sizes: lis
     """{kept count: (kept channels, E / tr(GC))} along the greedy lmmse elimination path, for the given sizes
     (E itself with normalise=False)."""
     channels = analysis.group(site.group).channels
-    st = _site_tensors(dict(model.named_modules()), site, None)
+    st = _site_tensors(dict(model.named_modules()), site, _bits_lookup(None, None))
     mom = _site_moments(st, list(range(channels)), site.activation)
     gram = consumer_gram(model, analysis, site, channels)
     total = float((gram * mom.cov).sum())

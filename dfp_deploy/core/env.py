@@ -31,6 +31,22 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def cpu_flags() -> set[str]:
+    """The first CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    for line in _cpuinfo().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_channel_block() -> int:
+    """Channels per block of ONNX Runtime's (MLAS) and oneDNN's blocked NCHWc conv layout on this CPU: 16 floats
+    per AVX-512 register, else 8 (AVX2, and the fallback). A conv whose channel count is not a multiple of it is
+    padded up to one (ORT's optimized graph keeps 12 channels in a 16-channel NCHWc conv on AVX2), so pruning
+    16 → 12 channels saves no time while 16 → 8 does (measured in docs/BENCHMARKS.md)."""
+    return 16 if "avx512f" in cpu_flags() else 8
+
+
 def physical_cores() -> int | None:
     """Distinct (physical id, core id) pairs in /proc/cpuinfo, capped by this process's CPU affinity; None if unknown."""
     cores, physical_id = set(), "0"
