@@ -32,19 +32,21 @@ from dfp_deploy.measure.latency import time_interleaved
 from dfp_deploy.models import load_model
 
 
-def variants(model, analysis, ratios: list[float], round_to: int, importance: str, allocation: str,
+def variants(model, analysis, ratios: list[float], round_tos: list[int], importance: str, allocation: str,
              reconstruct: str, residual: bool):
     from dfp_deploy.compress.reconstruct import compress_model
 
     yield "original", model
     for include_residual in (False, True) if residual else (False,):
-        planner = ChannelPlanner(model, analysis, importance=importance, allocation=allocation, round_to=round_to,
-                                 include_residual=include_residual)
-        for r in ratios:
-            plan = planner.plan(r)
-            name = f"pruned {r:g}" + (" +residual" if include_residual else "") + \
-                (f" {reconstruct}" if reconstruct != "none" else "")
-            yield name, compress_model(model, analysis, plan, method=reconstruct)
+        for round_to in round_tos:
+            planner = ChannelPlanner(model, analysis, importance=importance, allocation=allocation,
+                                     round_to=round_to, include_residual=include_residual)
+            for r in ratios:
+                plan = planner.plan(r)
+                name = (f"pruned {r:g}" + (" +residual" if include_residual else "")
+                        + (f" round {round_to}" if len(round_tos) > 1 else "")
+                        + (f" {reconstruct}" if reconstruct != "none" else ""))
+                yield name, compress_model(model, analysis, plan, method=reconstruct)
 
 
 def main(argv=None) -> int:
@@ -55,7 +57,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
-    ap.add_argument("--round-to", type=int, default=4)
+    ap.add_argument("--round-to", type=int, nargs="+", default=[4],
+                    help="kept-channel multiple(s); several values give one variant each, timed side by side")
     ap.add_argument("--importance", default="l2", help="channel ranking: l1 | l2 | bn_l2 | group_l2 | lmmse ...")
     ap.add_argument("--allocation", default="uniform", help="uniform | macs (importance lmmse only)")
     ap.add_argument("--threads", type=int, default=1)
@@ -80,7 +83,7 @@ def main(argv=None) -> int:
         x = to_tensor(x8, loaded.preprocess)
     print(f"# {args.model}: ORT CPU, {args.threads} thread(s), {args.runs} timed runs per engine in "
           f"{args.rounds} interleaved rounds, importance {args.importance} ({args.allocation}), "
-          f"reconstruct {args.reconstruct}, round_to {args.round_to}\n")
+          f"reconstruct {args.reconstruct}, round_to {' / '.join(map(str, args.round_to))}\n")
     accs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for batch in args.batch:
