@@ -450,3 +450,19 @@ def test_activation_moments_accept_grad_tensors_and_memoise():
     pair = active[:, None] & active[None, :]
     assert torch.allclose(sub[pair], first[1][pair], rtol=1e-12, atol=1e-15)
 
+
+
+@pytest.mark.parametrize("method", ["udfc", "lmmse"])
+def test_folded_weights_have_standard_strides(method):
+    """A 1×1 consumer's folded weight once kept channels-last strides (still "contiguous"): convs then produced
+    channels-last activations and the dynamic-batch ONNX export broke (EfficientNet-Lite0)."""
+    model = _seeded(nn.Sequential(nn.Conv2d(8, 12, 1, bias=False), nn.BatchNorm2d(12), nn.ReLU(),
+                                  nn.Conv2d(12, 16, 1, bias=False), nn.BatchNorm2d(16)), 0)
+    analysis = analyze(model, torch.zeros(1, 8, 4, 4))
+    group = analysis.groups[0].name
+    compressed = R.compress_model(model, analysis, PrunePlan(keep={group: tuple(range(0, 12, 2))}), method=method)
+    assert compressed[3].weight.shape == (16, 6, 1, 1)
+    for name, p in compressed.named_parameters():
+        assert p.stride() == torch.empty(p.shape).stride(), (name, p.stride())
+    with torch.no_grad():
+        assert compressed(torch.randn(2, 8, 4, 4)).is_contiguous()

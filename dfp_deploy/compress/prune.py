@@ -171,8 +171,12 @@ def _index(mask: np.ndarray, device) -> torch.Tensor:
 
 
 def _set_param(module: nn.Module, attr: str, value: torch.Tensor) -> None:
+    # Standard strides, not just `.contiguous()`: an einsum can return a 1×1 conv weight with channels-last strides
+    # (e.g. (32, 1, 32, 32) for [16, 32, 1, 1]) that still counts as contiguous; the conv then emits channels-last
+    # activations and torch.export pins the batch size (EfficientNet-Lite0 after lmmse: no dynamic-batch export).
     old = getattr(module, attr)
-    setattr(module, attr, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
+    setattr(module, attr, nn.Parameter(value.clone(memory_format=torch.contiguous_format),
+                                       requires_grad=old.requires_grad))
 
 
 def _resize_batchnorm(bn: nn.modules.batchnorm._BatchNorm, mask: np.ndarray | None) -> None:
