@@ -1,8 +1,9 @@
 """Benchmark: top-1 of few-shot calibration (squeeze + least squares + per-layer Adam) against data-free repair.
 
-For every prune ratio, the same plan (make_plan, --importance) is scored as: plain pruning, UDFC and lmmse
-(dfp_deploy.compress.reconstruct.compress_model, data-free), then calibrate() with each calibration source × size.
-One line of JSON per calibrated configuration is appended to --out, and a Markdown row is printed, e.g.
+For every prune ratio, the same plan (make_plan with --importance, or with --importance lmmse the lmmse channel
+selection, ChannelPlanner(importance="lmmse", allocation="uniform"), same kept counts) is scored as: plain pruning,
+UDFC and lmmse (dfp_deploy.compress.reconstruct.compress_model, data-free), then calibrate() with each calibration
+source × size. One line of JSON per calibrated configuration is appended to --out, and a Markdown row is printed, e.g.
 
   python tools/bench_calibrate.py --model cifar_resnet56 --weights ../shared/models/resnet56-4bfd9763.th \\
       --calib ../shared/data/cifar10_train_exact4660.npz --eval ../shared/data/cifar10_test_exact932.npz \\
@@ -13,7 +14,8 @@ ignored), and --synthetic N... adds runs on N BN-matched generated inputs (searc
 optimisation steps, cached under --cache so both ratios share them). Time is for calibrate() alone, as process CPU
 seconds (with one thread this is the unshared wall time; the machines are shared, so wall time, in brackets, and the
 1-minute load average before and after are recorded too); generating synthetic inputs is timed separately (gen).
-Single-threaded by default (--threads 1).
+Single-threaded by default (--threads 1). The lmmse selection of Lite0 takes minutes; --plan-cache FILE keeps
+the plans (JSON, keyed by model, weights, importance and ratio) so later runs reuse them.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from dfp_deploy.compress.calibrate import CalibrationLog, auto_batch, calibrate,
 from dfp_deploy.compress.plan import make_plan
 from dfp_deploy.compress.prune import prune_model
 from dfp_deploy.compress.reconstruct import compress_model
+from dfp_deploy.compress.selection import RANKINGS, ChannelPlanner
+from dfp_deploy.core.types import PrunePlan
 from dfp_deploy.measure.dataset import load_images, to_tensor
 from dfp_deploy.models import load_model
 
@@ -39,6 +43,27 @@ def top1(model: torch.nn.Module, x: torch.Tensor, y) -> float:
     with torch.inference_mode():
         pred = torch.cat([model(x[i:i + 100]).argmax(1) for i in range(0, len(x), 100)])
     return float(100.0 * (pred.numpy() == y).mean())
+
+
+def plan_for(model, analysis, ratio: float, importance: str, cache: str | None, key: str) -> PrunePlan:
+    """The uniform plan at `ratio`: make_plan's ranking, or the lmmse selection (same kept counts)."""
+    stored = {}
+    if cache and os.path.exists(cache):
+        with open(cache) as f:
+            stored = json.load(f)
+    entry = f"{key}|{importance}|{ratio:g}"
+    if entry in stored:
+        return PrunePlan(keep={name: tuple(kept) for name, kept in stored[entry].items()})
+    if importance == "lmmse":
+        plan = ChannelPlanner(model, analysis, importance="lmmse", allocation="uniform").plan(ratio)
+    else:
+        plan = make_plan(model, analysis, ratio=ratio, importance=importance)
+    if cache:
+        stored[entry] = {name: list(kept) for name, kept in plan.keep.items()}
+        with open(cache + ".tmp", "w") as f:
+            json.dump(stored, f)
+        os.replace(cache + ".tmp", cache)
+    return plan
 
 
 def main(argv=None) -> int:
@@ -53,7 +78,9 @@ def main(argv=None) -> int:
     ap.add_argument("--synthetic-steps", type=int, default=50)
     ap.add_argument("--cache", default="/tmp/dfp_bench_synthetic")
     ap.add_argument("--baselines", default="plain,udfc,lmmse", help="data-free columns (comma separated)")
-    ap.add_argument("--importance", default="l2")
+    ap.add_argument("--importance", default="l2", choices=RANKINGS,
+                    help="channel ranking; lmmse = ChannelPlanner's lmmse selection (uniform allocation)")
+    ap.add_argument("--plan-cache", default=None, help="JSON file that stores the plans between runs")
     ap.add_argument("--squeeze-epochs", type=int, default=2)
     ap.add_argument("--calib-epochs", type=int, default=2)
     ap.add_argument("--batch", type=int, default=None, help="default: calibrate's auto_batch (64 ResNet-56, 16 Lite0)")
@@ -84,15 +111,18 @@ def main(argv=None) -> int:
     plans, rows = {}, {}
     baselines = [b for b in args.baselines.split(",") if b]
     for ratio in args.ratios:
-        plan = make_plan(model, analysis, ratio=ratio, importance=args.importance)
+        start = time.perf_counter()
+        plan = plan_for(model, analysis, ratio, args.importance, args.plan_cache,
+                        f"{args.model}|{os.path.basename(args.weights or '')}")
         plans[ratio] = plan
+        plan_s = time.perf_counter() - start
         macs = count_macs(prune_model(model, analysis, plan), one) / macs0 - 1
         scores = {}
         for method in baselines:
             compressed = compress_model(model, analysis, plan, method="none" if method == "plain" else method)
             scores[method] = top1(compressed, x_eval, y)
         rows[ratio] = dict(macs_change=macs, **scores)
-        print(f"# ratio {ratio:g}: MACs {macs:+.1%}, data-free " +
+        print(f"# ratio {ratio:g}: MACs {macs:+.1%}, {args.importance} plan {plan_s:.0f} s, data-free " +
               ", ".join(f"{k} {v:.2f}" for k, v in scores.items()), flush=True)
 
     print("| ratio | MACs | calib | n | ep sq/cal | lr | " + "".join(f"{b} | " for b in baselines) +
