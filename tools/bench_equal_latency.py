@@ -111,7 +111,8 @@ def main(argv=None) -> int:
         print(f"| {n} | {macs[n] / 1e6:.2f} | {macs[n] / macs['original']:.3f} | {p50[n]:.2f} | {rel[n]:.3f} | "
               f"{min(r):.3f}-{max(r):.3f} | {spread[n]:.2f} | {acc[n]:.2f} |")
     uni = [n for n in engines if kinds[n] == "uniform"]
-    print("\n| searched | top-1 | uniform top-1 at equal latency (rel. p50) | uniform top-1 at equal MACs |\n|---|---|---|---|")
+    print("\n| searched | top-1 | uniform top-1 at equal latency (rel. p50) | uniform top-1 at equal MACs |\n"
+          "|---|---|---|---|")
     for n in (n for n in engines if kinds[n] == "searched"):
         at_lat = interpolate(rel[n], [(rel[u], acc[u]) for u in uni])
         at_mac = interpolate(macs[n], [(macs[u], acc[u]) for u in uni])
