@@ -241,3 +241,19 @@ def test_first_and_last_layers_keep_their_own_bits(recipe, tmp_path):
     assert r["compress"]["weight_bits"] == 3
     assert r["compress"]["layer_bits"] == {"conv1": 8, "linear": 8}  # ResNet-20's stem and classifier
     assert "(8 in `conv1`, `linear`)" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_latency_budget_search_fits_its_model_to_the_original_and_the_floor(recipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    common = ["--set", "search.episodes=2", "--set", "search.warmup=1", "--set", "search.synthetic_samples=8",
+              "--set", "search.synthetic_steps=2", "--set", "search.target=latency"]
+    res = run("build", recipe, "--out", tmp_path / "lat", *FAST, *common, "--set", "search.budget=0.95")
+    assert res.exit_code == 0, res.output
+    fitted = json.loads((tmp_path / "lat" / "report.json").read_text())["search"]["latency_model"]
+    assert set(fitted["measured_ms"]) == {"original", "floor"}
+    assert all(v > 0 for v in fitted["measured_ms"].values())
+    # the floor keeps >= 20% of every inner group and the whole residual stream: 5% of the latency is out of reach
+    res = run("build", recipe, "--out", tmp_path / "lat5", *FAST, *common, "--set", "search.budget=0.05")
+    assert res.exit_code == 2 and "unreachable" in res.output
+    assert not (tmp_path / "lat5").exists()
