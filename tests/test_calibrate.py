@@ -212,3 +212,81 @@ def test_auto_batch_bounds_the_activation_memory_and_leaves_bn_statistics_alone(
     b = calibrate(model, analysis, plan, images(24, seed=1), squeeze_epochs=1, calib_epochs=1, batch=64,
                   progress=False)
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def _fold_statistics(patches, target, folds=4):
+    from dfp_deploy.compress.calibrate import _FoldStatistics
+    stats = _FoldStatistics(folds)
+    stats.add(patches.double(), target.double(), first_image=0, images=len(patches))
+    return stats
+
+
+def test_cross_validation_picks_the_smallest_ridge_when_the_data_determine_the_fit():
+    from dfp_deploy.compress.calibrate import RIDGE_GRID, choose_ridge
+    g = torch.Generator().manual_seed(0)
+    p, w_true = torch.randn(400, 10, generator=g), torch.randn(3, 10, generator=g)
+    stats = _fold_statistics(p, p @ w_true.T)  # exactly reachable, 40 rows per unknown
+    assert choose_ridge(stats, torch.zeros(3, 10, dtype=torch.float64)) == min(RIDGE_GRID)
+
+
+def test_cross_validation_keeps_the_weights_when_the_target_is_unrelated_noise():
+    """N < d and a target independent of the inputs: any fit is pure over-fitting, so the held-out error of what
+    cross-validation picks must beat the fixed small ridge on fresh rows."""
+    from dfp_deploy.compress.calibrate import _held_out_error, _ridge_solution, choose_ridge
+    g = torch.Generator().manual_seed(1)
+    d, n = 60, 40
+    p, t = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, 3, generator=g, dtype=torch.float64)
+    current = torch.zeros(3, d, dtype=torch.float64)
+    stats = _fold_statistics(p, t)
+    rho = choose_ridge(stats, current)
+    assert rho >= 10.0  # infinity (keep) or a strong pull toward the current weights
+    gram, cross = stats.total()
+    fresh_p = torch.randn(400, d, generator=g, dtype=torch.float64)
+    fresh_t = torch.randn(400, 3, generator=g, dtype=torch.float64)
+    fresh = (fresh_p.T @ fresh_p, fresh_p.T @ fresh_t, float(fresh_t.pow(2).sum()))
+    chosen = current if rho == float("inf") else _ridge_solution(gram, cross, current, rho)
+    fixed = _ridge_solution(gram, cross, current, 1e-3)
+    assert _held_out_error(chosen, *fresh) < 0.8 * _held_out_error(fixed, *fresh)
+
+
+def test_held_out_error_from_statistics_equals_the_direct_residual():
+    from dfp_deploy.compress.calibrate import _held_out_error
+    g = torch.Generator().manual_seed(2)
+    p, t = torch.randn(30, 7, generator=g, dtype=torch.float64), torch.randn(30, 4, generator=g, dtype=torch.float64)
+    w = torch.randn(4, 7, generator=g, dtype=torch.float64)
+    direct = float((p @ w.T - t).pow(2).sum())
+    assert _held_out_error(w, p.T @ p, p.T @ t, float(t.pow(2).sum())) == pytest.approx(direct, rel=1e-10)
+
+
+def test_folds_take_whole_images():
+    """Rows of one image (its patches) must land in one fold: image j goes to fold (first_image + j) mod K."""
+    from dfp_deploy.compress.calibrate import _FoldStatistics
+    stats = _FoldStatistics(3)
+    rows = torch.arange(5, dtype=torch.float64).repeat_interleave(4)[:, None]  # 5 images x 4 rows, value = image
+    stats.add(rows, rows, first_image=1, images=5)  # images 1..5 -> folds 1, 2, 0, 1, 2
+    assert [float(c) for c in stats.cross] == [4 * 2.0 ** 2, 4 * (0.0 + 3.0 ** 2), 4 * (1.0 + 4.0 ** 2)]
+
+
+def test_default_calibration_records_a_cross_validated_ridge_per_layer():
+    from dfp_deploy.compress.calibrate import RIDGE_GRID
+    model, analysis, plan = setup()
+    log = CalibrationLog()
+    calibrate(model, analysis, plan, images(48, seed=1), squeeze_epochs=0, calib_epochs=0, progress=False, log=log)
+    assert list(log.least_squares_ridge) == ["conv2", "conv3", "fc"]
+    assert all(r in RIDGE_GRID or r == float("inf") for r in log.least_squares_ridge.values())
+    assert log.after_least_squares < log.after_prune
+
+
+def test_an_adam_phase_that_raises_the_error_is_undone():
+    model, analysis, plan = setup()
+    x = images(32, seed=1)
+    log, reference = CalibrationLog(), CalibrationLog()
+    wild = calibrate(model, analysis, plan, x, squeeze_epochs=0, calib_epochs=1, lr=10.0, batch=8, progress=False,
+                     log=log)
+    without = calibrate(model, analysis, plan, x, squeeze_epochs=0, calib_epochs=0, batch=8, progress=False,
+                        log=reference)
+    assert log.calib_kept is False and len(log.calib_loss) == 1
+    assert log.final <= log.after_least_squares
+    # undone means the least-squares weights come back exactly (BN statistics may be re-estimated by both)
+    conv = [n for n, _ in wild.named_parameters() if n.endswith("weight") and "bn" not in n]
+    assert all(torch.equal(wild.get_parameter(n), without.get_parameter(n)) for n in conv)

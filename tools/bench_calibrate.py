@@ -66,6 +66,14 @@ def plan_for(model, analysis, ratio: float, importance: str, cache: str | None, 
     return plan
 
 
+def ridge_summary(ridges: dict[str, float]) -> str:
+    """'1e-4×20 1×3 inf×2': how many least-squares layers used each relative ridge (inf = weights kept)."""
+    counts: dict[float, int] = {}
+    for rho in ridges.values():
+        counts[rho] = counts.get(rho, 0) + 1
+    return " ".join(f"{rho:g}×{n}" for rho, n in sorted(counts.items()))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="cifar_resnet56")
@@ -85,8 +93,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-epochs", type=int, default=2)
     ap.add_argument("--batch", type=int, default=None, help="default: calibrate's auto_batch (64 ResNet-56, 16 Lite0)")
     ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--ridge", type=float, default=1e-3)
-    ap.add_argument("--ls-samples", type=int, default=256)
+    ap.add_argument("--ridge", type=float, default=None,
+                    help="fixed relative ridge of the least squares; default: cross-validated per layer")
+    ap.add_argument("--ls-samples", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)
@@ -126,7 +135,7 @@ def main(argv=None) -> int:
               ", ".join(f"{k} {v:.2f}" for k, v in scores.items()), flush=True)
 
     print("| ratio | MACs | calib | n | ep sq/cal | lr | " + "".join(f"{b} | " for b in baselines) +
-          "calibrated | L prune→LS→final | BN kept | CPU s (wall) | gen CPU s | load |", flush=True)
+          "calibrated | L prune→LS→final | BN kept | Adam kept | LS ρ (layers) | CPU s (wall) | gen CPU s | load |", flush=True)
     sources = [(args.calib, n) for n in args.samples] + [("synthetic", n) for n in args.synthetic]
     for source, n in sources:
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -160,7 +169,7 @@ def main(argv=None) -> int:
                   f"{args.squeeze_epochs}/{args.calib_epochs} | {args.lr:g} | " +
                   "".join(f"{rows[ratio][b]:.2f} | " for b in baselines) +
                   f"{acc:.2f} | {log.after_prune:.3g}→{log.after_least_squares:.3g}→{log.final:.3g} | "
-                  f"{log.bn_reestimated} | {cpu:.0f} ({wall:.0f}) | {gen_cpu:.0f} | "
+                  f"{log.bn_reestimated} | {log.calib_kept} | {ridge_summary(log.least_squares_ridge)} | {cpu:.0f} ({wall:.0f}) | {gen_cpu:.0f} | "
                   f"{load_before:.1f}→{load_after:.1f} |",
                   flush=True)
     return 0
