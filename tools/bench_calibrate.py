@@ -136,7 +136,8 @@ def main(argv=None) -> int:
               ", ".join(f"{k} {v:.2f}" for k, v in scores.items()), flush=True)
 
     print("| ratio | MACs | calib | n | ep sq/cal | lr | " + "".join(f"{b} | " for b in baselines) +
-          "calibrated | L prune→LS→final | BN kept | Adam kept | LS ρ (layers) | CPU s (wall) | gen CPU s | load |", flush=True)
+          "calibrated | L prune→LS→final | BN kept | Adam kept | LS ρ (layers) | CPU s (wall) | gen CPU s | load |",
+          flush=True)
     sources = [(args.calib, n) for n in args.samples] + [("synthetic", n) for n in args.synthetic]
     for source, n in sources:
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -170,7 +171,8 @@ def main(argv=None) -> int:
                   f"{args.squeeze_epochs}/{args.calib_epochs} | {args.lr:g} | " +
                   "".join(f"{rows[ratio][b]:.2f} | " for b in baselines) +
                   f"{acc:.2f} | {log.after_prune:.3g}→{log.after_least_squares:.3g}→{log.final:.3g} | "
-                  f"{log.bn_reestimated} | {log.calib_kept} | {ridge_summary(log.least_squares_ridge)} | {cpu:.0f} ({wall:.0f}) | {gen_cpu:.0f} | "
+                  f"{log.bn_reestimated} | {log.calib_kept} | {ridge_summary(log.least_squares_ridge)} | "
+                  f"{cpu:.0f} ({wall:.0f}) | {gen_cpu:.0f} | "
                   f"{load_before:.1f}→{load_after:.1f} |",
                   flush=True)
     return 0

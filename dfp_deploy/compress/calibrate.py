@@ -21,7 +21,8 @@ removed weights' gradient with a growing multiple of w; under Adam's per-element
 about η per step whatever the multiple, so whether they reach zero depends on the number of steps. The proximal form
 makes "zero at the end" independent of data size, batch and learning rate.)
 
-Phase 2, calibrate (on the physically pruned model, prune_model):
+Phase 2, calibrate (on the physically pruned model, prune_model; with `repair`, e.g. "lmmse", the cut is first
+compensated data-free by reconstruct.compress_model, so W₀ below is the repaired weights):
  (a) closed-form least squares, consumer by consumer in graph order. For a consumer (conv with groups=1, or Linear)
      write its output as Y = P Wᵀ, where P ∈ R^{N×d} are its input patches (im2col of the PRUNED model's input to it,
      which already includes the corrections of earlier consumers; plus a column of ones if it has a bias) and
@@ -98,10 +99,10 @@ def calibrate(model: nn.Module, analysis: Analysis, plan: PrunePlan, inputs: tor
     """The physically pruned, calibrated model (see the module docstring); `model` itself is left untouched.
 
     `inputs`: float [N, ...] calibration inputs, already normalised like the model expects. `repair`: a data-free
-    method (compress.reconstruct's) applied at the cut, so phase 2 starts from the repaired model (_cut). `ls_samples`: how many of
-    them (the first, in the seeded order) the least-squares step uses. Epochs may be 0 to skip a phase. `batch`: None
-    picks the largest batch up to 64 whose layer outputs (teacher, student and autograd's saved tensors, estimated as
-    3× the recorded outputs) fit in 2.5 GiB (auto_batch): 64 for CIFAR ResNets, 16 for EfficientNet-Lite0 at 224,
+    method (compress.reconstruct's) applied at the cut, so phase 2 starts from the repaired model (_cut).
+    `ls_samples`: how many of them (the first, in the seeded order) the least-squares step uses. Epochs may be 0 to
+    skip a phase. `batch`: None picks the largest batch up to 64 whose layer outputs (teacher, student and autograd's
+    saved tensors, estimated as 3× the recorded outputs) fit in 2.5 GiB (auto_batch): 64 for CIFAR ResNets, 16 for EfficientNet-Lite0 at 224,
     which needs about 10 GB at batch 64."""
     _check_arguments(inputs, squeeze_epochs, calib_epochs, batch if batch is not None else 1, lr, ridge, ls_samples)
     if repair != "none":
