@@ -102,8 +102,8 @@ def calibrate(model: nn.Module, analysis: Analysis, plan: PrunePlan, inputs: tor
     method (compress.reconstruct's) applied at the cut, so phase 2 starts from the repaired model (_cut).
     `ls_samples`: how many of them (the first, in the seeded order) the least-squares step uses. Epochs may be 0 to
     skip a phase. `batch`: None picks the largest batch up to 64 whose layer outputs (teacher, student and autograd's
-    saved tensors, estimated as 3× the recorded outputs) fit in 2.5 GiB (auto_batch): 64 for CIFAR ResNets, 16 for EfficientNet-Lite0 at 224,
-    which needs about 10 GB at batch 64."""
+    saved tensors, estimated as 3× the recorded outputs) fit in 2.5 GiB (auto_batch): 64 for CIFAR ResNets, 16 for
+    EfficientNet-Lite0 at 224, which needs about 10 GB at batch 64."""
     _check_arguments(inputs, squeeze_epochs, calib_epochs, batch if batch is not None else 1, lr, ridge, ls_samples)
     if repair != "none":
         from dfp_deploy.compress.reconstruct import check_method
