@@ -291,21 +291,3 @@ def test_an_adam_phase_that_raises_the_error_is_undone():
     conv = [n for n, _ in wild.named_parameters() if n.endswith("weight") and "bn" not in n]
     assert all(torch.equal(wild.get_parameter(n), without.get_parameter(n)) for n in conv)
 
-
-def test_a_data_free_repair_at_the_cut_is_where_phase_two_starts():
-    """With repair="lmmse", the error right after the cut is exactly the lmmse-repaired model's (not the plain cut's;
-    which of the two is lower depends on whether the BN statistics describe the data, and this toy's do not); an
-    unknown repair is an InputError."""
-    from dfp_deploy.compress.reconstruct import compress_model
-    model, analysis, plan = setup()
-    x = images(48, seed=1)
-    repaired, plain = CalibrationLog(), CalibrationLog()
-    calibrate(model, analysis, plan, x, squeeze_epochs=0, calib_epochs=0, repair="lmmse", progress=False,
-              log=repaired)
-    calibrate(model, analysis, plan, x, squeeze_epochs=0, calib_epochs=0, progress=False, log=plain)
-    kept = kept_output_positions(analysis, plan)
-    expected = layer_output_error(model, compress_model(model, analysis, plan, method="lmmse"), x, kept, batch=64)
-    assert repaired.after_prune == pytest.approx(expected, rel=1e-5)
-    assert repaired.after_prune != pytest.approx(plain.after_prune, rel=1e-3)
-    with pytest.raises(InputError, match="reconstruct"):
-        calibrate(model, analysis, plan, x, repair="magic", progress=False)

@@ -96,7 +96,6 @@ def main(argv=None) -> int:
     ap.add_argument("--ridge", type=float, default=None,
                     help="fixed relative ridge of the least squares; default: cross-validated per layer")
     ap.add_argument("--ls-samples", type=int, default=1024)
-    ap.add_argument("--repair", default="none", help="data-free repair at the cut before phase 2 (e.g. lmmse)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)
@@ -153,7 +152,7 @@ def main(argv=None) -> int:
             start, cpu_start = time.perf_counter(), time.process_time()
             calibrated = calibrate(model, analysis, plans[ratio], inputs, squeeze_epochs=args.squeeze_epochs,
                                    calib_epochs=args.calib_epochs, batch=args.batch, lr=args.lr, ridge=args.ridge,
-                                   ls_samples=args.ls_samples, seed=args.seed, repair=args.repair, log=log)
+                                   ls_samples=args.ls_samples, seed=args.seed, log=log)
             wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             load_after = os.getloadavg()[0]
             acc = top1(calibrated, x_eval, y)
@@ -161,7 +160,7 @@ def main(argv=None) -> int:
                        synthetic_steps=args.synthetic_steps if source == "synthetic" else None,
                        squeeze_epochs=args.squeeze_epochs, calib_epochs=args.calib_epochs,
                        batch=args.batch or auto_batch(model, inputs[:1]),
-                       lr=args.lr, ridge=args.ridge, ls_samples=args.ls_samples, seed=args.seed, repair=args.repair,
+                       lr=args.lr, ridge=args.ridge, ls_samples=args.ls_samples, seed=args.seed,
                        importance=args.importance, original=base, eval_images=len(y), **rows[ratio],
                        calibrated=acc, wall_s=wall, cpu_s=cpu, gen_s=gen, gen_cpu_s=gen_cpu, threads=args.threads,
                        load1_before=load_before, load1_after=load_after, log=vars(log))

@@ -21,8 +21,7 @@ removed weights' gradient with a growing multiple of w; under Adam's per-element
 about η per step whatever the multiple, so whether they reach zero depends on the number of steps. The proximal form
 makes "zero at the end" independent of data size, batch and learning rate.)
 
-Phase 2, calibrate (on the physically pruned model, prune_model; with `repair`, e.g. "lmmse", the cut is first
-compensated data-free by reconstruct.compress_model, so W₀ below is the repaired weights):
+Phase 2, calibrate (on the physically pruned model, prune_model):
  (a) closed-form least squares, consumer by consumer in graph order. For a consumer (conv with groups=1, or Linear)
      write its output as Y = P Wᵀ, where P ∈ R^{N×d} are its input patches (im2col of the PRUNED model's input to it,
      which already includes the corrections of earlier consumers; plus a column of ones if it has a bias) and
@@ -94,20 +93,16 @@ class CalibrationLog:
 
 def calibrate(model: nn.Module, analysis: Analysis, plan: PrunePlan, inputs: torch.Tensor, *,
               squeeze_epochs: int = 2, calib_epochs: int = 2, batch: int | None = None, lr: float = 3e-4,
-              ridge: float | None = None, ls_samples: int = 1024, seed: int = 0, repair: str = "none",
-              progress: bool = True, log: CalibrationLog | None = None) -> nn.Module:
+              ridge: float | None = None, ls_samples: int = 1024, seed: int = 0, progress: bool = True,
+              log: CalibrationLog | None = None) -> nn.Module:
     """The physically pruned, calibrated model (see the module docstring); `model` itself is left untouched.
 
-    `inputs`: float [N, ...] calibration inputs, already normalised like the model expects. `repair`: a data-free
-    method (compress.reconstruct's) applied at the cut, so phase 2 starts from the repaired model (_cut).
-    `ls_samples`: how many of them (the first, in the seeded order) the least-squares step uses. Epochs may be 0 to
+    `inputs`: float [N, ...] calibration inputs, already normalised like the model expects. `ridge`: the relative
+    ridge ρ of the least squares; None (default) cross-validates it per layer. `ls_samples`: how many of them (the first, in the seeded order) the least-squares step uses. Epochs may be 0 to
     skip a phase. `batch`: None picks the largest batch up to 64 whose layer outputs (teacher, student and autograd's
     saved tensors, estimated as 3× the recorded outputs) fit in 2.5 GiB (auto_batch): 64 for CIFAR ResNets, 16 for
     EfficientNet-Lite0 at 224, which needs about 10 GB at batch 64."""
     _check_arguments(inputs, squeeze_epochs, calib_epochs, batch if batch is not None else 1, lr, ridge, ls_samples)
-    if repair != "none":
-        from dfp_deploy.compress.reconstruct import check_method
-        check_method(repair)
     keep = validate_plan(analysis, plan)
     log = log if log is not None else CalibrationLog()
     inputs = inputs.detach().float()
@@ -126,7 +121,7 @@ def calibrate(model: nn.Module, analysis: Analysis, plan: PrunePlan, inputs: tor
             try:
                 student = _squeeze(teacher, model, analysis, keep, inputs, layer_order, squeeze_epochs, batch, lr,
                                    seed, bar, log)
-                pruned = _cut(student, analysis, PrunePlan(keep=dict(keep)), repair)
+                pruned = prune_model(student, analysis, PrunePlan(keep=dict(keep))).eval()
                 kept_out = _kept_output_positions(analysis, keep)
                 log.after_prune = _mean_loss(teacher, pruned, inputs, batch, layer_order, kept_out)
                 log.least_squares_ridge = _least_squares(teacher, pruned, analysis, keep, inputs[:ls_samples],
@@ -155,15 +150,6 @@ def calibrate(model: nn.Module, analysis: Analysis, plan: PrunePlan, inputs: tor
         model.train(was_training)
     _restore_requires_grad(model, pruned)
     return pruned.eval()
-
-
-def _cut(student: nn.Module, analysis: Analysis, plan: PrunePlan, repair: str) -> nn.Module:
-    """Physically prune the (squeezed) student; with a data-free `repair` (reconstruct.compress_model's methods)
-    the cut is compensated first, so phase 2 starts from — and its ridge pulls toward — the repaired weights."""
-    if repair == "none":
-        return prune_model(student, analysis, plan).eval()
-    from dfp_deploy.compress.reconstruct import compress_model
-    return compress_model(student, analysis, plan, method=repair).eval()
 
 
 def auto_batch(model: nn.Module, example: torch.Tensor, names: list[str] | None = None, *, cap: int = 64,
