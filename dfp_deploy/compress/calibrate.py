@@ -529,7 +529,7 @@ def choose_ridge(stats: _FoldStatistics, current: torch.Tensor, grid: tuple[floa
     _held_out_error. With one eigendecomposition G₋f = Q Λ Qᵀ per fold, every λ costs one product:
     W_λᵀ = Q (Λ + λ)⁻¹ Qᵀ (C₋f + λ W₀ᵀ). Candidates are tried from the most conservative (inf, i.e. W₀) to the
     least, and a smaller ρ must be strictly better to win, so ties keep the weights closest to W₀. With fewer than
-    two non-empty folds there is nothing to validate on: the smallest-but-safe 1e-3 of the fixed-ridge mode."""
+    two non-empty folds there is nothing to validate on: the fixed-ridge default, 1e-3."""
     present = [f for f in range(stats.folds) if stats.gram[f] is not None]
     if len(present) < 2:
         return 1e-3
