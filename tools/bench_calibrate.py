@@ -21,6 +21,7 @@ the plans (JSON, keyed by model, weights, importance and ratio) so later runs re
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import time
@@ -68,10 +69,7 @@ def plan_for(model, analysis, ratio: float, importance: str, cache: str | None, 
 
 def ridge_summary(ridges: dict[str, float]) -> str:
     """'1e-4×20 1×3 inf×2': how many least-squares layers used each relative ridge (inf = weights kept)."""
-    counts: dict[float, int] = {}
-    for rho in ridges.values():
-        counts[rho] = counts.get(rho, 0) + 1
-    return " ".join(f"{rho:g}×{n}" for rho, n in sorted(counts.items()))
+    return " ".join(f"{rho:g}×{n}" for rho, n in sorted(collections.Counter(ridges.values()).items()))
 
 
 def main(argv=None) -> int:

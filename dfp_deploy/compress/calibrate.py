@@ -98,10 +98,11 @@ def calibrate(model: nn.Module, analysis: Analysis, plan: PrunePlan, inputs: tor
     """The physically pruned, calibrated model (see the module docstring); `model` itself is left untouched.
 
     `inputs`: float [N, ...] calibration inputs, already normalised like the model expects. `ridge`: the relative
-    ridge ρ of the least squares; None (default) cross-validates it per layer. `ls_samples`: how many of them (the first, in the seeded order) the least-squares step uses. Epochs may be 0 to
-    skip a phase. `batch`: None picks the largest batch up to 64 whose layer outputs (teacher, student and autograd's
-    saved tensors, estimated as 3× the recorded outputs) fit in 2.5 GiB (auto_batch): 64 for CIFAR ResNets, 16 for
-    EfficientNet-Lite0 at 224, which needs about 10 GB at batch 64."""
+    ridge ρ of the least squares; None (default) cross-validates it per layer. `ls_samples`: how many of the inputs
+    (the first, in the seeded order) the least-squares step uses. Epochs may be 0 to skip a phase. `batch`: None
+    picks the largest batch up to 64 whose layer outputs (teacher, student and autograd's saved tensors, estimated as
+    3× the recorded outputs) fit in 2.5 GiB (auto_batch): 64 for CIFAR ResNets, 16 for EfficientNet-Lite0 at 224,
+    which needs about 10 GB at batch 64."""
     _check_arguments(inputs, squeeze_epochs, calib_epochs, batch if batch is not None else 1, lr, ridge, ls_samples)
     keep = validate_plan(analysis, plan)
     log = log if log is not None else CalibrationLog()
@@ -492,17 +493,21 @@ class _FoldStatistics:
         self.sq = [0.0] * folds
 
     def add(self, patches: torch.Tensor, target: torch.Tensor, first_image: int, images: int) -> None:
+        if self.folds == 1:  # fixed-ridge mode: nothing held out, so no row selection (and no copies)
+            self._accumulate(0, patches, target)
+            return
         rows = len(patches) // images  # _patches/_rows_of_output keep each image's rows together, in order
         fold_of_row = ((first_image + torch.arange(images)) % self.folds).repeat_interleave(rows)
         for f in range(self.folds):
             mask = fold_of_row == f
-            if not bool(mask.any()):
-                continue
-            p, t = patches[mask], target[mask]
-            g, c = p.T @ p, p.T @ t
-            self.gram[f] = g if self.gram[f] is None else self.gram[f] + g
-            self.cross[f] = c if self.cross[f] is None else self.cross[f] + c
-            self.sq[f] += float(t.pow(2).sum())
+            if bool(mask.any()):
+                self._accumulate(f, patches[mask], target[mask])
+
+    def _accumulate(self, f: int, p: torch.Tensor, t: torch.Tensor) -> None:
+        g, c = p.T @ p, p.T @ t
+        self.gram[f] = g if self.gram[f] is None else self.gram[f] + g
+        self.cross[f] = c if self.cross[f] is None else self.cross[f] + c
+        self.sq[f] += float(t.pow(2).sum())
 
     def total(self) -> tuple[torch.Tensor, torch.Tensor]:
         grams = [g for g in self.gram if g is not None]
@@ -550,11 +555,7 @@ def choose_ridge(stats: _FoldStatistics, current: torch.Tensor, grid: tuple[floa
                 lam = max(rho * scale, _EPS)
                 w = (q @ ((qt_c + lam * qt_w) / (eigenvalues + lam)[:, None])).T
             errors[i] += _held_out_error(w, stats.gram[f], stats.cross[f], stats.sq[f])
-    best = 0
-    for i in range(1, len(candidates)):
-        if errors[i] < errors[best]:
-            best = i
-    return candidates[best]
+    return candidates[min(range(len(candidates)), key=errors.__getitem__)]  # first minimum: ties -> larger ρ
 
 
 def _capture(model: nn.Module, name: str, x: torch.Tensor, want: str) -> torch.Tensor:
