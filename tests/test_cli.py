@@ -253,6 +253,15 @@ def test_latency_budget_search_fits_its_model_to_the_original_and_the_floor(reci
     fitted = json.loads((tmp_path / "lat" / "report.json").read_text())["search"]["latency_model"]
     assert set(fitted["measured_ms"]) == {"original", "floor"}
     assert all(v > 0 for v in fitted["measured_ms"].values())
+    # search.measure "best" (default): the first candidate is always a new best, so it is timed on the target
+    log = [json.loads(line) for line in (tmp_path / "lat" / "search_log.jsonl").read_text().splitlines()]
+    timed = [r for r in log if r["latency_ms"] is not None]
+    assert log[0]["latency_ms"] is not None and len(timed) == fitted["candidates_timed"] >= 1
+    assert fitted["engines_timed"] == 2 + fitted["candidates_timed"]
+    assert fitted["target_ms"] == pytest.approx(0.95 * fitted["measured_ms"]["original"])
+    assert all(r["reward"] == pytest.approx(r["proxy"] - max(0.0, r["latency_ms"] / fitted["target_ms"] - 1))
+               for r in timed)
+    assert "engines timed during the search" in (tmp_path / "lat" / "report.md").read_text()
     # the floor keeps >= 20% of every inner group and the whole residual stream: 5% of the latency is out of reach
     res = run("build", recipe, "--out", tmp_path / "lat5", *FAST, *common, "--set", "search.budget=0.05")
     assert res.exit_code == 2 and "unreachable" in res.output

@@ -420,6 +420,8 @@ def test_bad_options_raise_input_errors():
         R.compress_model(model, analysis, PrunePlan(), method="udfc", weight_bits=1)
     with pytest.raises(InputError, match="alpha"):
         R.build_mixing(model, analysis, _without(P), method="udfc", alpha=-1.0)
+    with pytest.raises(InputError, match="merge_grid_growth"):
+        R.build_mixing(model, analysis, _without(P), method="udfc", weight_bits=4, merge_grid_growth=-0.5)
     with pytest.raises(InputError, match="budget"):
         R.select_plan(model, analysis, ratio=0.3, budget="latency")
 
@@ -466,3 +468,46 @@ def test_folded_weights_have_standard_strides(method):
         assert p.stride() == torch.empty(p.shape).stride(), (name, p.stride())
     with torch.no_grad():
         assert compressed(torch.randn(2, 8, 4, 4)).is_contiguous()
+
+
+# --- merges into quantized consumers ----------------------------------------------------------------------------------
+
+def test_guard_keeps_only_merges_that_leave_the_rounding_grid_alone():
+    # two kept channels (0, 1), two pruned ones merged into channel 0; one consumer row, one tap:
+    # without merges the row is [1, 2] (grid set by 2); merging p=2 (column 3, scale 0.2) gives column 0 = 1.6 (fits),
+    # then p=3 (column 1, scale 1) would give 2.6 > 2: dropped at growth 0, kept at growth 0.5 (limit 3)
+    w = torch.tensor([[[1.0], [2.0], [3.0], [1.0]]], dtype=torch.float64)  # [O=1, C=4, T=1]
+    mixing = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.2, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    priority = torch.tensor([0.0, 0.0, 2.0, 1.0])
+    tight = R.guard_merges(mixing, [0, 1], [w], priority, 0.0)
+    assert torch.equal(tight, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.2, 0.0], [0.0, 0.0]], dtype=torch.float64))
+    assert torch.equal(R.guard_merges(mixing, [0, 1], [w], priority, 0.5), mixing)
+    assert torch.equal(R.guard_merges(mixing, [0, 1], [w], priority, math.inf), mixing)
+    # the order matters: p=3 first takes all the room (column 0 = 2, the limit), then p=2 no longer fits
+    swapped = R.guard_merges(mixing, [0, 1], [w], torch.tensor([0.0, 0.0, 1.0, 2.0]), 0.0)
+    assert torch.equal(swapped, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [1.0, 0.0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("growth", [0.0, 0.25])
+def test_guarded_udfc_never_widens_a_quantized_consumer_row_beyond_the_growth(growth):
+    gen = torch.Generator().manual_seed(3)
+    model = _seeded(ConvBnReluConv(mid=12), 3)
+    analysis = analyze(model, torch.zeros(1, 3, 8, 8))
+    keep = (0, 2, 5, 7, 9, 11)
+    plan = PrunePlan(keep={"conv1": keep})
+    with torch.no_grad():
+        model.conv1.weight[1] = 3.0 * model.conv1.weight[0] + 0.1 * torch.randn(model.conv1.weight[0].shape,
+                                                                                  generator=gen)
+    free = R.build_mixing(model, analysis, plan, method="udfc", weight_bits=4)["conv1"]
+    kept_only = torch.zeros_like(free)
+    kept_only[list(keep)] = free[list(keep)]  # the kept columns with UDFC's quantization rescale s', no merges
+    selected = torch.einsum("oc...,ck->ok...", model.conv2.weight.detach().double(), kept_only).abs().amax(dim=(1, 2, 3))
+    guarded = R.build_mixing(model, analysis, plan, method="udfc", weight_bits=4, merge_grid_growth=growth)["conv1"]
+    fp32 = R.build_mixing(model, analysis, plan, method="udfc", merge_grid_growth=growth)["conv1"]
+    merged = torch.einsum("oc...,ck->ok...", model.conv2.weight.detach().double(), guarded)
+    assert (merged.abs().amax(dim=(1, 2, 3)) <= (1 + growth) * selected * (1 + 1e-12)).all()
+    unguarded = torch.einsum("oc...,ck->ok...", model.conv2.weight.detach().double(), free)
+    assert (unguarded.abs().amax(dim=(1, 2, 3)) > (1 + growth) * selected).any()  # the guard had work to do
+    assert torch.equal(guarded[list(keep)], free[list(keep)])  # kept rows (s') untouched
+    assert ((guarded == 0) | (guarded == free)).all()  # merges are kept whole or dropped
+    assert not torch.equal(fp32, guarded) and torch.count_nonzero(fp32) >= torch.count_nonzero(guarded)

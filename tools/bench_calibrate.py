@@ -15,7 +15,9 @@ optimisation steps, cached under --cache so both ratios share them). Time is for
 seconds (with one thread this is the unshared wall time; the machines are shared, so wall time, in brackets, and the
 1-minute load average before and after are recorded too); generating synthetic inputs is timed separately (gen).
 Single-threaded by default (--threads 1). The lmmse selection of Lite0 takes minutes; --plan-cache FILE keeps
-the plans (JSON, keyed by model, weights, importance and ratio) so later runs reuse them.
+the plans (JSON, keyed by model, weights, importance and ratio) so later runs reuse them. --plan-json FILE ...
+calibrates given plans instead of uniform ratios: the plan.json of a build (e.g. the plan a `search:` recipe found),
+labelled by the file's folder name.
 """
 
 from __future__ import annotations
@@ -67,6 +69,12 @@ def plan_for(model, analysis, ratio: float, importance: str, cache: str | None, 
     return plan
 
 
+def load_plan_json(path: str) -> PrunePlan:
+    """The plan a build wrote (plan.json: {"keep": {group: [kept channel indices]}, ...})."""
+    with open(path) as f:
+        return PrunePlan(keep={name: tuple(kept) for name, kept in json.load(f)["keep"].items()})
+
+
 def ridge_summary(ridges: dict[str, float]) -> str:
     """'1e-4×20 1×3 inf×2': how many least-squares layers used each relative ridge (inf = weights kept)."""
     return " ".join(f"{rho:g}×{n}" for rho, n in sorted(collections.Counter(ridges.values()).items()))
@@ -87,6 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("--importance", default="l2", choices=RANKINGS,
                     help="channel ranking; lmmse = ChannelPlanner's lmmse selection (uniform allocation)")
     ap.add_argument("--plan-cache", default=None, help="JSON file that stores the plans between runs")
+    ap.add_argument("--plan-json", nargs="+", default=None,
+                    help="plan.json files of builds (e.g. a searched plan) to calibrate instead of --ratios")
     ap.add_argument("--squeeze-epochs", type=int, default=2)
     ap.add_argument("--calib-epochs", type=int, default=2)
     ap.add_argument("--batch", type=int, default=None, help="default: calibrate's auto_batch (64 ResNet-56, 16 Lite0)")
@@ -117,10 +127,15 @@ def main(argv=None) -> int:
 
     plans, rows = {}, {}
     baselines = [b for b in args.baselines.split(",") if b]
-    for ratio in args.ratios:
+    # a ratio, or the folder name of a build's plan.json
+    keys = [os.path.basename(os.path.dirname(os.path.abspath(f))) for f in args.plan_json or []] or args.ratios
+    for i, ratio in enumerate(keys):
         start = time.perf_counter()
-        plan = plan_for(model, analysis, ratio, args.importance, args.plan_cache,
-                        f"{args.model}|{os.path.basename(args.weights or '')}")
+        if args.plan_json:
+            plan = load_plan_json(args.plan_json[i])
+        else:
+            plan = plan_for(model, analysis, ratio, args.importance, args.plan_cache,
+                            f"{args.model}|{os.path.basename(args.weights or '')}")
         plans[ratio] = plan
         plan_s = time.perf_counter() - start
         macs = count_macs(prune_model(model, analysis, plan), one) / macs0 - 1
@@ -129,7 +144,8 @@ def main(argv=None) -> int:
             compressed = compress_model(model, analysis, plan, method="none" if method == "plain" else method)
             scores[method] = top1(compressed, x_eval, y)
         rows[ratio] = dict(macs_change=macs, **scores)
-        print(f"# ratio {ratio:g}: MACs {macs:+.1%}, {args.importance} plan {plan_s:.0f} s, data-free " +
+        source = os.path.basename(args.plan_json[i]) if args.plan_json else f"{args.importance} plan"
+        print(f"# ratio {ratio}: MACs {macs:+.1%}, {source} {plan_s:.0f} s, data-free " +
               ", ".join(f"{k} {v:.2f}" for k, v in scores.items()), flush=True)
 
     print("| ratio | MACs | calib | n | ep sq/cal | lr | " + "".join(f"{b} | " for b in baselines) +
@@ -144,7 +160,7 @@ def main(argv=None) -> int:
         gen = time.perf_counter() - start if source == "synthetic" else 0.0
         gen_cpu = time.process_time() - cpu_start if source == "synthetic" else 0.0
         label = "synthetic" if source == "synthetic" else os.path.basename(source)
-        for ratio in args.ratios:
+        for ratio in keys:
             log = CalibrationLog()
             load_before = os.getloadavg()[0]
             start, cpu_start = time.perf_counter(), time.process_time()
@@ -159,12 +175,14 @@ def main(argv=None) -> int:
                        squeeze_epochs=args.squeeze_epochs, calib_epochs=args.calib_epochs,
                        batch=args.batch or auto_batch(model, inputs[:1]),
                        lr=args.lr, ridge=args.ridge, ls_samples=args.ls_samples, seed=args.seed,
-                       importance=args.importance, original=base, eval_images=len(y), **rows[ratio],
+                       importance=None if args.plan_json else args.importance,
+                       plan_json=args.plan_json[keys.index(ratio)] if args.plan_json else None,
+                       original=base, eval_images=len(y), **rows[ratio],
                        calibrated=acc, wall_s=wall, cpu_s=cpu, gen_s=gen, gen_cpu_s=gen_cpu, threads=args.threads,
                        load1_before=load_before, load1_after=load_after, log=vars(log))
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            print(f"| {ratio:g} | {rows[ratio]['macs_change']:+.1%} | {label} | {n} | "
+            print(f"| {ratio} | {rows[ratio]['macs_change']:+.1%} | {label} | {n} | "
                   f"{args.squeeze_epochs}/{args.calib_epochs} | {args.lr:g} | " +
                   "".join(f"{rows[ratio][b]:.2f} | " for b in baselines) +
                   f"{acc:.2f} | {log.after_prune:.3g}→{log.after_least_squares:.3g}→{log.final:.3g} | "

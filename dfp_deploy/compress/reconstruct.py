@@ -33,6 +33,15 @@ applies it) and the constant Σ_c W'_c d_c goes into the consumer's bias (or the
    top-1 against 85.6 / 62.2 at the paper's 0.01; w4 flat within noise for α' from 0.001 to 10); the NM threshold
    t = 0.1 (0.3 and 0.5 lose 2-19 points). The NNLS vector form (multi) measured better than single merges there
    (+1.6 / +7.6 at −30%, +6.0 / +5.8 at −50%) but has no bound; it stays an option.
+2b. Merges into QUANTIZED consumers (NM and UDFC; `guard_merges`). Merging p into q adds s·W'_p to the consumer's
+   column q. Per-channel rounding puts each consumer row o on the grid max_j |W'[o, j]| / qmax, so when several
+   pruned channels pile onto one "hub" column, the row's grid widens and every other weight of the row is rounded
+   more coarsely (EfficientNet-Lite0: one kept expand channel took 7 merges; 6-bit rounding error of the project
+   convs rose from ~3% to 8-24% and top-1 fell from 69 to 20; docs/BENCHMARKS.md). The bound of 2. says nothing
+   about this: it is computed before the consumer is rounded. So, when the consumer is quantized, merges are
+   taken greedily in order of the energy the pruned channel fed the consumers (Σ‖W'_p‖²·E[y_p²]) and a merge is
+   kept only if no row of any quantized consumer then exceeds (1 + g) × its maximum without merges; otherwise p
+   is dropped plainly. g = MERGE_GRID_GROWTH (∞ = no guard); unquantized consumers are never guarded.
 
 3. "lmmse" (ours): the linear minimum-mean-square-error estimate of every channel's activation from the kept
    channels' deployed activations, under a Gaussian model built only from weights and BN statistics:
@@ -92,6 +101,7 @@ METHODS = ("none", "neuron_merging", "udfc", "lmmse")
 DEFAULT_ALPHA = 0.01
 DEFAULT_ALPHA_Q = 1.0
 NM_THRESHOLD = 0.1
+MERGE_GRID_GROWTH = math.inf  # guard_merges off until measured
 NM_LAMBDA = 0.85
 SPATIAL_RHO_DEFAULT = 0.8  # input model: correlation of neighbouring pixels (natural images), chosen on train images
 _PATH_OK = {"bn", "relu", "relu6", "depthwise", "pool", "flatten", "pad"}
@@ -182,6 +192,37 @@ def udfc_quant_scales(w: torch.Tensor, w_q: torch.Tensor, b: torch.Tensor, alpha
     num = (w * w_q).sum(dim=1) + alpha_q * b * b
     den = (w_q * w_q).sum(dim=1) + alpha_q * b * b
     return torch.where(den > 0, num / den.clamp_min(1e-300), torch.ones_like(num))
+
+
+def guard_merges(mixing: torch.Tensor, keep: list[int], consumers: list[torch.Tensor], priority: torch.Tensor,
+                 growth: float) -> torch.Tensor:
+    """Undo the merges that would coarsen a quantized consumer's rounding grid (module docstring, 2b).
+
+    `consumers`: the quantized consumers' weights as [O, C, T] in group channel order; `priority` [C]: the order in
+    which pruned rows are considered (largest first). A consumer row o is rounded on the grid max_j |W_new[o, j]|/qmax;
+    the merge of pruned row p adds W[:, p]·M[p, k] to the kept columns k. It is kept only if every changed column stays
+    within (1 + growth) × the row's maximum without merges, so the merges that are kept leave every grid within that
+    factor and the rounding of the other weights as it was. growth = inf keeps every merge."""
+    if math.isinf(growth) or not consumers:
+        return mixing
+    kept = set(keep)
+    pruned = [c for c in range(mixing.shape[0]) if c not in kept]
+    base = torch.zeros_like(mixing)
+    base[torch.as_tensor(keep, dtype=torch.long)] = mixing[torch.as_tensor(keep, dtype=torch.long)]
+    current = [torch.einsum("oct,ck->okt", w, base) for w in consumers]
+    limits = [(1.0 + growth) * cur.abs().amax(dim=(1, 2)) for cur in current]
+    guarded = base.clone()
+    for p in sorted(pruned, key=lambda c: -float(priority[c])):
+        cols = torch.nonzero(mixing[p]).flatten()
+        if cols.numel() == 0:
+            continue
+        trial = [cur[:, cols] + w[:, p, None, :] * mixing[p, cols][None, :, None]
+                 for cur, w in zip(current, consumers)]
+        if all(bool((t.abs().amax(dim=(1, 2)) <= lim).all()) for t, lim in zip(trial, limits)):
+            for cur, t in zip(current, trial):
+                cur[:, cols] = t
+            guarded[p] = mixing[p]
+    return guarded
 
 
 def nnls_rows(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -646,14 +687,19 @@ def build_reconstruction(model: nn.Module, analysis: Analysis, plan: PrunePlan, 
                          weight_bits: int | None = None, alpha: float = DEFAULT_ALPHA,
                          alpha_q: float = DEFAULT_ALPHA_Q, nm_threshold: float = NM_THRESHOLD,
                          nm_lambda: float = NM_LAMBDA, multi: bool = False,
+                         merge_grid_growth: float = MERGE_GRID_GROWTH,
                          groups: list[str] | None = None, layer_bits: dict[str, int] | None = None) -> Reconstruction:
     """Mixing (and lmmse offsets) for every planned group, and, when quantizing, every compensable group.
-    `layer_bits` {module: bits} overrides weight_bits per module (only when weight_bits is set)."""
+    `layer_bits` {module: bits} overrides weight_bits per module (only when weight_bits is set).
+    `merge_grid_growth`: NM / UDFC merges into quantized consumers are guarded by guard_merges with this growth."""
     check_method(method)
     bits = check_bits(weight_bits) if weight_bits is not None else None
     bits_of = _bits_lookup(bits, layer_bits)
     _check_positive("alpha", alpha)
     _check_positive("alpha_q", alpha_q)
+    if isinstance(merge_grid_growth, bool) or not isinstance(merge_grid_growth, (int, float)) \
+            or not merge_grid_growth >= 0:
+        raise InputError(f"reconstruction merge_grid_growth: {merge_grid_growth!r} must be a number >= 0 (inf: off)")
     result = Reconstruction()
     if method == "none":
         return result
@@ -675,15 +721,36 @@ def build_reconstruction(model: nn.Module, analysis: Analysis, plan: PrunePlan, 
         if not planned and method == "udfc" and site.depthwise is not None:
             continue
         st = _site_tensors(modules, site, bits_of)
-        if method == "neuron_merging":
-            result.mixing[name] = _nm_site(st, keep, nm_threshold, nm_lambda)
-        elif method == "udfc":
-            result.mixing[name] = _udfc_site(st, keep, alpha, alpha_q, multi)
+        if method in ("neuron_merging", "udfc"):
+            mixing = (_nm_site(st, keep, nm_threshold, nm_lambda) if method == "neuron_merging"
+                      else _udfc_site(st, keep, alpha, alpha_q, multi))
+            if planned and bits is not None:
+                mixing = _guarded(mixing, keep, modules, site, st, bits_of, merge_grid_growth)
+            result.mixing[name] = mixing
         else:
             mixing, offset, kept_mean, kept_cov = _lmmse_site(st, keep, site.activation)
             result.mixing[name], result.offsets[name] = mixing, offset
             result.kept_means[name], result.kept_covs[name] = kept_mean, kept_cov
     return result
+
+
+def _guarded(mixing: torch.Tensor, keep: list[int], modules: dict[str, nn.Module], site: Site, st: _SiteTensors,
+             bits_of: Callable[[str], int | None], growth: float) -> torch.Tensor:
+    """guard_merges over the site's quantized consumers, pruned rows in order of the energy they fed the consumers:
+    Σ_consumers ‖W'_p‖² · E[y_p²] (y_p ~ N(mean, std²) at the BN the consumers see through the activation)."""
+    channels = mixing.shape[0]
+    weights = []
+    for name, mapping in site.consumers.items():
+        position = _inverse(mapping, channels)
+        if bits_of(name) is None or position is None:
+            continue  # not quantized, or a channel seen at several positions: nothing to guard / no column order
+        w = modules[name].weight.detach().double()
+        weights.append(w.reshape(w.shape[0], w.shape[1], -1)[:, torch.as_tensor(position, dtype=torch.long)])
+    if not weights:
+        return mixing
+    mean, std = (st.dw_mean, st.dw_std) if st.dw is not None else (st.mean, st.std)
+    priority = sum((w * w).sum(dim=(0, 2)) for w in weights) * (mean * mean + std * std)
+    return guard_merges(mixing, keep, weights, priority, growth)
 
 
 def _bits_lookup(bits: int | None, layer_bits: dict[str, int] | None) -> Callable[[str], int | None]:

@@ -70,6 +70,12 @@ def render_markdown(r: dict) -> str:
                   f"{srch['best_episode']} (proxy {srch['best_proxy']:.4g}, data-free {srch['proxy_metric']} on "
                   f"BN-matched synthetic inputs). Log `{srch['log']}`"
                   + (f", Pareto plot `{srch['pareto_plot']}`." if srch.get("pareto_plot") else "."), ""]
+        lat = srch.get("latency_model") or {}
+        if lat.get("engines_timed"):
+            lines += [f"Latency on the target: {lat['engines_timed']} engines timed during the search (the original, "
+                      f"the floor plan and {lat['candidates_timed']} candidates that beat the best proxy so far, each "
+                      f"against the original); target {lat['target_ms']:.3f} ms, latency model "
+                      f"{lat['final_intercept_ms']:.3f} ms + {lat['final_scale_ms']:.3f} ms × MAC share.", ""]
     env = r["environment"]
     lines += ["Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
     if r.get("warnings"):
