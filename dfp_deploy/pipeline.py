@@ -330,10 +330,11 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
         report["accuracy"] = accuracy
     if search_report is not None:
         report["search"] = search_report
-    if getattr(eng_after, "kernels", None):
-        report["engine"] = {"kernels": eng_after.kernels}
-    if getattr(eng_after, "layer_summary", None):
-        report["engine"] = {"layers": eng_after.layer_summary}
+    engine_info = {key: value for key, value in (("kernels", getattr(eng_after, "kernels", None)),
+                                                  ("layers", getattr(eng_after, "layer_summary", None))) if value}
+    if engine_info:
+        report["engine"] = engine_info
+    report["warnings"] += _engine_warnings(engine_info.get("layers"))
     if t.precision == "int8":
         report["quantization"] = {"activations": recipe.compress.quantize.activations,
                                   "range_k": recipe.compress.quantize.range_k,
@@ -464,6 +465,22 @@ def _latency_model(recipe, model, analysis, space, example, work, backend, plan_
     cost.observe(floor_keep, floor_ms)
     return cost, timer, {"measured_ms": {"original": timer.reference_ms, "floor": floor_ms},
                          "intercept_ms": cost.c0, "scale_ms": cost.scale}
+
+
+def _engine_warnings(layers: dict | None) -> list[str]:
+    """What the built engine says against the plan: layers meant to run int8 that do not (TensorRT inspector)."""
+    if not layers:
+        return []
+    out = []
+    if layers.get("not_int8"):
+        names = ", ".join(f"{d['onnx_node']} ({d['precision']})" for d in layers["not_int8"][:5])
+        more = len(layers["not_int8"]) - 5
+        out.append(f"{len(layers['not_int8'])} conv/gemm layer(s) meant to run int8 do not: {names}"
+                   + (f" and {more} more" if more > 0 else "") + " (report.json engine.layers)")
+    if layers.get("unmatched_int8_nodes"):
+        out.append(f"{len(layers['unmatched_int8_nodes'])} Q/DQ-fed node(s) were found in no engine layer "
+                   "(fused away or renamed; report.json engine.layers)")
+    return out
 
 
 def _backend_options(recipe: Recipe) -> dict:

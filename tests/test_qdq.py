@@ -196,6 +196,24 @@ def test_cleanup_never_folds_weight_dequantize(quantized):
     pass_validate_qdq(cleaned, "tensorrt")
 
 
+def test_cleanup_excludes_every_qdq_node_from_folding(quantized, monkeypatch):
+    # onnx-graphsurgeon 0.6 already skips Q/DQ when folding, so the test above would pass without our exclusion;
+    # this one checks that we pass it and that it names exactly the Q/DQ nodes
+    predicates, fold = [], gs.Graph.fold_constants
+
+    def spy(self, *args, should_exclude_node=None, **kwargs):
+        predicates.append((should_exclude_node, list(self.nodes)))
+        return fold(self, *args, should_exclude_node=should_exclude_node, **kwargs)
+
+    monkeypatch.setattr(gs.Graph, "fold_constants", spy)
+    pass_cleanup(quantized["tensorrt"], fold_constants=True)
+    assert predicates
+    for exclude, nodes in predicates:
+        assert exclude is not None
+        assert {n.name for n in nodes if exclude(n)} == \
+            {n.name for n in nodes if n.op in ("QuantizeLinear", "DequantizeLinear")} != set()
+
+
 def test_ort_optimized_graph_has_integer_kernels(quantized, tmp_path):
     session(quantized["ort-cpu"], tmp_path / "ort.onnx")
     counts = op_counts(onnx.load(str(tmp_path / "ort.onnx")))

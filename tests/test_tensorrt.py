@@ -234,6 +234,17 @@ def test_summarize_layers_lists_nodes_no_layer_names(sample_layers):
     assert (s["int8_expected"], s["int8_ok"]) == (8, 6) and s["unmatched_int8_nodes"] == ["/head/extra/Conv"]
 
 
+def test_layers_that_miss_int8_become_build_warnings(sample_layers):
+    from dfp_deploy.pipeline import _engine_warnings
+
+    s = summarize_layers(sample_layers, SAMPLE_INT8_NODES | {"/head/extra/Conv"})
+    warnings = _engine_warnings(s)
+    assert warnings[0].startswith("1 conv/gemm layer(s) meant to run int8 do not: /block2/down/Conv (FP32)")
+    assert warnings[1].startswith("1 Q/DQ-fed node(s) were found in no engine layer")
+    assert _engine_warnings(summarize_layers(sample_layers, lambda layer: "down" not in layer.name)) == []
+    assert _engine_warnings(None) == []
+
+
 def test_summarize_layers_with_predicate_all_and_none(sample_layers):
     not_down = summarize_layers(sample_layers, lambda layer: "down" not in layer.name)
     assert not_down["text"] == "6/6 conv/gemm layers run INT8, 4 reformats" and not_down["not_int8"] == []
@@ -514,6 +525,27 @@ def test_build_plan_merges_timings_saved_by_another_build_meanwhile(tmp_path):
     build_plan(trt, prepare_onnx(tiny_fp32_model(), builder_settings("fp32")), builder_settings("fp32"), cache, "m")
     assert set(load_timing_cache(cache).decode().split(",")[1:]) >= {"old", "other-process"}
     assert len(load_timing_cache(cache).decode().split(",")) == 4  # + this build's own entry
+
+
+def test_build_plan_starts_a_cold_cache_when_the_saved_one_is_rejected(tmp_path):
+    cache = tmp_path / "gpu.cache"
+    save_timing_cache(cache, b"garbage")
+    trt = fake_tensorrt()
+    builder_create = _FakeConfig.create_timing_cache
+
+    def picky(self, data):  # TensorRT raises on bytes it cannot read
+        if bytes(data) == b"garbage":
+            raise RuntimeError("invalid timing cache")
+        return builder_create(self, data)
+
+    _FakeConfig.create_timing_cache = picky
+    try:
+        plan, notes = build_plan(trt, prepare_onnx(tiny_fp32_model(), builder_settings("fp32")),
+                                 builder_settings("fp32"), cache, "m.onnx")
+    finally:
+        _FakeConfig.create_timing_cache = builder_create
+    assert plan.startswith(b"PLAN")
+    assert load_timing_cache(cache).startswith(b"cache,timing-")  # the cold cache, filled by this build, replaced it
 
 
 def test_build_plan_collects_parser_errors_into_one_export_error(tmp_path):

@@ -575,7 +575,12 @@ def _configure(trt, builder, settings: dict, cache_bytes: bytes):
     for flag in settings["cleared_flags"]:
         if hasattr(trt.BuilderFlag, flag):
             config.clear_flag(getattr(trt.BuilderFlag, flag))
-    cache = config.create_timing_cache(cache_bytes) if cache_bytes else None
+    cache = None
+    if cache_bytes:
+        try:
+            cache = config.create_timing_cache(cache_bytes)
+        except Exception:  # noqa: BLE001 - TensorRT raises its own types on corrupt bytes; a cold cache is fine
+            cache = None
     if cache is None:  # none yet, or unreadable (e.g. truncated): start an empty one, overwritten after the build
         cache = config.create_timing_cache(b"")
     config.set_timing_cache(cache, False)
