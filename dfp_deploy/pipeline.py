@@ -277,6 +277,13 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
     x_ref, ref_kind = _reference_inputs(recipe, loaded, t.batch)
     par = parity(_torch_runner(compressed), _ChunkedEngine(eng_after, t.batch), x_ref)
     par.update(inputs=ref_kind, precision=t.precision)
+    if t.precision == "int8":
+        # the float model is not what an int8 engine computes: also compare with the simulated quantization
+        from dfp_deploy.backends.ort import simulated_quantization
+
+        simulated = simulated_quantization(engine_onnx, t.threads)
+        sim = parity(_chunked(simulated.run, t.batch), _ChunkedEngine(eng_after, t.batch), x_ref)
+        par["simulated"] = {k: sim[k] for k in ("max_abs_err", "mean_abs_err", "top1_agreement")}
     _check_parity(recipe, par, ref_kind)
 
     latency = {"backend": t.backend, "precision": t.precision, "batch": t.batch}

@@ -154,6 +154,10 @@ def test_int8_build_runs_integer_kernels(recipe, tmp_path):
     kernels = r["engine"]["kernels"]
     assert kernels["integer_conv_gemm"] >= 19 and kernels["float_conv_gemm"] == 0  # 19 convs + 1 gemm in ResNet-20
     assert 0 <= r["parity"]["top1_agreement"] <= 1
+    # the integer kernels reproduce the simulated quantization far more closely than the float model
+    sim = r["parity"]["simulated"]
+    assert sim["max_abs_err"] < 0.5 * r["parity"]["max_abs_err"] and sim["top1_agreement"] >= 0.9
+    assert "Against the simulated quantization" in (out / "report.md").read_text()
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # the BN-kept export is removed
 
 

@@ -53,6 +53,18 @@ def _static_shape(session) -> tuple:
     return tuple(d if isinstance(d, int) else None for d in session.get_inputs()[0].shape)
 
 
+def simulated_quantization(onnx_path: Path, threads: int | None = None) -> OrtEngine:
+    """The Q/DQ graph run as written, ONNX Runtime's graph optimizations off: every QuantizeLinear and
+    DequantizeLinear executes as its own float op, so the convs see DQ(Q(x)) and DQ(W_int8) in float — the simulated
+    quantization the integer engine is meant to reproduce, on the same scales and zero points (parity reference)."""
+    ort = _import_ort()
+    threads = threads or default_threads()
+    options = session_options(ort, threads)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    return OrtEngine(session, f"{Path(onnx_path).name} (simulated quantization)", "cpu", threads)
+
+
 class OrtEngine:
     """One ORT session with a single float input and a single output."""
 

@@ -54,6 +54,11 @@ def render_markdown(r: dict) -> str:
             else f"int8: gate is top-1 agreement ≥ {100 * par['min_agreement']:g}% on real images")
     lines += [f"Parity (engine vs PyTorch, {par['n']} inputs from {par['inputs']}): max |diff| "
               f"{par['max_abs_err']:.2e} ({gate}), top-1 agreement {100 * par['top1_agreement']:.2f}%.", ""]
+    if par.get("simulated"):
+        sim = par["simulated"]
+        lines += [f"Against the simulated quantization (the Q/DQ graph run as float ops): top-1 agreement "
+                  f"{100 * sim['top1_agreement']:.2f}%, max |diff| {sim['max_abs_err']:.2e}: what the integer "
+                  "kernels' own rounding changes.", ""]
     if "quantization" in r:
         q = r["quantization"]
         lines += [f"int8 engine: {q['style']}-style Q/DQ (`{q['onnx']}`), activation ranges "
