@@ -196,6 +196,10 @@ def test_torch_cuda_engine_matches_cpu_and_times_on_device(onnx_files, precision
     np.testing.assert_allclose(engine.run(x), expected, atol=tolerance, rtol=tolerance)
     elapsed_ms = engine.prepare(x)()
     assert isinstance(elapsed_ms, float) and elapsed_ms > 0
+    assert engine.graph_used, engine.graph_error  # a plain conv net captures into a CUDA graph
+    eager = get_backend("torch-cuda", cuda_graph=False).build(None, precision=precision, threads=None,
+                                                              out_dir=folder, torch_model=model)
+    assert eager.prepare(x)() > 0 and eager.graph_used is False
 
 
 @pytest.mark.gpu

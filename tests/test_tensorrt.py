@@ -601,3 +601,6 @@ def test_recipe_target_keys_reach_the_tensorrt_builder_settings():
     assert (backend.opt_level, backend.workspace_mb, backend.cuda_graph) == (5, 512, False)
     assert str(backend.timing_cache_dir).endswith("trt-timing")
     assert _backend_options(load_recipe(None)) == {}  # ORT backends take no builder options
+    torch_cuda = load_recipe(None, ["target.backend=torch-cuda", "target.cuda_graph=false"])
+    assert get_backend("torch-cuda", **_backend_options(torch_cuda)).cuda_graph is False
+    assert get_backend("torch-cuda").cuda_graph is True

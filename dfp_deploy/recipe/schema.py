@@ -102,7 +102,7 @@ class TargetSection:
     opt_level: int = spec(3, "TensorRT builder optimization level (higher: longer builds, maybe faster)",
                           lo=0, hi=5)
     workspace_mb: int | None = spec(None, "TensorRT builder workspace limit in MiB (default: TensorRT's)", lo=1)
-    cuda_graph: bool = spec(True, "TensorRT: replay the timed inference as a CUDA graph")
+    cuda_graph: bool = spec(True, "tensorrt / torch-cuda: replay the timed inference as a CUDA graph")
 
 
 @dataclass(frozen=True)
