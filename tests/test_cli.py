@@ -266,6 +266,8 @@ def test_latency_budget_search_fits_its_model_to_the_original_and_the_floor(reci
     assert all(r["reward"] == pytest.approx(r["proxy"] - max(0.0, r["latency_ms"] / fitted["target_ms"] - 1))
                for r in timed)
     assert "engines timed during the search" in (tmp_path / "lat" / "report.md").read_text()
+    best = json.loads((tmp_path / "lat" / "report.json").read_text())["search"]
+    assert best["best_latency_ms"] == log[best["best_episode"]]["latency_ms"] is not None  # the plan returned was timed
     # the floor keeps >= 20% of every inner group and the whole residual stream: 5% of the latency is out of reach
     res = run("build", recipe, "--out", tmp_path / "lat5", *FAST, *common, "--set", "search.budget=0.05")
     assert res.exit_code == 2 and "unreachable" in res.output
