@@ -498,7 +498,7 @@ def test_guarded_udfc_never_widens_a_quantized_consumer_row_beyond_the_growth(gr
     with torch.no_grad():
         model.conv1.weight[1] = 3.0 * model.conv1.weight[0] + 0.1 * torch.randn(model.conv1.weight[0].shape,
                                                                                   generator=gen)
-    free = R.build_mixing(model, analysis, plan, method="udfc", weight_bits=4)["conv1"]
+    free = R.build_mixing(model, analysis, plan, method="udfc", weight_bits=4, merge_grid_growth=math.inf)["conv1"]
     kept_only = torch.zeros_like(free)
     kept_only[list(keep)] = free[list(keep)]  # the kept columns with UDFC's quantization rescale s', no merges
     selected = torch.einsum("oc...,ck->ok...", model.conv2.weight.detach().double(), kept_only).abs().amax(dim=(1, 2, 3))

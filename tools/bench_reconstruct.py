@@ -6,6 +6,10 @@ Sections (--sections, comma separated):
           [--jpeg-start, --jpeg-start + --tune-jpeg) (relative numbers only; disjoint from the exact test images)
   select  lmmse-macs allocation knobs (select_plan max_ratio × normalise) at --ratios, lmmse fp32, on the TUNING
           images of `tune` (never the test images)
+  guard   merge_grid_growth sweep (UDFC merges into quantized consumers, compress/reconstruct.py 2b): plain and
+          UDFC per growth (--growths) at --ratios × --full-selections × quantized --bits, on the tuning images of
+          `tune` (CIFAR) or, for models without labelled tuning images, agreement with the original model on the
+          first --guard-images of --calib (label-free)
   prune   top-1 on the exact test images for ratio × channel selection × method × weight bits (block-internal
           groups only, as make_plan does by default); selection "l2"/"group_l2" = make_plan's rankings,
           "lmmse-u" = select_plan(budget="uniform"), "lmmse-macs" = select_plan(budget="macs") (same MACs removed
@@ -89,6 +93,9 @@ def parse_args(argv=None):
     ap.add_argument("--calib", default=str(SHARED / "data" / "cifar10_train_exact4660.npz"),
                     help="real training images for the ORT quantize_static peer")
     ap.add_argument("--calib-count", type=int, default=512)
+    ap.add_argument("--growths", default="inf,0,0.1,0.5,1,2", help="guard section: merge_grid_growth values")
+    ap.add_argument("--guard-images", type=int, default=300,
+                    help="guard section, models without labelled tuning images: --calib images scored by agreement")
     ap.add_argument("--engine", choices=("auto", "torch", "ort"), default="auto")
     ap.add_argument("--batch", type=int, default=None, help="images per forward pass (default 500, 50 at 224x224)")
     ap.add_argument("--threads", type=int, default=1)
@@ -251,6 +258,42 @@ class Bench:
         print(markdown(["config", "MACs −%", "train top-1", "JPEG top-1"], rows))
         self.results["select"] = record
 
+    # ------------------------------------------------------------------------------------------------ guard
+    def tuning_sets(self) -> dict:
+        """CIFAR: the labelled tuning images of `tune`. Otherwise (no labelled tuning split, e.g. Lite0): the first
+        --guard-images of --calib labelled with the ORIGINAL model's predictions, so top-1 = agreement with it."""
+        a = self.args
+        if a.model.startswith("cifar"):
+            return {"train": load_set(a.train, self.pre, 0, a.tune_train),
+                    "jpeg": load_set(a.jpeg, self.pre, a.jpeg_start, a.tune_jpeg)}
+        x, _ = load_set(a.calib, self.pre, 0, a.guard_images)
+        with torch.inference_mode():
+            agree = torch.cat([self.model(x[i:i + self.batch]).argmax(1) for i in range(0, len(x), self.batch)])
+        return {"agreement": (x, agree)}
+
+    def guard(self):
+        """MERGE_GRID_GROWTH sweep (reconstruct.py docstring 2b): plain vs UDFC with growths, quantized weights."""
+        a = self.args
+        sets = self.tuning_sets()
+        ev = self.evaluator(sets)
+        growths = [float(g) for g in a.growths.split(",")]
+        rows, record = [], []
+        for ratio in [float(r) for r in a.ratios.split(",")]:
+            for selection in a.full_selections.split(","):
+                plan = self.plan(ratio, selection)
+                for bits in [int(b) for b in a.bits.split(",") if int(b) != 32]:
+                    configs = [("plain", "none", {})] + [(f"UDFC g={g:g}", "udfc", {"merge_grid_growth": g})
+                                                         for g in growths]
+                    for label, method, kw in configs:
+                        acc, cut = self.run(ev, plan, method, bits, **kw)
+                        name = f"r={ratio} {selection} w{bits} {label}"
+                        rows.append([name, fmt(cut), *(fmt(acc[k]) for k in sets)])
+                        record.append({"config": name, "macs_cut": cut, **acc})
+                        print(f"  {name}: " + " ".join(f"{k} {v:.2f}" for k, v in acc.items()), flush=True)
+        print("\n## Merge guard (tuning images" + ("" if "train" in sets else ": agreement with the original") + ")\n")
+        print(markdown(["config", "MACs −%", *sets], rows))
+        self.results["guard"] = record
+
     # ------------------------------------------------------------------------------------------------ prune
     def prune(self, ev):
         a = self.args
@@ -382,13 +425,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     bench = Bench(args)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(sections) - {"tune", "select", "prune", "quant", "peers"}
+    unknown = set(sections) - {"tune", "select", "guard", "prune", "quant", "peers"}
     if unknown:
-        print(f"error: unknown section(s) {sorted(unknown)}; choose from tune, select, prune, quant, peers",
+        print(f"error: unknown section(s) {sorted(unknown)}; choose from tune, select, guard, prune, quant, peers",
               file=sys.stderr)
         return 2
     if "tune" in sections:
         bench.tune()
+    if "guard" in sections:
+        bench.guard()
     if "select" in sections:
         bench.select()
     if {"prune", "quant", "peers"} & set(sections):
