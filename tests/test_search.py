@@ -181,6 +181,17 @@ def test_latency_model_is_corrected_by_measurements(space):
     quarter = np.full(space.size, 0.25)
     assert model(quarter) == pytest.approx(true(quarter))
     assert (model.c0, model.scale) == pytest.approx((2.0, 10.0))
+    # noisy candidates move the slope but never the original: cost(1) stays its measurement
+    model.observe(np.full(space.size, 0.6), 1.05 * true(np.full(space.size, 0.6)))
+    model.observe(np.full(space.size, 0.7), 1.04 * true(np.full(space.size, 0.7)))
+    assert model(ones) == pytest.approx(true(ones))
+    assert true(half) < model(half) < 1.05 * true(half)
+    # exact answer of the anchored least squares: s = Σ dx dy / Σ dx², c0 = y1 − s x1
+    x = [model.raw(np.full(space.size, v)) for v in (0.5, 0.6, 0.7)]
+    y = [true(half), 1.05 * true(np.full(space.size, 0.6)), 1.04 * true(np.full(space.size, 0.7))]
+    x1, y1 = model.raw(ones), true(ones)
+    s = sum((a - x1) * (b - y1) for a, b in zip(x, y)) / sum((a - x1) ** 2 for a in x)
+    assert (model.c0, model.scale) == pytest.approx((y1 - s * x1, s))
 
 
 # --- reward ----------------------------------------------------------------------------------------------------

@@ -22,8 +22,13 @@ Cost models, both of the form cost(r) with r the keep ratios of the searched gro
   MacCost:      MACs(r) per image (space.CostTerms, exact for chains and block-internal groups).
   LatencyModel: ℓ(r) = c0 + s · Σ_m t_m f_m(r), a linear per-module table (t_m ∝ MACs_m unless a measured table is
                 given) corrected by real measurements: (c0, s) is the least-squares fit of every observed
-                (Σ_m t_m f_m(r), measured ms) pair, constrained to c0 ≥ 0, s > 0; with a single observation (or
-                observations that all predict the same) c0 = 0 and s = mean(measured / predicted).
+                (x = Σ_m t_m f_m(r), measured ms) pair, constrained to c0 ≥ 0, s > 0; with a single observation (or
+                observations that all predict the same) c0 = 0 and s = mean(measured / predicted). Once the
+                original (r = 1, x = x1, measured y1) has been observed, the line is held through it:
+                s = Σ_i (x_i − x1)(y_i − y1) / Σ_i (x_i − x1)² over the other points, c0 = y1 − s·x1, so that
+                cost(1) stays the measured original and the budget target · cost(1) stays the absolute latency
+                the reward's penalty uses, however later candidates move the slope (an unanchored fit had moved
+                cost(1) up 2% and let every candidate of a ResNet-56 search miss the target by 3-5%).
 """
 
 from __future__ import annotations
@@ -66,7 +71,8 @@ class LatencyModel:
             self.table = np.asarray([table_ms.get(m, 0.0) for m in terms.modules], dtype=np.float64)
         else:
             self.table = terms.macs / terms.macs.sum()
-        self.observations: list[tuple[float, float]] = []
+        self.observations: list[tuple[float, float]] = []  # (x, ms) of everything but the original
+        self.anchor: float | None = None  # the original's measured ms
         self.c0, self.scale = 0.0, 1.0
 
     def raw(self, keep: np.ndarray) -> float:
@@ -79,11 +85,27 @@ class LatencyModel:
         """Add one real measurement and refit (c0, s)."""
         if measured_ms is None or not np.isfinite(measured_ms) or measured_ms <= 0:
             return
-        self.observations.append((self.raw(keep), float(measured_ms)))
-        self.c0, self.scale = _fit_line(self.observations)
+        keep = np.asarray(keep, dtype=np.float64)
+        if np.all(keep == 1.0):
+            self.anchor = float(measured_ms)  # the original (its latest measurement)
+        else:
+            self.observations.append((self.raw(keep), float(measured_ms)))
+        self.c0, self.scale = _fit_line(self.observations, self.anchor, self.raw(np.ones(keep.shape)))
 
 
-def _fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
+def _fit_line(points: list[tuple[float, float]], anchor: float | None = None,
+              x_anchor: float = 1.0) -> tuple[float, float]:
+    """(c0, s) of the module docstring; `anchor` = the original's measured latency (at x_anchor), or None."""
+    if anchor is not None:
+        if not points:
+            return 0.0, anchor / max(x_anchor, 1e-12)
+        dx = np.asarray([p for p, _ in points]) - x_anchor
+        dy = np.asarray([m for _, m in points]) - anchor
+        slope = float(dx @ dy / max(float(dx @ dx), 1e-300))
+        intercept = anchor - slope * x_anchor
+        if slope <= 0 or intercept < 0:
+            return 0.0, anchor / max(x_anchor, 1e-12)  # noise made the line unphysical: a pure scale
+        return intercept, slope
     x = np.asarray([p for p, _ in points])
     y = np.asarray([m for _, m in points])
     proportional = (0.0, float(np.mean(y / np.maximum(x, 1e-12))))
