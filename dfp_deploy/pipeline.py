@@ -471,7 +471,7 @@ def _latency_model(recipe, model, analysis, space, example, work, backend, plan_
     floor_ms = timer.measure(_compress(recipe, model, analysis, plan_for(space.ratios(floor_kept))).eval(), "floor")
     cost = LatencyModel(space)
     cost.observe(_np.ones(space.size), timer.reference_ms)
-    cost.observe(floor_keep, floor_ms)
+    cost.observe(floor_keep, floor_ms, prior=True)
     return cost, timer, {"measured_ms": {"original": timer.reference_ms, "floor": floor_ms},
                          "intercept_ms": cost.c0, "scale_ms": cost.scale}
 

@@ -192,6 +192,14 @@ def test_latency_model_is_corrected_by_measurements(space):
     x1, y1 = model.raw(ones), true(ones)
     s = sum((a - x1) * (b - y1) for a, b in zip(x, y)) / sum((a - x1) ** 2 for a in x)
     assert (model.c0, model.scale) == pytest.approx((y1 - s * x1, s))
+    # a prior point (the search's floor) shapes the line only until a candidate is measured
+    prior = LatencyModel(space)
+    prior.observe(ones, 12.0)
+    prior.observe(quarter, 5.0, prior=True)
+    assert prior(quarter) == pytest.approx(5.0) and prior(ones) == pytest.approx(12.0)
+    prior.observe(half, 9.0)
+    assert prior(half) == pytest.approx(9.0) and prior(ones) == pytest.approx(12.0)  # the line through 1 and half
+    assert prior(quarter) != pytest.approx(5.0)
 
 
 # --- reward ----------------------------------------------------------------------------------------------------
