@@ -33,7 +33,7 @@ applies it) and the constant Σ_c W'_c d_c goes into the consumer's bias (or the
    top-1 against 85.6 / 62.2 at the paper's 0.01; w4 flat within noise for α' from 0.001 to 10); the NM threshold
    t = 0.1 (0.3 and 0.5 lose 2-19 points). The NNLS vector form (multi) measured better than single merges there
    (+1.6 / +7.6 at −30%, +6.0 / +5.8 at −50%) but has no bound; it stays an option.
-2b. Merges into QUANTIZED consumers (NM and UDFC; `guard_merges`). Merging p into q adds s·W'_p to the consumer's
+2b. UDFC merges into QUANTIZED consumers (`guard_merges`). Merging p into q adds s·W'_p to the consumer's
    column q. Per-channel rounding puts each consumer row o on the grid max_j |W'[o, j]| / qmax, so when several
    pruned channels pile onto one "hub" column, the row's grid widens and every other weight of the row is rounded
    more coarsely (EfficientNet-Lite0: one kept expand channel took 7 merges; 6-bit rounding error of the project
@@ -46,6 +46,7 @@ applies it) and the constant Σ_c W'_c d_c goes into the consumer's bias (or the
    on 300 sample1000 images): at g ≥ 1 every ResNet-56 cell (r 0.3 / 0.5, l2 / lmmse-macs, w4 / w6) equals g = ∞,
    while g ≤ 0.5 loses up to 4.5 points there; on Lite0 (lmmse-macs, r 0.1) g = 1 lifts w6 agreement from 22.3 to
    73.7 (plain pruning 73.3) and w8 from 80.3 to 84.3 (tools/bench_reconstruct.py numbers in docs/BENCHMARKS.md).
+   Neuron Merging stays as published (unguarded): the guard was tuned for UDFC only, and on NM it was mixed.
 
 3. "lmmse" (ours): the linear minimum-mean-square-error estimate of every channel's activation from the kept
    channels' deployed activations, under a Gaussian model built only from weights and BN statistics:
@@ -695,7 +696,7 @@ def build_reconstruction(model: nn.Module, analysis: Analysis, plan: PrunePlan, 
                          groups: list[str] | None = None, layer_bits: dict[str, int] | None = None) -> Reconstruction:
     """Mixing (and lmmse offsets) for every planned group, and, when quantizing, every compensable group.
     `layer_bits` {module: bits} overrides weight_bits per module (only when weight_bits is set).
-    `merge_grid_growth`: NM / UDFC merges into quantized consumers are guarded by guard_merges with this growth."""
+    `merge_grid_growth`: UDFC merges into quantized consumers are guarded by guard_merges with this growth."""
     check_method(method)
     bits = check_bits(weight_bits) if weight_bits is not None else None
     bits_of = _bits_lookup(bits, layer_bits)
@@ -728,7 +729,7 @@ def build_reconstruction(model: nn.Module, analysis: Analysis, plan: PrunePlan, 
         if method in ("neuron_merging", "udfc"):
             mixing = (_nm_site(st, keep, nm_threshold, nm_lambda) if method == "neuron_merging"
                       else _udfc_site(st, keep, alpha, alpha_q, multi))
-            if planned and bits is not None:
+            if method == "udfc" and planned and bits is not None:
                 mixing = _guarded(mixing, keep, modules, site, st, bits_of, merge_grid_growth)
             result.mixing[name] = mixing
         else:
