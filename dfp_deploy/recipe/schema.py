@@ -143,9 +143,9 @@ class SearchSection:
     synthetic_samples: int = spec(256, "BN-matched synthetic inputs scoring each candidate (64 rank equal-MAC "
                                   "plans poorly on ResNet-56: docs/BENCHMARKS.md)", lo=1)
     synthetic_steps: int = spec(50, "optimisation steps generating them (cached per model)", lo=1)
-    measure: Literal["best", "none"] = spec("best", "with target latency: time each candidate that beats the best "
-                                            "proxy so far on the target (against the original) and correct the "
-                                            "latency model with it; none: predict only")
+    measure: Literal["best", "none"] = spec("best", "with target latency: time on the target (against the "
+                                            "original) each candidate that could become the best, correct the "
+                                            "latency model and penalise a missed target; none: predict only")
     resume: bool = spec(True, "continue an interrupted search from its log")
 
 

@@ -78,7 +78,7 @@ def render_markdown(r: dict) -> str:
         lat = srch.get("latency_model") or {}
         if lat.get("engines_timed"):
             lines += [f"Latency on the target: {lat['engines_timed']} engines timed during the search (the original, "
-                      f"the floor plan and {lat['candidates_timed']} candidates that beat the best proxy so far, each "
+                      f"the floor plan and {lat['candidates_timed']} candidates that could become the best, each "
                       f"against the original); target {lat['target_ms']:.3f} ms, latency model "
                       f"{lat['final_intercept_ms']:.3f} ms + {lat['final_scale_ms']:.3f} ms × MAC share.", ""]
     env = r["environment"]
