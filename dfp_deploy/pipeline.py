@@ -461,8 +461,8 @@ def _latency_model(recipe, model, analysis, space, example, work, backend, plan_
             return backend.build(exp.path, precision="fp32", threads=t.threads, out_dir=work,
                                  torch_model=m).prepare(example.numpy())
         finally:
-            path.unlink(missing_ok=True)  # the engine holds what it needs; external-data files stay unused
-            path.with_name(path.name + ".data").unlink(missing_ok=True)
+            for leftover in work.glob(f"{path.name}*"):  # the engine holds what it needs (as _unrounded_engine)
+                leftover.unlink()
 
     timer = RelativeTimer(build, model, warmup=recipe.measure.warmup, runs=50, rounds=5, batch=t.batch,
                           threads=t.threads)

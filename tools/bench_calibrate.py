@@ -128,11 +128,12 @@ def main(argv=None) -> int:
     plans, rows = {}, {}
     baselines = [b for b in args.baselines.split(",") if b]
     # a ratio, or the folder name of a build's plan.json
-    keys = [os.path.basename(os.path.dirname(os.path.abspath(f))) for f in args.plan_json or []] or args.ratios
-    for i, ratio in enumerate(keys):
+    plan_files = {os.path.basename(os.path.dirname(os.path.abspath(f))): f for f in args.plan_json or []}
+    keys = list(plan_files) or args.ratios
+    for ratio in keys:
         start = time.perf_counter()
-        if args.plan_json:
-            plan = load_plan_json(args.plan_json[i])
+        if plan_files:
+            plan = load_plan_json(plan_files[ratio])
         else:
             plan = plan_for(model, analysis, ratio, args.importance, args.plan_cache,
                             f"{args.model}|{os.path.basename(args.weights or '')}")
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
             compressed = compress_model(model, analysis, plan, method="none" if method == "plain" else method)
             scores[method] = top1(compressed, x_eval, y)
         rows[ratio] = dict(macs_change=macs, **scores)
-        source = os.path.basename(args.plan_json[i]) if args.plan_json else f"{args.importance} plan"
+        source = os.path.basename(plan_files[ratio]) if plan_files else f"{args.importance} plan"
         print(f"# ratio {ratio}: MACs {macs:+.1%}, {source} {plan_s:.0f} s, data-free " +
               ", ".join(f"{k} {v:.2f}" for k, v in scores.items()), flush=True)
 
@@ -175,8 +176,7 @@ def main(argv=None) -> int:
                        squeeze_epochs=args.squeeze_epochs, calib_epochs=args.calib_epochs,
                        batch=args.batch or auto_batch(model, inputs[:1]),
                        lr=args.lr, ridge=args.ridge, ls_samples=args.ls_samples, seed=args.seed,
-                       importance=None if args.plan_json else args.importance,
-                       plan_json=args.plan_json[keys.index(ratio)] if args.plan_json else None,
+                       importance=None if plan_files else args.importance, plan_json=plan_files.get(ratio),
                        original=base, eval_images=len(y), **rows[ratio],
                        calibrated=acc, wall_s=wall, cpu_s=cpu, gen_s=gen, gen_cpu_s=gen_cpu, threads=args.threads,
                        load1_before=load_before, load1_after=load_after, log=vars(log))

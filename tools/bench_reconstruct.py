@@ -200,11 +200,16 @@ class Bench:
                                  weight_bits=None if bits == 32 else bits, **kw)
         return evaluate(model), self.macs_cut(model)
 
+    def cifar_tuning_sets(self) -> dict:
+        """The tuning images (module docstring): exact training images and a JPEG test range, never the test set."""
+        a = self.args
+        return {"train": load_set(a.train, self.pre, 0, a.tune_train),
+                "jpeg": load_set(a.jpeg, self.pre, a.jpeg_start, a.tune_jpeg)}
+
     # ------------------------------------------------------------------------------------------------ tune
     def tune(self):
         a = self.args
-        ev = self.evaluator({"train": load_set(a.train, self.pre, 0, a.tune_train),
-                             "jpeg": load_set(a.jpeg, self.pre, a.jpeg_start, a.tune_jpeg)})
+        ev = self.evaluator(self.cifar_tuning_sets())
         base = ev(self.model)
         print(f"\n## Tuning (train {a.tune_train} exact / JPEG test {a.jpeg_start}..{a.jpeg_start + a.tune_jpeg}); "
               f"fp32: train {fmt(base['train'])}, JPEG {fmt(base['jpeg'])}\n")
@@ -241,8 +246,7 @@ class Bench:
     # ------------------------------------------------------------------------------------------------ select
     def select(self):
         a = self.args
-        ev = self.evaluator({"train": load_set(a.train, self.pre, 0, a.tune_train),
-                             "jpeg": load_set(a.jpeg, self.pre, a.jpeg_start, a.tune_jpeg)})
+        ev = self.evaluator(self.cifar_tuning_sets())
         rows, record = [], []
         for ratio in [float(r) for r in a.ratios.split(",")]:
             for normalise in (True, False):
@@ -264,8 +268,7 @@ class Bench:
         --guard-images of --calib labelled with the ORIGINAL model's predictions, so top-1 = agreement with it."""
         a = self.args
         if a.model.startswith("cifar"):
-            return {"train": load_set(a.train, self.pre, 0, a.tune_train),
-                    "jpeg": load_set(a.jpeg, self.pre, a.jpeg_start, a.tune_jpeg)}
+            return self.cifar_tuning_sets()
         x, _ = load_set(a.calib, self.pre, 0, a.guard_images)
         with torch.inference_mode():
             agree = torch.cat([self.model(x[i:i + self.batch]).argmax(1) for i in range(0, len(x), self.batch)])
