@@ -104,6 +104,27 @@ def _plan(recipe: Recipe, model, analysis, *, progress: bool = False) -> PrunePl
     return _planner(recipe, model, analysis, progress=progress).plan(p.ratio, p.ratios)
 
 
+def _check_consistency(recipe: Recipe) -> None:
+    """Settings that contradict each other, refused before anything slow runs."""
+    if not _uses_calibration(recipe):
+        return
+    if recipe.compress.reconstruct != "none":
+        raise InputError(f"compress.reconstruct: {recipe.compress.reconstruct} and compress.calibration.data "
+                         "are both set; calibration replaces the data-free repair: set one of them (or "
+                         "compress.calibration.two_phase: false to use the images only for int8 ranges)")
+    if recipe.compress.quantize.bias_correction:
+        raise InputError("compress.quantize.bias_correction: applies to the data-free repair; with "
+                         "compress.calibration.data the calibrated layers need no BN-based correction: remove it")
+
+
+def _bias_correction(recipe: Recipe) -> bool | None:
+    """Whether the data-free path removes the quantized layers' mean output shift (None: nothing is quantized there)."""
+    q = recipe.compress.quantize
+    if q.weight_bits is None or _uses_calibration(recipe):
+        return None
+    return q.bias_correction if q.bias_correction is not None else recipe.compress.reconstruct == "lmmse"
+
+
 def _uses_calibration(recipe: Recipe) -> bool:
     c = recipe.compress.calibration
     return bool(c.data) and c.two_phase
@@ -142,7 +163,8 @@ def _compress(recipe: Recipe, model, analysis, plan: PrunePlan, calib_inputs=Non
     from dfp_deploy.core.threads import torch_threads
 
     with torch_threads(1):  # closed-form math on small matrices (core/threads.py)
-        return compress_model(model, analysis, plan, method=method, weight_bits=bits, layer_bits=layer_bits)
+        return compress_model(model, analysis, plan, method=method, weight_bits=bits, layer_bits=layer_bits,
+                              bias_correction=_bias_correction(recipe))
 
 
 def _reference_inputs(recipe: Recipe, loaded, batch: int) -> tuple[np.ndarray, str]:
@@ -207,6 +229,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
     from dfp_deploy.export.onnx_export import export_onnx
     from dfp_deploy.report.markdown import render_markdown
 
+    _check_consistency(recipe)
     torch.manual_seed(recipe.seed)
     t = recipe.target
     backend = get_backend(t.backend, **_backend_options(recipe))
@@ -234,10 +257,6 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
     unrounded = _unrounded_plan(recipe, model, analysis, plan) if search_report is None else None
     calib_inputs = None
     if _uses_calibration(recipe):
-        if recipe.compress.reconstruct != "none":
-            raise InputError(f"compress.reconstruct: {recipe.compress.reconstruct} and compress.calibration.data "
-                             "are both set; calibration replaces the data-free repair: set one of them (or "
-                             "compress.calibration.two_phase: false to use the images only for int8 ranges)")
         calib_inputs = torch.from_numpy(_calibration_images(recipe, loaded))
     compressed = _compress(recipe, model, analysis, plan, calib_inputs)
     compressed.eval()
@@ -320,6 +339,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
         "compress": {"reconstruct": recipe.compress.reconstruct,
                      "weight_bits": recipe.compress.quantize.weight_bits,
                      "layer_bits": _layer_bits(recipe, model, analysis),
+                     "bias_correction": _bias_correction(recipe),
                      "calibration": ({"data": recipe.compress.calibration.data,
                                       "samples": recipe.compress.calibration.samples}
                                      if _uses_calibration(recipe) else None)},

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from dfp_deploy.cli import main
@@ -293,3 +294,41 @@ def test_latency_budget_search_fits_its_model_to_the_original_and_the_floor(reci
     res = run("build", recipe, "--out", tmp_path / "lat5", *FAST, *common, "--set", "search.budget=0.05")
     assert res.exit_code == 2 and "unreachable" in res.output
     assert not (tmp_path / "lat5").exists()
+
+
+@pytest.mark.slow
+def test_bias_correction_reaches_the_build_and_the_report(recipe, tmp_path):
+    from dfp_deploy.models import load_model
+
+    # a freshly initialised net has BN means 0, so every layer's input mean (hence the correction) would be 0
+    state = load_model("cifar_resnet20", None).module.state_dict()
+    generator = torch.Generator().manual_seed(0)
+    for key, value in state.items():
+        if key.endswith("running_mean"):
+            value.copy_(torch.rand(value.shape, generator=generator))
+    torch.save(state, tmp_path / "trained_like.pt")
+
+    def build(name, *extra):
+        res = run("build", recipe, "--out", tmp_path / name, *FAST, "--set", "measure.latency=false",
+                  "--set", f"model.weights={tmp_path / 'trained_like.pt'}",
+                  "--set", "compress.reconstruct=udfc", "--set", "compress.quantize.weight_bits=3", *extra)
+        assert res.exit_code == 0, res.output
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        return report, torch.load(tmp_path / name / "model.pt", weights_only=False).state_dict()
+
+    default, weights_default = build("default")
+    corrected, weights_corrected = build("bc", "--set", "compress.quantize.bias_correction=true")
+    assert default["compress"]["bias_correction"] is False  # UDFC as published
+    assert corrected["compress"]["bias_correction"] is True
+    # the correction moves BN means (or biases) only; the quantized weights are the same
+    moved = [k for k in weights_default if not torch.equal(weights_default[k], weights_corrected[k])]
+    assert moved and all(k.endswith(("running_mean", "bias")) for k in moved)
+
+
+def test_bias_correction_with_calibration_is_refused_before_anything_runs(recipe, tmp_path):
+    res = run("build", recipe, "--out", tmp_path / "o", "--quiet", "--set", "compress.quantize.bias_correction=true",
+              "--set", "compress.quantize.weight_bits=4", "--set", "search.episodes=3",
+              "--set", "compress.calibration.data=" + str(tmp_path / "eval.npz"))
+    assert res.exit_code == 2
+    assert "bias_correction: applies to the data-free repair" in res.output
+    assert not (tmp_path / "o").exists()

@@ -511,3 +511,31 @@ def test_guarded_udfc_never_widens_a_quantized_consumer_row_beyond_the_growth(gr
     assert torch.equal(guarded[list(keep)], free[list(keep)])  # kept rows (s') untouched
     assert ((guarded == 0) | (guarded == free)).all()  # merges are kept whole or dropped
     assert not torch.equal(fp32, guarded) and torch.count_nonzero(fp32) >= torch.count_nonzero(guarded)
+
+
+@pytest.mark.parametrize("through_bn", [False, True])
+def test_bias_correction_removes_the_exact_mean_shift_of_a_constant_input(through_bn):
+    """Exact case: with a constant input x = m (no spread), the quantized layer's output error is exactly
+    (Q(W) − W)·m, so after bias correction the quantized layer reproduces the float output (through its own bias
+    or through the BN after it)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 3, 3, padding=0, bias=not through_bn).double()
+    modules = {"conv": conv}
+    bn_name = None
+    if through_bn:
+        bn = nn.BatchNorm2d(3).double().eval()
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        modules["bn"], bn_name = bn, "bn"
+    head = (lambda y: modules["bn"](y)) if through_bn else (lambda y: y)
+    mean = torch.tensor([0.5, 1.5, 0.0, 2.0], dtype=torch.float64)
+    x = mean[None, :, None, None].expand(1, 4, 5, 5).contiguous()
+    with torch.no_grad():
+        want = head(conv(x))
+        full = conv.weight.detach().clone()
+        conv.weight.copy_(R.quantize_weight(full, 3))
+        before = (head(conv(x)) - want).abs().max().item()
+        R._remove_output_shift(conv, bn_name, modules, full, mean)
+        after = (head(conv(x)) - want).abs().max().item()
+    assert before > 1e-2  # 3-bit rounding moved the output
+    assert after < 1e-10

@@ -56,6 +56,10 @@ class QuantizeSection:
     first_last_bits: int | None = spec(
         None, "bits of the first and the last conv/linear layer when weight_bits is set (null = weight_bits); 8 is "
         "the usual mixed precision below 6 bits", lo=2, hi=8)
+    bias_correction: bool | None = spec(
+        None, "remove each quantized layer's mean output shift (Q(W) − W)·E[x], E[x] from BatchNorm statistics "
+        "(data-free, as in DFQ); null = the method's default: on for lmmse, off for none / neuron_merging / udfc "
+        "(as published). Applies to the data-free path, not to two-phase calibration")
     activations: Literal["data_free", "calibration"] = spec(
         "data_free", "where int8 engines get activation ranges: BatchNorm statistics (no data) or "
         "compress.calibration.data images")
