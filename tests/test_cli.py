@@ -171,6 +171,7 @@ def test_search_build_meets_the_mac_budget_and_logs_episodes(recipe, tmp_path, m
     res = run("build", recipe, "--out", out, *FAST, "--set", "search.episodes=3", "--set", "search.warmup=2",
               "--set", "search.synthetic_samples=8", "--set", "search.synthetic_steps=2",
               "--set", "search.budget=0.6", "--set", f"compress.reconstruct={method}",
+              "--set", "compress.prune.round_to=8",  # the CPU default (16 with AVX-512) leaves a floor of 0.600
               "--set", f"compress.prune.importance={importance}")
     assert res.exit_code == 0, res.output
     r = json.loads((out / "report.json").read_text())
@@ -208,7 +209,9 @@ def test_shipped_quickstart_recipe_builds(tmp_path):
     assert res.exit_code == 0, res.output
     r = json.loads((tmp_path / "qs" / "report.json").read_text())
     assert r["recipe"]["compress"]["reconstruct"] == "lmmse"
-    assert r["macs"]["after"] < 0.6 * r["macs"]["before"]
+    # ratio 0.5 of the block-internal channels: −49 % MACs at round_to 8 (AVX2), −32 % at 16 (AVX-512: first-stage
+    # blocks keep all 16 channels)
+    assert r["macs"]["after"] < 0.7 * r["macs"]["before"]
     assert r["parity"]["max_abs_err"] <= 1e-3
 
 
@@ -332,3 +335,27 @@ def test_bias_correction_with_calibration_is_refused_before_anything_runs(recipe
     assert res.exit_code == 2
     assert "bias_correction: applies to the data-free repair" in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_shipped_search_recipes_can_reach_their_budget():
+    """The MAC floor of a search space depends on the architecture only (no weights needed): a shipped search recipe
+    whose budget sits below it would stop with "unreachable" on its default settings."""
+    from dfp_deploy.analysis import analyze
+    from dfp_deploy.models import load_model
+    from dfp_deploy.pipeline import _round_to
+    from dfp_deploy.recipe import load_recipe
+    from dfp_deploy.search.env import MacCost, PruneEnv
+    from dfp_deploy.search.space import build_space
+
+    checked = 0
+    for path in sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")):
+        recipe = load_recipe(path)
+        if not recipe.search.episodes or recipe.search.target != "macs":
+            continue
+        loaded = load_model(recipe.model.name, None)
+        one = torch.zeros((1, *loaded.input_shape))
+        space = build_space(loaded.module, analyze(loaded.module, one), one, min_keep=recipe.search.min_keep,
+                            round_to=_round_to(recipe), include_residual=recipe.search.include_residual)
+        PruneEnv(space, MacCost(space), recipe.search.budget).check_reachable()  # raises InputError if not
+        checked += 1
+    assert checked >= 1
