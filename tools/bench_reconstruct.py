@@ -66,6 +66,10 @@ from mdtable import markdown  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 METHOD_LABEL = {"none": "plain", "neuron_merging": "NM", "udfc": "UDFC", "lmmse": "lmmse"}
+# prune table columns: --prune-methods name -> (label, compress_model method, its options). "udfc-multi" is UDFC's
+# non-negative least-squares vector form over several kept channels (reconstruct.py §2: no error bound)
+PRUNE_VARIANTS = {**{m: (label, m, {}) for m, label in METHOD_LABEL.items()},
+                  "udfc-multi": ("UDFC multi", "udfc", {"multi": True})}
 
 
 def parse_args(argv=None):
@@ -86,6 +90,8 @@ def parse_args(argv=None):
                     help="channel selections of the prune table")
     ap.add_argument("--full-selections", default="l2,lmmse-macs",
                     help="selections that get every weight bit width (the others fp32 only)")
+    ap.add_argument("--prune-methods", default=",".join(R.METHODS),
+                    help="columns of the prune table: " + ", ".join(PRUNE_VARIANTS))
     ap.add_argument("--quant-methods", default="all",
                     help="comma-separated row labels of the quant table (default all), e.g. RTN,UDFC")
     ap.add_argument("--first-last-bits", type=int, default=None,
@@ -302,9 +308,12 @@ class Bench:
         a = self.args
         ratios = [float(r) for r in a.ratios.split(",")]
         bits_list = [int(b) for b in a.bits.split(",")]
-        methods = list(R.METHODS)
-        headers = ["ratio", "selection", "MACs −%"] + [f"{METHOD_LABEL[m]} {'fp32' if b == 32 else f'w{b}'}"
-                                                        for b in bits_list for m in methods]
+        methods = [m.strip() for m in a.prune_methods.split(",") if m.strip()]
+        unknown = [m for m in methods if m not in PRUNE_VARIANTS]
+        if unknown:
+            raise SystemExit(f"--prune-methods: unknown {', '.join(unknown)} (known: {', '.join(PRUNE_VARIANTS)})")
+        headers = ["ratio", "selection", "MACs −%"] + [
+            f"{PRUNE_VARIANTS[m][0]} {'fp32' if b == 32 else f'w{b}'}" for b in bits_list for m in methods]
         rows, record = [], []
         selections = [x.strip() for x in a.selections.split(",") if x.strip()]
         full_selections = {x.strip() for x in a.full_selections.split(",")}
@@ -320,7 +329,8 @@ class Bench:
                         if not full and bits != 32:
                             cells.append("")
                             continue
-                        acc, cut = self.run(ev, plan, method, bits)
+                        _, name, options = PRUNE_VARIANTS[method]
+                        acc, cut = self.run(ev, plan, name, bits, **options)
                         cells.append(fmt(acc["test"]))
                         record.append({"ratio": ratio, "selection": selection, "method": method, "bits": bits,
                                        "macs_cut": cut, "top1": acc["test"]})
