@@ -446,6 +446,7 @@ def _search(recipe: Recipe, loaded, analysis, example, work: Path, backend, *, q
     result = run_search(space, evaluate, episodes=S.episodes, warmup=S.warmup if S.warmup is not None
                         else S.episodes // 4, seed=recipe.seed, target=S.budget, log_path=log, resume=S.resume,
                         cost=cost, target_ms=target_ms,
+                        latency_reference_ms=timer.reference_ms if timer is not None else None,
                         plot_path=state / "search_pareto.png", progress=not quiet)
     if timer is not None:
         fitted.update(engines_timed=1 + timer.timed, candidates_timed=timer.timed - 1, final_intercept_ms=cost.c0,

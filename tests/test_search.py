@@ -278,6 +278,50 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(space, tmp_pat
     assert len(calls) <= 4  # the first six episodes came from the log, not from evaluate
 
 
+def test_resumed_latency_search_puts_logged_readings_on_its_new_scale(space, tmp_path):
+    """A latency search is interrupted, then resumed on a machine that now runs everything twice as slow: the resumed
+    run's original reads 2× and so does every new candidate. Rescaled, the logged readings agree with the new ones,
+    so the resumed search is exactly the search that ran at the new speed throughout."""
+    fake = fake_problem(space)
+    original_ms = fake({})["latency_ms"]
+
+    def at_speed(factor):
+        def evaluate(ratios):
+            out = dict(fake(ratios))
+            out["latency_ms"] *= factor
+            return out
+        return evaluate
+
+    def search(factor, evaluate, log, **extra):
+        cost = LatencyModel(space)
+        cost.observe(np.ones(space.size), factor * original_ms)
+        return run_search(space, evaluate, episodes=10, warmup=3, seed=5, target=0.75, config=SMALL, cost=cost,
+                          target_ms=0.75 * factor * original_ms, latency_reference_ms=factor * original_ms,
+                          log_path=log, **extra), cost
+
+    whole, whole_cost = search(2.0, at_speed(2.0), tmp_path / "whole.jsonl")
+    calls = []
+
+    def dies_at_episode_seven(ratios):
+        calls.append(ratios)
+        if len(calls) == 7:
+            raise Interrupted
+        return at_speed(1.0)(ratios)
+
+    with pytest.raises(Interrupted):
+        search(1.0, dies_at_episode_seven, tmp_path / "part.jsonl")
+    resumed, resumed_cost = search(2.0, at_speed(2.0), tmp_path / "part.jsonl", resume=True)
+    logged, reference = records(tmp_path / "part.jsonl"), records(tmp_path / "whole.jsonl")
+    assert [r["kept"] for r in logged] == [r["kept"] for r in reference]
+    assert [r["reward"] for r in logged] == pytest.approx([r["reward"] for r in reference])
+    assert resumed.best_kept == whole.best_kept and resumed.best_episode == whole.best_episode
+    assert (resumed_cost.c0, resumed_cost.scale) == pytest.approx((whole_cost.c0, whole_cost.scale))
+    # the log keeps each reading as measured, with the scale it was measured on
+    assert [r["latency_reference_ms"] for r in logged] == pytest.approx([original_ms] * 6 + [2 * original_ms] * 4)
+    rescaled = [r["latency_ms"] * 2 * original_ms / r["latency_reference_ms"] for r in logged]
+    assert rescaled == pytest.approx([r["latency_ms"] for r in reference])
+
+
 def counting_calls(evaluate, calls):
     def counted(ratios):
         calls.append(ratios)

@@ -9,13 +9,15 @@ action instead of a sample, so the learned policy itself is evaluated once. A co
 `observe(keep_ratios, latency_ms)` method (LatencyModel) is corrected with each measured latency.
 
 Files next to `log_path` (all written so that an interruption never leaves a half-written one):
-  log_path          one JSON line per episode: episode, reward, proxy, latency_ms, macs, cost, budget, random,
+  log_path          one JSON line per episode: episode, reward, proxy, latency_ms (+ latency_reference_ms, the
+                    scale it is on), macs, cost, budget, random,
                     greedy, kept (channel counts), ratios (prune ratios, make_plan's convention); appended and fsynced;
   <log>.ckpt        agent weights, optimisers, temperature and RNG states after the last logged episode (atomic);
   <plot_path>       Pareto plot of proxy against latency (or MACs), PNG, when matplotlib is installed.
 Resume: the first `checkpoint.episode` log lines are replayed through the environment (states are recomputed from
 the kept counts, so the replay buffer, the cost model's corrections, the evaluation memo and the best plan are
-rebuilt), the agent's state is loaded, and the loop continues with episode `checkpoint.episode`. Since every random
+rebuilt; logged latencies are first rescaled to this run's latency_reference_ms), the agent's state is loaded, and
+the loop continues with episode `checkpoint.episode`. Since every random
 draw comes from the agent's saved generators, a resumed search gives the same episodes as an uninterrupted one.
 """
 
@@ -77,8 +79,10 @@ def run_search(space: SearchSpace, evaluate: Evaluate, *, episodes: int, warmup:
                log_path: Path, resume: bool = False, cost: Callable[[np.ndarray], float] | None = None,
                target_ms: float | None = None, penalty: float = 1.0, config: SacConfig = SacConfig(),
                plot_path: Path | None = None, progress: bool = True, greedy_last: bool = True,
-               fill: bool = True) -> SearchResult:
-    """Search keep ratios for `space` under budget target · cost(1) (cost defaults to MACs); see module docstring."""
+               fill: bool = True, latency_reference_ms: float | None = None) -> SearchResult:
+    """Search keep ratios for `space` under budget target · cost(1) (cost defaults to MACs); see module docstring.
+    `latency_reference_ms`: the scale measured latencies are on (measure/relative.py: the original's reading); logged
+    with every measured episode so that a resumed search puts the logged readings on its own new scale."""
     _check_counts(episodes, warmup, seed)
     log_path = Path(log_path)
     started = time.perf_counter()
@@ -86,7 +90,8 @@ def run_search(space: SearchSpace, evaluate: Evaluate, *, episodes: int, warmup:
     env = PruneEnv(space, cost, target, fill=fill)
     env.check_reachable()
     agent = SacAgent(space.state_dim, 1, seed=seed, capacity=config.buffer_episodes * space.size, config=config)
-    state = _State(space=space, env=env, agent=agent, evaluate=evaluate, target_ms=target_ms, penalty=penalty)
+    state = _State(space=space, env=env, agent=agent, evaluate=evaluate, target_ms=target_ms, penalty=penalty,
+                   latency_reference_ms=latency_reference_ms)
     meta = {"groups": list(space.groups), "channels": list(space.channels), "seed": seed, "target": target,
             "warmup": warmup, "config": config.__dict__, "fill": fill}
     start = _resume(state, log_path, meta) if resume else 0
@@ -122,6 +127,7 @@ class _State:
     evaluate: Evaluate
     target_ms: float | None
     penalty: float
+    latency_reference_ms: float | None = None
     memo: dict[tuple[int, ...], dict] = field(default_factory=dict)
     records: list[dict] = field(default_factory=list)
     best_reward: float = -float("inf")
@@ -174,6 +180,7 @@ class _State:
                 "reward": episode_reward(proxy, latency, self.target_ms, penalty=self.penalty),
                 "proxy": proxy,
                 "latency_ms": None if latency is None else float(latency),
+                "latency_reference_ms": None if latency is None else self.latency_reference_ms,
                 "macs": None if result.get("macs") is None else int(result["macs"]),
                 "cost": episode.cost, "budget": episode.budget, "random": explore,
                 "kept": list(episode.kept), "ratios": self.space.ratios(list(episode.kept))}
@@ -198,6 +205,7 @@ def _resume(state: _State, log_path: Path, meta: dict) -> int:
         raise InputError(f"search log {log_path} has {len(lines)} episodes but its checkpoint says {done}; "
                          "delete both to start over")
     for record in lines[:done]:
+        record = _on_current_scale(record, state.latency_reference_ms)
         episode = state.env.replay(record["kept"])
         if list(episode.kept) != list(record["kept"]):
             raise InputError(f"search log {log_path} episode {record['episode']} does not replay under the current "
@@ -208,6 +216,17 @@ def _resume(state: _State, log_path: Path, meta: dict) -> int:
     write_text_atomic(log_path, "".join(json.dumps(r) + "\n" for r in lines[:done]))
     state.agent.load_state_dict(checkpoint["agent"])
     return done
+
+
+def _on_current_scale(record: dict, reference_ms: float | None) -> dict:
+    """A logged latency reading moved onto this run's scale: the interrupted run scaled its readings by its own
+    measurement of the original, this one by a new one (the machine's load may differ), so reading × new / old.
+    The reward needs no change: its latency term depends only on latency / target, and the target is budget × the
+    same reference."""
+    old = record.get("latency_reference_ms")
+    if record.get("latency_ms") is None or not old or not reference_ms or old == reference_ms:
+        return record
+    return {**record, "latency_ms": record["latency_ms"] * reference_ms / old}
 
 
 def _read_lines(log_path: Path) -> list[dict]:
