@@ -628,7 +628,8 @@ def _describe(recipe: Recipe, plan: PrunePlan) -> str:
     q = recipe.compress.quantize
     if q.weight_bits:
         parts.append(f"w{q.weight_bits}" + (f" (first/last w{q.first_last_bits})"
-                                            if q.first_last_bits not in (None, q.weight_bits) else ""))
+                                            if q.first_last_bits not in (None, q.weight_bits) else "")
+                     + (" + bias correction" if _bias_correction(recipe) else ""))
     return ", ".join(parts)
 
 

@@ -323,6 +323,7 @@ def test_bias_correction_reaches_the_build_and_the_report(recipe, tmp_path):
     corrected, weights_corrected = build("bc", "--set", "compress.quantize.bias_correction=true")
     assert default["compress"]["bias_correction"] is False  # UDFC as published
     assert corrected["compress"]["bias_correction"] is True
+    assert "bias correction on" in (tmp_path / "bc" / "report.md").read_text()
     # the correction moves BN means (or biases) only; the quantized weights are the same
     moved = [k for k in weights_default if not torch.equal(weights_default[k], weights_corrected[k])]
     assert moved and all(k.endswith(("running_mean", "bias")) for k in moved)

@@ -20,7 +20,8 @@ def render_markdown(r: dict) -> str:
     p = r["prune"]
     lines += [f"Compression: {p['groups_pruned']} channel groups pruned, "
               f"{100 * p['removed_fraction']:.1f}% of prunable channels removed; reconstruction "
-              f"`{c['reconstruct']}`; weight bits `{c['weight_bits'] or 'float'}`{_overrides(c)}.", ""]
+              f"`{c['reconstruct']}`; weight bits `{c['weight_bits'] or 'float'}`{_overrides(c)}"
+              f"{_bias_correction(c)}.", ""]
     lines += ["| | before | after | change |", "|---|---|---|---|"]
     for key in ("params", "macs"):
         d = r[key]
@@ -88,6 +89,12 @@ def render_markdown(r: dict) -> str:
     art = r["artifacts"]
     lines += ["Artifacts: " + ", ".join(f"`{v}`" for k, v in art.items() if k != "dir"), ""]
     return "\n".join(lines)
+
+
+def _bias_correction(compress: dict) -> str:
+    """Said only when weights are quantized on the data-free path (None otherwise; older reports lack the key)."""
+    on = compress.get("bias_correction")
+    return "" if on is None else f", bias correction {'on' if on else 'off'}"
 
 
 def _overrides(compress: dict) -> str:
