@@ -55,8 +55,12 @@ def _summary(r: dict) -> str:
              f"MACs {r['macs']['before'] / 1e6:.2f}M -> {r['macs']['after'] / 1e6:.2f}M"]
     lat = r["latency"]
     if "before" in lat:
+        from dfp_deploy.measure.latency import speedup_is_unsettled
+
+        rounds = lat.get("speedup_rounds") or []
+        spread = f", {min(rounds):.2f}-{max(rounds):.2f}x by round" if speedup_is_unsettled(rounds) else ""
         parts.append(f"p50 {lat['before']['p50_ms']:.3f} -> {lat['after']['p50_ms']:.3f} ms "
-                     f"({lat['speedup']:.2f}x, {lat['backend']}, batch {lat['batch']})")
+                     f"({lat['speedup']:.2f}x{spread}, {lat['backend']}, batch {lat['batch']})")
     if "accuracy" in r:
         parts.append(f"top-1 {r['accuracy']['before']:.2f} -> {r['accuracy']['after']:.2f}%")
     parts.append(f"parity max|diff| {r['parity']['max_abs_err']:.1e}")

@@ -308,7 +308,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
     latency = {"backend": t.backend, "precision": t.precision, "batch": t.batch}
     stage("timing engines (before/after interleaved)" if recipe.measure.latency else "timing skipped")
     if recipe.measure.latency:
-        from dfp_deploy.measure.latency import time_interleaved
+        from dfp_deploy.measure.latency import noise, round_speedups, time_interleaved
 
         xb = example.numpy()
         stats = time_interleaved({name: engine.prepare(xb) for name, engine in engines.items()},
@@ -318,6 +318,8 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
         latency.update(threads=getattr(eng_after, "threads", None) or stats["after"].threads, before=stats["before"].as_dict(),
                        after=stats["after"].as_dict(),
                        speedup=stats["before"].p50_ms / stats["after"].p50_ms,
+                       speedup_rounds=round_speedups(stats["before"], stats["after"]),
+                       noise={name: noise(stats[name]) for name in ("before", "after")},
                        protocol=dict(warmup=recipe.measure.warmup, runs=recipe.measure.runs,
                                      rounds=recipe.measure.rounds, order="interleaved, rotating"))
         if rounding is not None:
@@ -362,6 +364,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
     if engine_info:
         report["engine"] = engine_info
     report["warnings"] += _engine_warnings(engine_info.get("layers"))
+    report["warnings"] += _latency_warnings(latency)
     if t.precision == "int8":
         report["quantization"] = {"activations": recipe.compress.quantize.activations,
                                   "range_k": recipe.compress.quantize.range_k,
@@ -495,6 +498,19 @@ def _latency_model(recipe, model, analysis, space, example, work, backend, plan_
     cost.observe(floor_keep, floor_ms, prior=True)
     return cost, timer, {"measured_ms": {"original": timer.reference_ms, "floor": floor_ms},
                          "intercept_ms": cost.c0, "scale_ms": cost.scale}
+
+
+def _latency_warnings(latency: dict) -> list[str]:
+    """A speedup that moved between the interleaved rounds (the load changed while it was measured) is said to be
+    uncertain (measure/latency.py)."""
+    from dfp_deploy.measure.latency import speedup_is_unsettled
+
+    rounds = latency.get("speedup_rounds") or []
+    if not speedup_is_unsettled(rounds):
+        return []
+    return [f"the speedup moved between timing rounds ({min(rounds):.2f}x to {max(rounds):.2f}x; reported "
+            f"{latency['speedup']:.2f}x): the machine's load changed while it was measured; rerun on a quiet machine "
+            "or with more measure.runs"]
 
 
 def _engine_warnings(layers: dict | None) -> list[str]:

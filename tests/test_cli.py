@@ -360,3 +360,21 @@ def test_shipped_search_recipes_can_reach_their_budget():
         PruneEnv(space, MacCost(space), recipe.search.budget).check_reachable()  # raises InputError if not
         checked += 1
     assert checked >= 1
+
+
+def test_summary_and_warnings_say_when_the_speedup_moved_between_rounds():
+    from dfp_deploy.cli import _summary
+    from dfp_deploy.pipeline import _latency_warnings
+
+    def report(rounds):
+        latency = {"backend": "ort-cpu", "batch": 8, "speedup": 1.39, "speedup_rounds": rounds,
+                   "before": {"p50_ms": 3.2}, "after": {"p50_ms": 2.3}}
+        return {"params": {"before": 10, "after": 5}, "macs": {"before": 1e6, "after": 5e5}, "latency": latency,
+                "parity": {"max_abs_err": 1e-6}, "artifacts": {"dir": "out"}}
+
+    moved, steady = report([1.35, 1.68, 2.44]), report([1.36, 1.37, 1.36])
+    assert "(1.39x, 1.35-2.44x by round, ort-cpu" in _summary(moved)
+    assert "(1.39x, ort-cpu" in _summary(steady)
+    assert _latency_warnings(steady["latency"]) == []
+    (warning,) = _latency_warnings(moved["latency"])
+    assert "1.35x to 2.44x" in warning and "quiet machine" in warning

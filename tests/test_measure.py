@@ -10,7 +10,8 @@ import pytest
 from dfp_deploy.core.errors import DataError, InputError, ParityError
 from dfp_deploy.core.types import LatencyStats
 from dfp_deploy.measure.accuracy import run_batched, top1
-from dfp_deploy.measure.latency import noise, schedule, time_interleaved
+from dfp_deploy.measure.latency import (noise, round_speedups, schedule, speedup_is_unsettled,
+                                        time_interleaved)
 from dfp_deploy.measure.parity import parity
 
 
@@ -71,6 +72,29 @@ def test_noise_flags_a_long_tail():
     noisy = LatencyStats(p50_ms=1.0, p90_ms=1.5, mean_ms=1.2, std_ms=0.3, **common)
     assert not noise(steady)["noisy"] and noise(noisy)["noisy"]
     assert noise(noisy)["p90_over_p50"] == pytest.approx(1.5) and noise(noisy)["cv"] == pytest.approx(0.25)
+
+
+def test_round_medians_and_speedups_follow_the_load_of_each_round():
+    """Self-timed runners (they return their own milliseconds): the machine 'slows down' by 1.5x in round 2 for the
+    compressed engine only, as if a neighbour woke up during its block. Round medians and per-round speedups are
+    then known exactly, and the spread flags the speedup as unsettled; without the slowdown it is settled."""
+    def compressed_engine(slow_round: int | None):
+        calls = []
+
+        def run():
+            calls.append(1)
+            this_round = (len(calls) - 1) // 10  # 50 runs in 5 rounds: 10 calls per block
+            return 1.5 if this_round == slow_round else 1.0
+        return run
+
+    for slow_round, unsettled in ((2, True), (None, False)):
+        stats = time_interleaved({"before": lambda: 2.0, "after": compressed_engine(slow_round)}, warmup=0, runs=50,
+                                 rounds=5, batch=1, threads=None)
+        assert stats["before"].round_p50_ms == (2.0,) * 5
+        expected = [2.0 / (1.5 if r == slow_round else 1.0) for r in range(5)]
+        assert round_speedups(stats["before"], stats["after"]) == pytest.approx(expected)
+        assert speedup_is_unsettled(expected) is unsettled
+    assert not speedup_is_unsettled([1.36]) and not speedup_is_unsettled([])
 
 
 class FlipOne:

@@ -55,9 +55,12 @@ class LatencyStats:
     warmup: int
     batch: int
     threads: int | None
+    round_p50_ms: tuple[float, ...] = ()  # median of each interleaved round's block (measure/latency.py)
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        d["round_p50_ms"] = list(self.round_p50_ms)
+        return d
 
 
 @dataclass(frozen=True)
