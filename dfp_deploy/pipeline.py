@@ -441,14 +441,15 @@ def _search(recipe: Recipe, loaded, analysis, example, work: Path, backend, *, q
         # the reward penalises it if the real engine misses the target. So the plan the search returns was timed.
         if timer is not None and S.measure == "best" and out["proxy"] > best_reward[0]:
             out["latency_ms"] = timer.measure(candidate)
-            best_reward[0] = max(best_reward[0], reward(out["proxy"], out["latency_ms"], target_ms))
+            best_reward[0] = max(best_reward[0], reward(out["proxy"], out["latency_ms"], target_ms,
+                                                        penalty=S.latency_penalty))
         return out
 
     state = work.parent / f".{work.name.split('.building-')[0].lstrip('.')}.search"
     log = state / "search_log.jsonl"
     result = run_search(space, evaluate, episodes=S.episodes, warmup=S.warmup if S.warmup is not None
                         else S.episodes // 4, seed=recipe.seed, target=S.budget, log_path=log, resume=S.resume,
-                        cost=cost, target_ms=target_ms,
+                        cost=cost, target_ms=target_ms, penalty=S.latency_penalty,
                         latency_reference_ms=timer.reference_ms if timer is not None else None,
                         plot_path=state / "search_pareto.png", progress=not quiet)
     if timer is not None:
@@ -460,6 +461,7 @@ def _search(recipe: Recipe, loaded, analysis, example, work: Path, backend, *, q
     rep = result.as_report()
     rep.update(log="search_log.jsonl", pareto_plot="search_pareto.png" if result.plot_path else None,
                target=S.target, budget=S.budget, proxy_metric=S.proxy, state_dir=str(state),
+               latency_penalty=S.latency_penalty if S.target == "latency" else None,
                latency_model=fitted)
     return plan_for(result.best_ratios), rep
 

@@ -288,10 +288,11 @@ def test_latency_budget_search_fits_its_model_to_the_original_and_the_floor(reci
     assert log[0]["latency_ms"] is not None and len(timed) == fitted["candidates_timed"] >= 1
     assert fitted["engines_timed"] == 2 + fitted["candidates_timed"]
     assert fitted["target_ms"] == pytest.approx(0.95 * fitted["measured_ms"]["original"])
-    assert all(r["reward"] == pytest.approx(r["proxy"] - max(0.0, r["latency_ms"] / fitted["target_ms"] - 1))
+    best = json.loads((tmp_path / "lat" / "report.json").read_text())["search"]
+    assert best["latency_penalty"] == 10.0  # the recipe default reaches the reward
+    assert all(r["reward"] == pytest.approx(r["proxy"] - 10.0 * max(0.0, r["latency_ms"] / fitted["target_ms"] - 1))
                for r in timed)
     assert "engines timed during the search" in (tmp_path / "lat" / "report.md").read_text()
-    best = json.loads((tmp_path / "lat" / "report.json").read_text())["search"]
     assert best["best_latency_ms"] == log[best["best_episode"]]["latency_ms"] is not None  # the plan returned was timed
     # the floor keeps >= 20% of every inner group and the whole residual stream: 5% of the latency is out of reach
     res = run("build", recipe, "--out", tmp_path / "lat5", *FAST, *common, "--set", "search.budget=0.05")

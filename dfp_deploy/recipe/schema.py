@@ -150,6 +150,9 @@ class SearchSection:
     measure: Literal["best", "none"] = spec("best", "with target latency: time on the target (against the "
                                             "original) each candidate that could become the best, correct the "
                                             "latency model and penalise a missed target; none: predict only")
+    latency_penalty: float = spec(
+        10.0, "with target latency: reward lost per unit of relative miss of a timed candidate (λ in "
+        "search/reward.py; 10: missing the target by 10 % costs 1 nat of KL)", lo=0.0)
     resume: bool = spec(True, "continue an interrupted search from its log")
 
 

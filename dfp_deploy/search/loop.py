@@ -93,7 +93,7 @@ def run_search(space: SearchSpace, evaluate: Evaluate, *, episodes: int, warmup:
     state = _State(space=space, env=env, agent=agent, evaluate=evaluate, target_ms=target_ms, penalty=penalty,
                    latency_reference_ms=latency_reference_ms)
     meta = {"groups": list(space.groups), "channels": list(space.channels), "seed": seed, "target": target,
-            "warmup": warmup, "config": config.__dict__, "fill": fill}
+            "warmup": warmup, "config": config.__dict__, "fill": fill, "penalty": penalty}
     start = _resume(state, log_path, meta) if resume else 0
     if start == 0:
         log_path.parent.mkdir(parents=True, exist_ok=True)
