@@ -495,11 +495,11 @@ def _latency_model(recipe, model, analysis, space, example, work, backend, plan_
     floor_kept = list(space.min_kept)
     floor_keep = _np.asarray(floor_kept, dtype=_np.float64) / _np.asarray(space.channels)
     floor_ms = timer.measure(_compress(recipe, model, analysis, plan_for(space.ratios(floor_kept))).eval(), "floor")
-    cost = LatencyModel(space)
+    cost = LatencyModel(space, block=default_round_to(t.backend, t.precision))
     cost.observe(_np.ones(space.size), timer.reference_ms)
     cost.observe(floor_keep, floor_ms, prior=True)
     return cost, timer, {"measured_ms": {"original": timer.reference_ms, "floor": floor_ms},
-                         "intercept_ms": cost.c0, "scale_ms": cost.scale}
+                         "intercept_ms": cost.c0, "scale_ms": cost.scale, "channel_block": cost.block}
 
 
 def _latency_warnings(latency: dict) -> list[str]:

@@ -217,6 +217,24 @@ def test_fidelity_kl_and_agreement():
         proxy(noisy, "acc")
 
 
+def test_latency_model_charges_a_partly_filled_channel_block_as_a_whole_one(space):
+    flat, blocked = LatencyModel(space), LatencyModel(space, block=8)
+    channels = np.asarray(space.channels)
+    full = np.ones(space.size)
+    # every group keeps one channel more than a multiple of 8 below its width: the blocked model rounds it back up
+    one_over = np.maximum(8 * ((channels - 1) // 8) + 1, 1) / channels
+    whole_blocks = np.minimum(8 * np.ceil(one_over * channels / 8), channels) / channels
+    assert blocked.raw(one_over) == pytest.approx(blocked.raw(whole_blocks))
+    assert flat.raw(one_over) < flat.raw(whole_blocks)
+    assert blocked.raw(full) == pytest.approx(flat.raw(full))  # nothing to pad when every channel is kept
+    # monotone in every ratio, as the action wall's bisection needs
+    ratios = np.linspace(0.2, 1.0, 33)
+    values = [blocked.raw(np.full(space.size, r)) for r in ratios]
+    assert all(b >= a - 1e-12 for a, b in zip(values, values[1:]))
+    with pytest.raises(InputError):
+        LatencyModel(space, block=0)
+
+
 def test_reward_penalises_only_a_missed_latency_target():
     assert reward(-0.2) == -0.2
     assert reward(-0.2, latency_ms=9.0, target_ms=10.0) == -0.2
