@@ -65,10 +65,10 @@ from bench_int8_cpu import ort_quantize_static, session  # noqa: E402  (the ORT 
 from mdtable import markdown  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-METHOD_LABEL = {"none": "plain", "neuron_merging": "NM", "udfc": "UDFC", "lmmse": "lmmse"}
 # prune table columns: --prune-methods name -> (label, compress_model method, its options). "udfc-multi" is UDFC's
 # non-negative least-squares vector form over several kept channels (reconstruct.py §2: no error bound)
-PRUNE_VARIANTS = {**{m: (label, m, {}) for m, label in METHOD_LABEL.items()},
+PRUNE_VARIANTS = {"none": ("plain", "none", {}), "neuron_merging": ("NM", "neuron_merging", {}),
+                  "udfc": ("UDFC", "udfc", {}), "lmmse": ("lmmse", "lmmse", {}),
                   "udfc-multi": ("UDFC multi", "udfc", {"multi": True})}
 
 

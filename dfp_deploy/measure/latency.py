@@ -123,7 +123,6 @@ def time_interleaved(runners: dict[str, Callable[[], None]], *, warmup: int = 10
     """Time every runner under the protocol above; returns LatencyStats per runner name (same keys)."""
     _check_protocol(runners, warmup, runs, rounds, batch)
     names = list(runners)
-    times: dict[str, list[float]] = {name: [] for name in names}
     blocks: dict[str, list[list[float]]] = {name: [] for name in names}  # one per round
     bar = _progress_bar(progress, len(names) * (warmup + runs))
     gc_was_enabled = gc.isenabled()
@@ -136,10 +135,8 @@ def time_interleaved(runners: dict[str, Callable[[], None]], *, warmup: int = 10
         gc.collect()
         gc.disable()
         for name, calls in schedule(names, runs, rounds):
-            block: list[float] = []
-            _time_block(runners[name], calls, block)
-            times[name] += block
-            blocks[name].append(block)
+            blocks[name].append([])
+            _time_block(runners[name], calls, blocks[name][-1])
             if bar:
                 bar.update(calls)
     finally:
@@ -147,5 +144,5 @@ def time_interleaved(runners: dict[str, Callable[[], None]], *, warmup: int = 10
             gc.enable()
         if bar:
             bar.close()
-    return {name: summarise(times[name], warmup=warmup, batch=batch, threads=threads, rounds=blocks[name])
-            for name in names}
+    return {name: summarise([t for block in blocks[name] for t in block], warmup=warmup, batch=batch,
+                            threads=threads, rounds=blocks[name]) for name in names}
