@@ -108,6 +108,9 @@ def _check_consistency(recipe: Recipe) -> None:
     """Settings that contradict each other, refused before anything slow runs."""
     if not _uses_calibration(recipe):
         return
+    if recipe.compress.bn_adapt.data:
+        raise InputError("compress.bn_adapt.data and compress.calibration.data are both set; two-phase calibration "
+                         "already re-estimates the BatchNorm statistics: remove bn_adapt")
     if recipe.compress.reconstruct != "none":
         raise InputError(f"compress.reconstruct: {recipe.compress.reconstruct} and compress.calibration.data "
                          "are both set; calibration replaces the data-free repair: set one of them (or "
@@ -140,7 +143,11 @@ def _layer_bits(recipe: Recipe, model, analysis) -> dict[str, int] | None:
     return {name: q.first_last_bits for name in edge_layers(model, analysis.module_order)}
 
 
-def _compress(recipe: Recipe, model, analysis, plan: PrunePlan, calib_inputs=None):
+def _compress(recipe: Recipe, model, analysis, plan: PrunePlan, calib_inputs=None, adapt_inputs=None):
+    """The compressed model: two-phase calibration (calib_inputs), or the data-free path — prune, repair and
+    quantize jointly, or with adapt_inputs (compress.bn_adapt) prune and repair, re-estimate the BatchNorm
+    statistics, then quantize the adapted model (its BN statistics feed the quantizer's repair and bias
+    correction, so they must be final first)."""
     method = recipe.compress.reconstruct
     bits = recipe.compress.quantize.weight_bits
     layer_bits = _layer_bits(recipe, model, analysis)
@@ -155,6 +162,22 @@ def _compress(recipe: Recipe, model, analysis, plan: PrunePlan, calib_inputs=Non
 
             out = quantize_model_weights(out, bits, layer_bits=layer_bits)
         return out
+    if adapt_inputs is not None:
+        from dfp_deploy.analysis import analyze
+        from dfp_deploy.compress.bn_adapt import adapt_batchnorm
+
+        repaired = _repair(recipe, model, analysis, plan, bits=None, layer_bits=None)
+        adapt_batchnorm(repaired, adapt_inputs)
+        if bits is None:
+            return repaired
+        return _repair(recipe, repaired, analyze(repaired, adapt_inputs[:1]), PrunePlan(), bits=bits,
+                       layer_bits=layer_bits)
+    return _repair(recipe, model, analysis, plan, bits=bits, layer_bits=layer_bits)
+
+
+def _repair(recipe: Recipe, model, analysis, plan: PrunePlan, *, bits, layer_bits):
+    """The data-free path: prune `plan`, repair with compress.reconstruct, quantize to `bits`."""
+    method = recipe.compress.reconstruct
     if method == "none" and bits is None:
         from dfp_deploy.compress.prune import prune_model
 
@@ -247,9 +270,11 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
 
     stage("analysing channel groups, choosing channels")
     analysis = analyze(model, one)
+    adapt_inputs = _bn_adapt_inputs(recipe, loaded)
     search_report = None
     if recipe.search.episodes:
-        plan, search_report = _search(recipe, loaded, analysis, example, work, backend, quiet=stage.quiet)
+        plan, search_report = _search(recipe, loaded, analysis, example, work, backend, adapt_inputs,
+                                      quiet=stage.quiet)
     else:
         plan = _plan(recipe, model, analysis, progress=not stage.quiet)
 
@@ -258,7 +283,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
     calib_inputs = None
     if _uses_calibration(recipe):
         calib_inputs = torch.from_numpy(_calibration_images(recipe, loaded))
-    compressed = _compress(recipe, model, analysis, plan, calib_inputs)
+    compressed = _compress(recipe, model, analysis, plan, calib_inputs, adapt_inputs)
     compressed.eval()
     sizes = {
         "params": {"before": count_params(model), "after": count_params(compressed)},
@@ -288,7 +313,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
     rounding = None
     if unrounded is not None:
         rounding, engines["unrounded"] = _unrounded_engine(recipe, loaded, analysis, unrounded, example, work,
-                                                           backend)
+                                                           adapt_inputs, backend)
 
     stage("checking parity engine vs PyTorch")
     from dfp_deploy.measure.parity import parity
@@ -342,6 +367,10 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
                      "weight_bits": recipe.compress.quantize.weight_bits,
                      "layer_bits": _layer_bits(recipe, model, analysis),
                      "bias_correction": _bias_correction(recipe),
+                     "bn_adapt": ({"data": recipe.compress.bn_adapt.data, "samples": int(len(adapt_inputs)),
+                                   "synthetic_steps": recipe.compress.bn_adapt.synthetic_steps
+                                   if recipe.compress.bn_adapt.data == "synthetic" else None}
+                                  if adapt_inputs is not None else None),
                      "calibration": ({"data": recipe.compress.calibration.data,
                                       "samples": recipe.compress.calibration.samples}
                                      if _uses_calibration(recipe) else None)},
@@ -380,7 +409,7 @@ def cache_dir() -> Path:
     return Path(base) / "dfp-deploy"
 
 
-def _search(recipe: Recipe, loaded, analysis, example, work: Path, backend, *, quiet: bool):
+def _search(recipe: Recipe, loaded, analysis, example, work: Path, backend, adapt_inputs, *, quiet: bool):
     """AutoDFP: the SAC agent picks per-group ratios; each candidate is compressed exactly as the final build will
     be and scored by its fidelity to the original on BN-matched synthetic inputs (no data). The budget is enforced
     by the agent's action wall on a cost model: MACs, or latency predicted per group from MACs and fitted to
@@ -432,7 +461,7 @@ def _search(recipe: Recipe, loaded, analysis, example, work: Path, backend, *, q
     best_reward = [-math.inf]
 
     def evaluate(ratios: dict) -> dict:
-        candidate = _compress(recipe, model, analysis, plan_for(ratios)).eval()
+        candidate = _compress(recipe, model, analysis, plan_for(ratios), adapt_inputs=adapt_inputs).eval()
         with torch.inference_mode():
             fid = fidelity(reference, candidate(x_syn))
         out = {"proxy": proxy(fid, S.proxy), **fid, "macs": count_macs(candidate, one)}
@@ -585,14 +614,15 @@ def _unrounded_plan(recipe: Recipe, model, analysis, plan: PrunePlan) -> PrunePl
     return exact if exact.keep != plan.keep else None
 
 
-def _unrounded_engine(recipe: Recipe, loaded, analysis, plan: PrunePlan, example, work: Path, backend):
+def _unrounded_engine(recipe: Recipe, loaded, analysis, plan: PrunePlan, example, work: Path, adapt_inputs,
+                      backend):
     """Build the unrounded plan's engine exactly like the shipped one, to time what rounding cost or gained. Its
     files are hidden in the staging folder and removed once the engine is loaded."""
     from dfp_deploy.analysis import count_macs
     from dfp_deploy.export.onnx_export import export_onnx
 
     t = recipe.target
-    model = _compress(recipe, loaded.module, analysis, plan).eval()
+    model = _compress(recipe, loaded.module, analysis, plan, adapt_inputs=adapt_inputs).eval()
     path = export_onnx(model, example, work / ".unrounded.onnx", dynamic_batch=recipe.export.dynamic_batch,
                        opset=recipe.export.opset).path
     if t.precision == "int8":
@@ -602,6 +632,21 @@ def _unrounded_engine(recipe: Recipe, loaded, analysis, plan: PrunePlan, example
         leftover.unlink()
     info = {"round_to": _round_to(recipe), "macs_unrounded": count_macs(model, example[:1])}
     return info, engine
+
+
+def _bn_adapt_inputs(recipe: Recipe, loaded) -> torch.Tensor | None:
+    """compress.bn_adapt.data as model inputs (None: off). Synthetic ones use seed + 1, so that they are not the
+    inputs the search scores candidates on (a proxy measured on the inputs the statistics were fitted to would
+    flatter every candidate)."""
+    a = recipe.compress.bn_adapt
+    if not a.data:
+        return None
+    from dfp_deploy.compress.calibrate import load_calibration_inputs
+
+    return load_calibration_inputs(a.data, a.samples, model=loaded.module, preprocess=loaded.preprocess,
+                                   input_shape=loaded.input_shape, seed=recipe.seed + 1,
+                                   synthetic_steps=a.synthetic_steps, cache_dir=cache_dir() / "synthetic",
+                                   what="compress.bn_adapt")
 
 
 def _calibration_images(recipe: Recipe, loaded) -> np.ndarray:
@@ -643,6 +688,10 @@ def _describe(recipe: Recipe, plan: PrunePlan) -> str:
         parts.append(f"two-phase calibration on {recipe.compress.calibration.samples} inputs")
     if recipe.compress.reconstruct != "none":
         parts.append(f"reconstruct {recipe.compress.reconstruct}")
+    a = recipe.compress.bn_adapt
+    if a.data:
+        parts.append(f"BatchNorm re-estimated on {a.samples} "
+                     + ("synthetic inputs" if a.data == "synthetic" else "images"))
     q = recipe.compress.quantize
     if q.weight_bits:
         parts.append(f"w{q.weight_bits}" + (f" (first/last w{q.first_last_bits})"

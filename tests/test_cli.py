@@ -379,3 +379,34 @@ def test_summary_and_warnings_say_when_the_speedup_moved_between_rounds():
     assert _latency_warnings(steady["latency"]) == []
     (warning,) = _latency_warnings(moved["latency"])
     assert "1.35x to 2.44x" in warning and "quiet machine" in warning
+
+
+def test_bn_adapt_reestimates_the_statistics_before_quantizing(recipe, tmp_path):
+    def build(name, *extra):
+        res = run("build", recipe, "--out", tmp_path / name, *FAST, "--set", "measure.latency=false",
+                  "--set", "compress.reconstruct=udfc", "--set", "compress.quantize.weight_bits=4", *extra)
+        assert res.exit_code == 0, res.output
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        return report, torch.load(tmp_path / name / "model.pt", weights_only=False)
+
+    plain, plain_model = build("plain")
+    adapted, adapted_model = build("adapted", "--set", "compress.bn_adapt.data=synthetic",
+                                   "--set", "compress.bn_adapt.samples=12", "--set", "compress.bn_adapt.synthetic_steps=3")
+    assert plain["compress"]["bn_adapt"] is None
+    assert adapted["compress"]["bn_adapt"] == {"data": "synthetic", "samples": 12, "synthetic_steps": 3}
+    assert "BatchNorm statistics re-estimated on 12 synthetic inputs" in (tmp_path / "adapted" / "report.md").read_text()
+    assert adapted["prune"] == plain["prune"] and adapted["macs"] == plain["macs"]
+    # the statistics moved, and the weights are still on the 4-bit grid (quantized after the re-estimation)
+    bn = "layer1.0.bn1"
+    assert not torch.allclose(dict(plain_model.named_modules())[bn].running_var,
+                              dict(adapted_model.named_modules())[bn].running_var)
+    weights = [m.weight for m in adapted_model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(len(torch.unique(w[0])) <= 16 for w in weights)  # still 4-bit weights after the re-estimation
+
+
+def test_bn_adapt_with_calibration_is_refused(recipe, tmp_path):
+    res = run("build", recipe, "--out", tmp_path / "o", "--quiet", "--set", "compress.bn_adapt.data=synthetic",
+              "--set", "compress.calibration.data=" + str(tmp_path / "eval.npz"))
+    assert res.exit_code == 2
+    assert "already re-estimates the BatchNorm statistics" in res.output
+    assert not (tmp_path / "o").exists()

@@ -82,12 +82,22 @@ class CalibrationSection:
 
 
 @dataclass(frozen=True)
+class BnAdaptSection:
+    data: str | None = spec(None, "re-estimate the compressed model's BatchNorm statistics on these inputs: "
+                            "'synthetic' (BN-matched generated inputs, data-free) or an .npz of unlabeled images; "
+                            "null: off (see dfp_deploy/compress/bn_adapt.py)", path=True)
+    samples: int = spec(256, "inputs used (all go through in one batch)", lo=2)
+    synthetic_steps: int = spec(200, "optimisation steps for data: synthetic (cached per model)", lo=1)
+
+
+@dataclass(frozen=True)
 class CompressSection:
     prune: PruneSection = spec(None, "channel pruning", factory=PruneSection)
     reconstruct: Literal["none", "neuron_merging", "udfc", "lmmse"] = spec(
         "none", "closed-form data-free repair folded into the next layer (see dfp_deploy/compress/reconstruct.py)")
     quantize: QuantizeSection = spec(None, "weight quantization", factory=QuantizeSection)
     calibration: CalibrationSection = spec(None, "optional few unlabeled images", factory=CalibrationSection)
+    bn_adapt: BnAdaptSection = spec(None, "adaptive BatchNorm after the data-free repair", factory=BnAdaptSection)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ def render_markdown(r: dict) -> str:
     lines += [f"Compression: {p['groups_pruned']} channel groups pruned, "
               f"{100 * p['removed_fraction']:.1f}% of prunable channels removed; reconstruction "
               f"`{c['reconstruct']}`; weight bits `{c['weight_bits'] or 'float'}`{_overrides(c)}"
-              f"{_bias_correction(c)}.", ""]
+              f"{_bias_correction(c)}{_bn_adapt(c)}.", ""]
     lines += ["| | before | after | change |", "|---|---|---|---|"]
     for key in ("params", "macs"):
         d = r[key]
@@ -95,6 +95,15 @@ def _bias_correction(compress: dict) -> str:
     """Said only when weights are quantized on the data-free path (None otherwise; older reports lack the key)."""
     on = compress.get("bias_correction")
     return "" if on is None else f", bias correction {'on' if on else 'off'}"
+
+
+def _bn_adapt(compress: dict) -> str:
+    """', BatchNorm statistics re-estimated on 256 synthetic inputs' when compress.bn_adapt was on."""
+    a = compress.get("bn_adapt")
+    if not a:
+        return ""
+    source = "synthetic inputs" if a["data"] == "synthetic" else f"images of `{a['data']}`"
+    return f", BatchNorm statistics re-estimated on {a['samples']} {source}"
 
 
 def _overrides(compress: dict) -> str:
