@@ -268,7 +268,9 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
     example = _example_input(loaded, t.batch, recipe.seed)
     one = example[:1]
 
-    stage("analysing channel groups, choosing channels")
+    stage("analysing channel groups, choosing channels"
+          + (", BN-matched inputs for bn_adapt (generated once per model)"
+             if recipe.compress.bn_adapt.data == "synthetic" else ""))
     analysis = analyze(model, one)
     adapt_inputs = _bn_adapt_inputs(recipe, loaded)
     search_report = None
