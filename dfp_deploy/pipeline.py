@@ -273,6 +273,11 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
              if recipe.compress.bn_adapt.data == "synthetic" else ""))
     analysis = analyze(model, one)
     adapt_inputs = _bn_adapt_inputs(recipe, loaded)
+    adapt_trust = None
+    if adapt_inputs is not None:
+        from dfp_deploy.compress.bn_adapt import self_agreement
+
+        adapt_trust = self_agreement(model, adapt_inputs)
     search_report = None
     if recipe.search.episodes:
         plan, search_report = _search(recipe, loaded, analysis, example, work, backend, adapt_inputs,
@@ -371,7 +376,8 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
                      "bias_correction": _bias_correction(recipe),
                      "bn_adapt": ({"data": recipe.compress.bn_adapt.data, "samples": int(len(adapt_inputs)),
                                    "synthetic_steps": recipe.compress.bn_adapt.synthetic_steps
-                                   if recipe.compress.bn_adapt.data == "synthetic" else None}
+                                   if recipe.compress.bn_adapt.data == "synthetic" else None,
+                                   "self_agreement": adapt_trust}
                                   if adapt_inputs is not None else None),
                      "calibration": ({"data": recipe.compress.calibration.data,
                                       "samples": recipe.compress.calibration.samples}
@@ -396,6 +402,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
         report["engine"] = engine_info
     report["warnings"] += _engine_warnings(engine_info.get("layers"))
     report["warnings"] += _latency_warnings(latency)
+    report["warnings"] += _bn_adapt_warnings(recipe, adapt_trust)
     if t.precision == "int8":
         report["quantization"] = {"activations": recipe.compress.quantize.activations,
                                   "range_k": recipe.compress.quantize.range_k,
@@ -544,6 +551,19 @@ def _latency_warnings(latency: dict) -> list[str]:
     return [f"the speedup moved between timing rounds ({min(rounds):.2f}x to {max(rounds):.2f}x; reported "
             f"{latency['speedup']:.2f}x): the machine's load changed while it was measured; rerun on a quiet machine "
             "or with more measure.runs"]
+
+
+def _bn_adapt_warnings(recipe: Recipe, agreement: float | None) -> list[str]:
+    from dfp_deploy.compress.bn_adapt import SELF_AGREEMENT_WARN
+
+    if agreement is None or agreement >= SELF_AGREEMENT_WARN:
+        return []
+    fix = ("raise compress.bn_adapt.synthetic_steps" if recipe.compress.bn_adapt.data == "synthetic"
+           else "give more or more representative images")
+    return [f"compress.bn_adapt: re-estimating the UNCHANGED model's BatchNorm statistics on these inputs changes "
+            f"its top-1 class on {100 * (1 - agreement):.0f} % of them (self_agreement {agreement:.2f} < "
+            f"{SELF_AGREEMENT_WARN}); they describe the data poorly, so the adapted statistics are suspect: {fix}, "
+            f"or compare with bn_adapt off"]
 
 
 def _engine_warnings(layers: dict | None) -> list[str]:

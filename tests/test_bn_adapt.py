@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from dfp_deploy.compress.bn_adapt import adapt_batchnorm
+from dfp_deploy.compress.bn_adapt import adapt_batchnorm, self_agreement
 from dfp_deploy.core.errors import DataError
 
 
@@ -96,3 +96,14 @@ def test_bad_inputs_fail_with_one_line_errors():
     with pytest.raises(DataError, match="float tensor"):
         adapt_batchnorm(net, torch.zeros((4, 3, 8, 8), dtype=torch.uint8))
     assert adapt_batchnorm(nn.Sequential(nn.Conv2d(3, 3, 1)), inputs(4)) == 0  # no BN: nothing to do
+
+
+def test_self_agreement_is_one_for_matching_statistics_and_lower_for_stale_ones():
+    net, x = two_bn_net(), inputs(50)
+    before = copy.deepcopy(net.state_dict())
+    stale = self_agreement(net, x)  # statistics unrelated to x: re-estimating them changes some predictions
+    assert 0.0 <= stale < 1.0
+    for key, value in net.state_dict().items():  # the model itself is untouched
+        assert torch.equal(value, before[key]), key
+    adapt_batchnorm(net, x)
+    assert self_agreement(net, x) == 1.0  # already the inputs' moments: the adapted copy is the same model

@@ -393,7 +393,11 @@ def test_bn_adapt_reestimates_the_statistics_before_quantizing(recipe, tmp_path)
     adapted, adapted_model = build("adapted", "--set", "compress.bn_adapt.data=synthetic",
                                    "--set", "compress.bn_adapt.samples=12", "--set", "compress.bn_adapt.synthetic_steps=3")
     assert plain["compress"]["bn_adapt"] is None
+    trust = adapted["compress"]["bn_adapt"].pop("self_agreement")
     assert adapted["compress"]["bn_adapt"] == {"data": "synthetic", "samples": 12, "synthetic_steps": 3}
+    assert 0.0 <= trust <= 1.0
+    warned = [w for w in adapted["warnings"] if w.startswith("compress.bn_adapt:")]
+    assert bool(warned) == (trust < 0.9), (trust, warned)
     assert "BatchNorm statistics re-estimated on 12 synthetic inputs" in (tmp_path / "adapted" / "report.md").read_text()
     assert adapted["prune"] == plain["prune"] and adapted["macs"] == plain["macs"]
     # the statistics moved, and the weights are still on the 4-bit grid (quantized after the re-estimation)

@@ -24,7 +24,7 @@ import time
 import torch
 
 from dfp_deploy.analysis import analyze, count_macs
-from dfp_deploy.compress.bn_adapt import adapt_batchnorm
+from dfp_deploy.compress.bn_adapt import adapt_batchnorm, self_agreement
 from dfp_deploy.compress.calibrate import load_calibration_inputs
 from dfp_deploy.compress.plan import make_plan
 from dfp_deploy.compress.prune import prune_model
@@ -91,7 +91,8 @@ def main(argv=None) -> int:
         sources[steps] = load_calibration_inputs("synthetic", args.samples, model=model, preprocess=loaded.preprocess,
                                                  input_shape=loaded.input_shape, seed=args.seed,
                                                  synthetic_steps=steps, cache_dir=args.cache)
-        print(f"# synthetic inputs, {steps} steps: {time.perf_counter() - start:.0f} s (0 if cached)", flush=True)
+        print(f"# synthetic inputs, {steps} steps: {time.perf_counter() - start:.0f} s (0 if cached), "
+              f"self_agreement {self_agreement(model, sources[steps]):.3f}", flush=True)
     print(f"# {args.model} on {len(y)} images of {os.path.basename(args.eval)}, {args.samples} synthetic inputs "
           f"(seed {args.seed}), {args.threads} thread(s)", flush=True)
     print("| plan | MACs | repair | data-free | " + " | ".join(f"adapted, {s} steps" for s in args.steps) +
