@@ -21,9 +21,10 @@ the fixed point by a factor M/(M − 1); one batch also makes the moments exact 
 No weight changes and no gradient is tracked. Memory grows with N (one forward pass at batch N).
 
 Exact cases (tests/test_bn_adapt.py): if the running statistics already equal the input moments, nothing changes;
-if a compression scales channel c of a BN input by s > 0 and shifts it by t, re-estimation gives μ' = s·μ + t and
-σ'² = s²·σ² (for the inputs used), so (s·a + t − μ')/σ' = (a − μ)/σ: the BN output is the original one again (up
-to ε in √(σ² + ε)).
+if the original's statistics (μ, σ²) are the moments of its BN inputs over these inputs and a compression scales
+channel c of that BN's input by s > 0 and shifts it by t (a ↦ s·a + t), re-estimation gives μ' = s·μ + t and
+σ'² = s²·σ², so (s·a + t − μ')/σ' = (a − μ)/σ for EVERY input a, not only the ones used: the BN output is the
+original one again (up to ε in √(σ² + ε)).
 
 Trust check. self_agreement() adapts the UNCHANGED original on the same inputs and counts on how many of them it
 keeps its top-1 class; builds report it and warn below SELF_AGREEMENT_WARN, since inputs that move a model that needs
