@@ -183,6 +183,29 @@ def test_search_build_meets_the_mac_budget_and_logs_episodes(recipe, tmp_path, m
 
 
 @pytest.mark.slow
+def test_search_scores_candidates_after_bn_adapt(recipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def search(name, *extra):
+        res = run("build", recipe, "--out", tmp_path / name, *FAST, "--set", "measure.latency=false",
+                  "--set", "search.episodes=2", "--set", "search.warmup=2", "--set", "search.synthetic_samples=8",
+                  "--set", "search.synthetic_steps=2", "--set", "search.budget=0.6",
+                  "--set", "compress.prune.round_to=8", *extra)
+        assert res.exit_code == 0, res.output
+        log = [json.loads(line) for line in (tmp_path / name / "search_log.jsonl").read_text().splitlines()]
+        return json.loads((tmp_path / name / "report.json").read_text()), log
+
+    plain, plain_log = search("plain")
+    adapted, adapted_log = search("adapted", "--set", "compress.bn_adapt.data=synthetic",
+                                  "--set", "compress.bn_adapt.samples=8", "--set", "compress.bn_adapt.synthetic_steps=2")
+    assert adapted["compress"]["bn_adapt"]["samples"] == 8
+    assert adapted["macs"]["after"] <= 0.6 * adapted["macs"]["before"] * 1.0001
+    # the seeded warm-up picks the same plans; only the adaptation of each candidate changes their scores
+    assert [e["macs"] for e in adapted_log] == [e["macs"] for e in plain_log]
+    assert all(a["proxy"] != p["proxy"] for a, p in zip(adapted_log, plain_log))
+
+
+@pytest.mark.slow
 def test_two_phase_calibration_build(recipe, tmp_path):
     out = tmp_path / "calibrated"
     res = run("build", recipe, "--out", out, *FAST, "--set", "compress.calibration.data=" + str(tmp_path / "eval.npz"),
