@@ -55,10 +55,10 @@ def _summary(r: dict) -> str:
              f"MACs {r['macs']['before'] / 1e6:.2f}M -> {r['macs']['after'] / 1e6:.2f}M"]
     lat = r["latency"]
     if "before" in lat:
-        from dfp_deploy.measure.latency import speedup_is_unsettled
+        from dfp_deploy.measure.latency import unsettled_range
 
-        rounds = lat.get("speedup_rounds") or []
-        spread = f", {min(rounds):.2f}-{max(rounds):.2f}x by round" if speedup_is_unsettled(rounds) else ""
+        span = unsettled_range(lat.get("speedup_rounds"))
+        spread = f", {span[0]:.2f}-{span[1]:.2f}x by round" if span else ""
         parts.append(f"p50 {lat['before']['p50_ms']:.3f} -> {lat['after']['p50_ms']:.3f} ms "
                      f"({lat['speedup']:.2f}x{spread}, {lat['backend']}, batch {lat['batch']})")
     if "accuracy" in r:

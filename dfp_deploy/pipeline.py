@@ -374,11 +374,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
                      "weight_bits": recipe.compress.quantize.weight_bits,
                      "layer_bits": _layer_bits(recipe, model, analysis),
                      "bias_correction": _bias_correction(recipe),
-                     "bn_adapt": ({"data": recipe.compress.bn_adapt.data, "samples": int(len(adapt_inputs)),
-                                   "synthetic_steps": recipe.compress.bn_adapt.synthetic_steps
-                                   if recipe.compress.bn_adapt.data == "synthetic" else None,
-                                   "self_agreement": adapt_trust}
-                                  if adapt_inputs is not None else None),
+                     "bn_adapt": _bn_adapt_report(recipe, adapt_inputs, adapt_trust),
                      "calibration": ({"data": recipe.compress.calibration.data,
                                       "samples": recipe.compress.calibration.samples}
                                      if _uses_calibration(recipe) else None)},
@@ -543,14 +539,22 @@ def _latency_model(recipe, model, analysis, space, example, work, backend, plan_
 def _latency_warnings(latency: dict) -> list[str]:
     """A speedup that moved between the interleaved rounds (the load changed while it was measured) is said to be
     uncertain (measure/latency.py)."""
-    from dfp_deploy.measure.latency import speedup_is_unsettled
+    from dfp_deploy.measure.latency import unsettled_range
 
-    rounds = latency.get("speedup_rounds") or []
-    if not speedup_is_unsettled(rounds):
+    span = unsettled_range(latency.get("speedup_rounds"))
+    if span is None:
         return []
-    return [f"the speedup moved between timing rounds ({min(rounds):.2f}x to {max(rounds):.2f}x; reported "
+    return [f"the speedup moved between timing rounds ({span[0]:.2f}x to {span[1]:.2f}x; reported "
             f"{latency['speedup']:.2f}x): the machine's load changed while it was measured; rerun on a quiet machine "
             "or with more measure.runs"]
+
+
+def _bn_adapt_report(recipe: Recipe, inputs: torch.Tensor | None, agreement: float | None) -> dict | None:
+    a = recipe.compress.bn_adapt
+    if inputs is None:
+        return None
+    return {"data": a.data, "samples": int(len(inputs)),
+            "synthetic_steps": a.synthetic_steps if a.data == "synthetic" else None, "self_agreement": agreement}
 
 
 def _bn_adapt_warnings(recipe: Recipe, agreement: float | None) -> list[str]:
@@ -661,28 +665,25 @@ def _bn_adapt_inputs(recipe: Recipe, loaded) -> torch.Tensor | None:
     inputs the search scores candidates on (a proxy measured on the inputs the statistics were fitted to would
     flatter every candidate)."""
     a = recipe.compress.bn_adapt
-    if not a.data:
-        return None
+    return _section_inputs(a, loaded, seed=recipe.seed + 1, what="compress.bn_adapt") if a.data else None
+
+
+def _section_inputs(section, loaded, *, seed: int, what: str) -> torch.Tensor:
+    """The inputs a recipe section names (its data, samples and synthetic_steps), normalised for the model."""
     from dfp_deploy.compress.calibrate import load_calibration_inputs
 
-    return load_calibration_inputs(a.data, a.samples, model=loaded.module, preprocess=loaded.preprocess,
-                                   input_shape=loaded.input_shape, seed=recipe.seed + 1,
-                                   synthetic_steps=a.synthetic_steps, cache_dir=cache_dir() / "synthetic",
-                                   what="compress.bn_adapt")
+    return load_calibration_inputs(section.data, section.samples, model=loaded.module, preprocess=loaded.preprocess,
+                                   input_shape=loaded.input_shape, seed=seed, synthetic_steps=section.synthetic_steps,
+                                   cache_dir=cache_dir() / "synthetic", what=what)
 
 
 def _calibration_images(recipe: Recipe, loaded) -> np.ndarray:
     """compress.calibration.data as model inputs: a seeded subset of unlabeled images, or BN-matched synthetic ones."""
-    from dfp_deploy.compress.calibrate import load_calibration_inputs
-
     c = recipe.compress.calibration
     if not c.data:
         raise InputError("compress.quantize.activations: calibration needs compress.calibration.data "
                          "(an .npz of unlabeled images, or 'synthetic')")
-    x = load_calibration_inputs(c.data, c.samples, model=loaded.module, preprocess=loaded.preprocess,
-                                input_shape=loaded.input_shape, seed=recipe.seed,
-                                synthetic_steps=c.synthetic_steps, cache_dir=cache_dir() / "synthetic")
-    return x.numpy()
+    return _section_inputs(c, loaded, seed=recipe.seed, what="compress.calibration").numpy()
 
 
 class _ChunkedEngine:

@@ -79,14 +79,14 @@ def _time_block(runner: Callable, calls: int, out: list[float]) -> None:
         out.append(float(device_ms) if isinstance(device_ms, float) else elapsed_ns / 1e6)
 
 
-def summarise(times_ms: list[float], *, warmup: int, batch: int, threads: int | None,
-              rounds: list[list[float]] | None = None) -> LatencyStats:
-    t = np.asarray(times_ms, dtype=np.float64)
+def summarise(rounds: list[list[float]], *, warmup: int, batch: int, threads: int | None) -> LatencyStats:
+    """Statistics of all timed calls, from the per-round blocks of one runner (each round also gives its median)."""
+    t = np.asarray([ms for block in rounds for ms in block], dtype=np.float64)
     p50, p90, p99 = np.percentile(t, [50, 90, 99])
     return LatencyStats(p50_ms=float(p50), p90_ms=float(p90), p99_ms=float(p99), min_ms=float(t.min()),
                         mean_ms=float(t.mean()), std_ms=float(t.std(ddof=1)) if len(t) > 1 else 0.0,
                         runs=len(t), warmup=warmup, batch=batch, threads=threads,
-                        round_p50_ms=tuple(float(np.median(r)) for r in rounds or () if len(r)))
+                        round_p50_ms=tuple(float(np.median(r)) for r in rounds if len(r)))
 
 
 def round_speedups(before: LatencyStats, after: LatencyStats) -> list[float]:
@@ -100,6 +100,12 @@ def speedup_is_unsettled(speedups: list[float]) -> bool:
     if len(speedups) < 2:
         return False
     return (max(speedups) - min(speedups)) / float(np.median(speedups)) > UNSETTLED_SPREAD
+
+
+def unsettled_range(speedups: list[float] | None) -> tuple[float, float] | None:
+    """(lowest, highest) per-round speedup when they are unsettled (the summary and the report say so), else None."""
+    speedups = speedups or []
+    return (min(speedups), max(speedups)) if speedup_is_unsettled(speedups) else None
 
 
 def noise(stats: LatencyStats) -> dict:
@@ -144,5 +150,4 @@ def time_interleaved(runners: dict[str, Callable[[], None]], *, warmup: int = 10
             gc.enable()
         if bar:
             bar.close()
-    return {name: summarise([t for block in blocks[name] for t in block], warmup=warmup, batch=batch,
-                            threads=threads, rounds=blocks[name]) for name in names}
+    return {name: summarise(blocks[name], warmup=warmup, batch=batch, threads=threads) for name in names}
