@@ -4,7 +4,9 @@
       --eval ../shared/data/cifar10_test_exact932.npz --searched /tmp/h3/search_macs /tmp/h3/search_lat \
       --ratios 0.3 0.35 0.4 0.5 0.6 0.65 0.7 --threads 1 --batch 8 --runs 150 --rounds 15 --repeats 3
 (--searched: folders written by `dfp-deploy build recipes/cifar_resnet56_search.yaml --out DIR`; with round_to 8,
-ratios 0.45-0.55 give the same ResNet-56 plan.) Each searched folder's model.onnx (the engine the build shipped;
+ratios 0.45-0.55 give the same ResNet-56 plan.) --uniform-builds DIR ...: uniform plans built by the pipeline
+itself (e.g. with `--set compress.bn_adapt.data=synthetic`, a repair this script does not rebuild), timed and
+scored like the built-in uniform plans; with --ratios and no values only these are the uniform reference. Each searched folder's model.onnx (the engine the build shipped;
 MACs from its report.json) is timed on ORT CPU fp32 in ONE interleaved schedule with the original and with uniform
 plans built as a recipe with `importance: lmmse, allocation: uniform, reconstruct: lmmse, round_to: R` builds them
 (ChannelPlanner + compress_model, static batch). The schedule runs --repeats times (engine order reversed every
@@ -53,7 +55,9 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", required=True)
     ap.add_argument("--eval", required=True, help="labelled .npz for top-1")
     ap.add_argument("--searched", nargs="+", default=[], help="dfp-deploy build output folder(s)")
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.35, 0.4, 0.5, 0.6, 0.65, 0.7])
+    ap.add_argument("--ratios", type=float, nargs="*", default=[0.3, 0.35, 0.4, 0.5, 0.6, 0.65, 0.7])
+    ap.add_argument("--uniform-builds", nargs="*", default=[], help="dfp-deploy build output folder(s) of uniform "
+                    "plans, used as uniform reference points")
     ap.add_argument("--round-to", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
@@ -83,6 +87,9 @@ def main(argv=None) -> int:
         for i, (name, m) in enumerate(models):
             exp = export_onnx(m.eval(), example, Path(tmp) / f"v{i}.onnx")
             add(name, exp.path, count_macs(m, one), "original" if i == 0 else "uniform")
+        for folder in map(Path, args.uniform_builds):
+            rep = json.loads((folder / "report.json").read_text())
+            add(f"uniform build ({folder.name})", folder / "model.onnx", rep["macs"]["after"], "uniform")
         for folder in map(Path, args.searched):
             rep = json.loads((folder / "report.json").read_text())
             s = rep.get("search", {})
@@ -103,7 +110,9 @@ def main(argv=None) -> int:
 
     print(f"# {args.model}: ORT CPU fp32, batch {args.batch}, {args.threads} thread(s), {args.runs} runs per engine "
           f"in {args.rounds} interleaved rounds, {args.repeats} repeats; uniform = lmmse selection + lmmse "
-          f"reconstruction, round_to {args.round_to}; top-1 on {len(y)} images\n")
+          f"reconstruction, round_to {args.round_to}"
+          + (f", and {len(args.uniform_builds)} uniform plan(s) built by the pipeline" if args.uniform_builds else "")
+          + f"; top-1 on {len(y)} images\n")
     print("| variant | MACs (M) | MACs kept | p50 ms | p50 rel. | rel. range | p90/p50 | top-1 |\n"
           "|---|---|---|---|---|---|---|---|")
     for n in engines:
