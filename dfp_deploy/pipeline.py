@@ -87,25 +87,54 @@ def _round_to(recipe: Recipe) -> int:
 
 
 def _planner(recipe: Recipe, model, analysis, *, round_to: int | None = None, allocation: str | None = None,
-             include_residual: bool | None = None, progress: bool = False):
+             include_residual: bool | None = None, progress: bool = False, measured: dict | None = None):
     from dfp_deploy.compress.selection import ChannelPlanner
 
     p = recipe.compress.prune
     return ChannelPlanner(model, analysis, importance=p.importance, allocation=allocation or p.allocation,
                           exclude=p.exclude, min_channels=p.min_channels, round_to=round_to or _round_to(recipe),
                           include_residual=p.include_residual if include_residual is None else include_residual,
-                          progress=progress)
+                          progress=progress, measured=measured)
 
 
-def _plan(recipe: Recipe, model, analysis, *, progress: bool = False) -> PrunePlan:
+def _plan(recipe: Recipe, model, analysis, *, progress: bool = False, measured: dict | None = None) -> PrunePlan:
     p = recipe.compress.prune
     if p.ratio == 0 and not p.ratios:
         return PrunePlan()
-    return _planner(recipe, model, analysis, progress=progress).plan(p.ratio, p.ratios)
+    return _planner(recipe, model, analysis, progress=progress, measured=measured).plan(p.ratio, p.ratios)
+
+
+def _measured_statistics(recipe: Recipe, model, analysis, inputs: torch.Tensor | None) -> dict | None:
+    """compress.prune.statistics: calibration — the activation statistics of every compensable group, measured on
+    the calibration inputs in the original model (compress/activation_stats.py); None for the data-free model."""
+    if recipe.compress.prune.statistics != "calibration":
+        return None
+    from dfp_deploy.compress.activation_stats import site_activation_moments
+    from dfp_deploy.compress.calibrate import auto_batch
+    from dfp_deploy.compress.reconstruct import find_site
+
+    sites = {}
+    for group in analysis.groups:
+        if group.prunable and not group.residual:
+            site, _ = find_site(model, analysis, group.name)
+            if site is not None:
+                sites[group.name] = site
+    return site_activation_moments(model, sites, inputs, batch=auto_batch(model, inputs[:1]))
 
 
 def _check_consistency(recipe: Recipe) -> None:
     """Settings that contradict each other, refused before anything slow runs."""
+    p = recipe.compress.prune
+    if p.statistics == "calibration":
+        if p.importance != "lmmse":
+            raise InputError("compress.prune.statistics: calibration needs compress.prune.importance: lmmse (only "
+                             "the lmmse selection reads activation statistics)")
+        if not recipe.compress.calibration.data:
+            raise InputError("compress.prune.statistics: calibration needs compress.calibration.data (the images "
+                             "whose activations are measured)")
+        if recipe.search.episodes:
+            raise InputError("compress.prune.statistics: calibration cannot be combined with search (the search "
+                             "is data-free); set compress.prune.statistics: model")
     if not _uses_calibration(recipe):
         return
     if recipe.compress.bn_adapt.data:
@@ -270,7 +299,9 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
 
     stage("analysing channel groups, choosing channels"
           + (", BN-matched inputs for bn_adapt (generated once per model)"
-             if recipe.compress.bn_adapt.data == "synthetic" else ""))
+             if recipe.compress.bn_adapt.data == "synthetic" else "")
+          + (" from activations measured on the calibration inputs"
+             if recipe.compress.prune.statistics == "calibration" else ""))
     analysis = analyze(model, one)
     adapt_inputs = _bn_adapt_inputs(recipe, loaded)
     adapt_trust = None
@@ -278,19 +309,21 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
         from dfp_deploy.compress.bn_adapt import self_agreement
 
         adapt_trust = self_agreement(model, adapt_inputs)
+    calib_inputs = None
+    if _uses_calibration(recipe) or recipe.compress.prune.statistics == "calibration":
+        calib_inputs = torch.from_numpy(_calibration_images(recipe, loaded))
+    measured = _measured_statistics(recipe, model, analysis, calib_inputs)
     search_report = None
     if recipe.search.episodes:
         plan, search_report = _search(recipe, loaded, analysis, example, work, backend, adapt_inputs,
                                       quiet=stage.quiet)
     else:
-        plan = _plan(recipe, model, analysis, progress=not stage.quiet)
+        plan = _plan(recipe, model, analysis, progress=not stage.quiet, measured=measured)
 
     stage(f"compressing ({_describe(recipe, plan)})")
-    unrounded = _unrounded_plan(recipe, model, analysis, plan) if search_report is None else None
-    calib_inputs = None
-    if _uses_calibration(recipe):
-        calib_inputs = torch.from_numpy(_calibration_images(recipe, loaded))
-    compressed = _compress(recipe, model, analysis, plan, calib_inputs, adapt_inputs)
+    unrounded = _unrounded_plan(recipe, model, analysis, plan, measured) if search_report is None else None
+    compressed = _compress(recipe, model, analysis, plan, calib_inputs if _uses_calibration(recipe) else None,
+                           adapt_inputs)
     compressed.eval()
     sizes = {
         "params": {"before": count_params(model), "after": count_params(compressed)},
@@ -369,7 +402,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": {"name": loaded.name, "weights": loaded.weights, "input_shape": list(loaded.input_shape)},
         **sizes,
-        "prune": _prune_summary(analysis, plan),
+        "prune": {**_prune_summary(analysis, plan), "selection": _selection_report(recipe, search_report)},
         "compress": {"reconstruct": recipe.compress.reconstruct,
                      "weight_bits": recipe.compress.quantize.weight_bits,
                      "layer_bits": _layer_bits(recipe, model, analysis),
@@ -629,14 +662,14 @@ def _int8_onnx(recipe: Recipe, loaded, compressed, example, fp32_onnx: Path, out
                      opset=recipe.export.opset, threads=recipe.target.threads)
 
 
-def _unrounded_plan(recipe: Recipe, model, analysis, plan: PrunePlan) -> PrunePlan | None:
+def _unrounded_plan(recipe: Recipe, model, analysis, plan: PrunePlan, measured: dict | None) -> PrunePlan | None:
     """The plan without the target's channel rounding, when rounding changed it and its engine will be timed (else
     None). Calibrated builds skip it: a second calibration would double their cost."""
     p = recipe.compress.prune
     m = recipe.measure
     if not (plan.keep and m.rounding_cost and m.latency) or _uses_calibration(recipe) or _round_to(recipe) == 1:
         return None
-    exact = _planner(recipe, model, analysis, round_to=1).plan(p.ratio, p.ratios)
+    exact = _planner(recipe, model, analysis, round_to=1, measured=measured).plan(p.ratio, p.ratios)
     return exact if exact.keep != plan.keep else None
 
 
@@ -707,6 +740,8 @@ def _accuracy(recipe, loaded, eng_before, eng_after, batch, dynamic, *, quiet):
 
 def _describe(recipe: Recipe, plan: PrunePlan) -> str:
     parts = [f"prune {len(plan.keep)} groups" if plan.keep else "no pruning"]
+    if plan.keep and recipe.compress.prune.statistics == "calibration":
+        parts[0] += " (channels chosen on calibration-input activations)"
     if _uses_calibration(recipe):
         parts.append(f"two-phase calibration on {recipe.compress.calibration.samples} inputs")
     if recipe.compress.reconstruct != "none":
@@ -721,6 +756,15 @@ def _describe(recipe: Recipe, plan: PrunePlan) -> str:
                                             if q.first_last_bits not in (None, q.weight_bits) else "")
                      + (" + bias correction" if _bias_correction(recipe) else ""))
     return ", ".join(parts)
+
+
+def _selection_report(recipe: Recipe, search_report: dict | None) -> dict:
+    """How the kept channels were chosen (the search's plan, or the prune section's ranking and allocation)."""
+    p = recipe.compress.prune
+    out = {"importance": p.importance, "allocation": "search" if search_report is not None else p.allocation}
+    if p.importance == "lmmse":
+        out["statistics"] = p.statistics
+    return out
 
 
 def _prune_summary(analysis, plan: PrunePlan) -> dict:
@@ -739,10 +783,15 @@ def inspect(recipe: Recipe) -> dict:
     """Channel groups, channel counts and MACs of the recipe's model (and of the plan the recipe would apply)."""
     from dfp_deploy.analysis import analyze, count_macs, count_params
 
+    _check_consistency(recipe)
     loaded = _load(recipe)
     one = _example_input(loaded, 1, recipe.seed)
     analysis = analyze(loaded.module, one)
-    plan = _plan(recipe, loaded.module, analysis)
+    measured = None
+    if recipe.compress.prune.statistics == "calibration":
+        measured = _measured_statistics(recipe, loaded.module, analysis,
+                                        torch.from_numpy(_calibration_images(recipe, loaded)))
+    plan = _plan(recipe, loaded.module, analysis, measured=measured)
     return {"model": loaded.name, "input_shape": list(loaded.input_shape),
             "params": count_params(loaded.module), "macs": count_macs(loaded.module, one),
             "groups": analysis.groups, "plan": plan, "warnings": list(analysis.warnings)}

@@ -289,7 +289,7 @@ def gaussian_activation_mean(mean: torch.Tensor, std: torch.Tensor, activation: 
     return mean.clone()
 
 
-def _apply(y: torch.Tensor, activation: str) -> torch.Tensor:
+def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "relu":
         return y.clamp_min(0.0)
     if activation == "relu6":
@@ -321,7 +321,7 @@ def activation_moments(mean: torch.Tensor, std: torch.Tensor, corr: torch.Tensor
     expect = gaussian_activation_mean(mean, std, activation)
     count = len(mean)
     second = torch.empty(count, count, dtype=torch.float64)
-    outer_all = _apply(mean[:, None] + std[:, None] * z[None, :], activation)  # [V, nodes]
+    outer_all = apply_activation(mean[:, None] + std[:, None] * z[None, :], activation)  # [V, nodes]
     every = torch.arange(len(z))
     cols = torch.arange(count) if active is None else active.nonzero().squeeze(1)
     second.zero_()
@@ -336,7 +336,7 @@ def activation_moments(mean: torch.Tensor, std: torch.Tensor, corr: torch.Tensor
         cond_std = (s_c * torch.sqrt(1.0 - rho * rho))[:, None].expand(-1, len(nodes))
         inner = gaussian_activation_mean(cond_mean, cond_std, activation)  # [V, nodes_i]
         second[i, cols] = inner @ (outer[nodes] * weight[nodes])
-    exact_square = (weight * _apply(mean[:, None] + std[:, None] * z, activation) ** 2).sum(dim=-1)
+    exact_square = (weight * apply_activation(mean[:, None] + std[:, None] * z, activation) ** 2).sum(dim=-1)
     second.diagonal().copy_(exact_square)
     cov = second - expect[:, None] * expect[None, :]
     cov = 0.5 * (cov + cov.T)
@@ -1039,15 +1039,20 @@ def consumer_gram(model: nn.Module, analysis: Analysis, site: Site, channels: in
 
 
 def site_error_path(model: nn.Module, analysis: Analysis, site: Site, sizes: list[int],
-                    normalise: bool = True) -> dict[int, tuple]:
+                    normalise: bool = True, measured: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> dict[int, tuple]:
     """{kept count: (kept channels, E / tr(GC))} along the greedy lmmse elimination path, for the given sizes
-    (E itself with normalise=False)."""
+    (E itself with normalise=False). `measured` = (mean, covariance) of the site's activations measured on images
+    (activation_stats.py) replaces the data-free Gaussian model's covariance."""
     channels = analysis.group(site.group).channels
-    st = _site_tensors(dict(model.named_modules()), site, _bits_lookup(None, None))
-    mom = _site_moments(st, list(range(channels)), site.activation)
+    if measured is not None:
+        cov = measured[1]
+    else:
+        st = _site_tensors(dict(model.named_modules()), site, _bits_lookup(None, None))
+        cov = _site_moments(st, list(range(channels)), site.activation).cov
     gram = consumer_gram(model, analysis, site, channels)
-    total = float((gram * mom.cov).sum())
-    path = greedy_elimination(mom.cov, gram, sizes)
+    total = float((gram * cov).sum())
+    path = greedy_elimination(cov, gram, sizes)
     if not normalise:
         return {len(k): (k, err) for k, err in path}
     return {len(k): (k, err / total if total > 0 else 0.0) for k, err in path}
@@ -1098,12 +1103,16 @@ def greedy_elimination(cov: torch.Tensor, gram: torch.Tensor, sizes: list[int],
 
 def select_plan(model: nn.Module, analysis: Analysis, *, ratio: float, budget: str = "uniform",
                 round_to: int = 1, min_channels: int = 1, max_ratio: float = 0.8,
-                groups: list[str] | None = None, normalise: bool = True) -> tuple[PrunePlan, dict[str, str]]:
+                groups: list[str] | None = None, normalise: bool = True,
+                measured: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+                ) -> tuple[PrunePlan, dict[str, str]]:
     """Choose the kept channels of every compensable group by lmmse reconstruction error (module docstring).
     budget="uniform": each group keeps kept_count(C, ratio) channels. budget="macs": the same total MACs are
     removed, allocated across groups greedily by (normalised error increase) / (MACs saved), each group keeping at
     least C·(1 − max_ratio) channels; normalise=False compares the groups on ΔE itself (consumer-BN units) instead
-    of ΔE / tr(GC). Returns (plan, {group: why it was left out}) for groups not compensable."""
+    of ΔE / tr(GC). `measured` {group: (mean, covariance)}: activation statistics measured on images
+    (activation_stats.py) used instead of the data-free model for the groups it has.
+    Returns (plan, {group: why it was left out}) for groups not compensable."""
     from dfp_deploy.compress.plan import kept_count
 
     if budget not in BUDGETS:
@@ -1121,6 +1130,7 @@ def select_plan(model: nn.Module, analysis: Analysis, *, ratio: float, budget: s
             sites[name] = site
     if ratio == 0 or not sites:
         return PrunePlan(), skipped
+    measured = measured or {}
     targets = {n: kept_count(analysis.group(n).channels, ratio, round_to=round_to, min_channels=min_channels)
                for n in sites}
     if budget == "uniform":
@@ -1128,12 +1138,16 @@ def select_plan(model: nn.Module, analysis: Analysis, *, ratio: float, budget: s
         for name, site in sites.items():
             channels = analysis.group(name).channels
             if targets[name] < channels:
-                keep[name] = tuple(sorted(site_error_path(model, analysis, site, [targets[name]])[targets[name]][0]))
+                path = site_error_path(model, analysis, site, [targets[name]], measured=measured.get(name))
+                keep[name] = tuple(sorted(path[targets[name]][0]))
         return PrunePlan(keep=keep), skipped
-    return _macs_plan(model, analysis, sites, targets, round_to, min_channels, max_ratio, normalise), skipped
+    return _macs_plan(model, analysis, sites, targets, round_to, min_channels, max_ratio, normalise,
+                      measured), skipped
 
 
-def _macs_plan(model, analysis, sites, targets, round_to, min_channels, max_ratio, normalise=True) -> PrunePlan:
+def _macs_plan(model, analysis, sites, targets, round_to, min_channels, max_ratio, normalise=True,
+               measured=None) -> PrunePlan:
+    measured = measured or {}
     paths, per_channel = {}, {}
     budget = 0.0
     for name, site in sites.items():
@@ -1141,7 +1155,7 @@ def _macs_plan(model, analysis, sites, targets, round_to, min_channels, max_rati
         c = group.channels
         floor = max(min_channels, math.ceil(c * (1.0 - max_ratio)))
         sizes = [c] + [k for k in range(c - 1, floor - 1, -1) if k % round_to == 0]
-        paths[name] = site_error_path(model, analysis, site, sizes, normalise)
+        paths[name] = site_error_path(model, analysis, site, sizes, normalise, measured.get(name))
         per_channel[name] = group.macs / c
         budget += (c - targets[name]) * per_channel[name]
     current = {name: analysis.group(name).channels for name in sites}

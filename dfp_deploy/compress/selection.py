@@ -9,7 +9,13 @@ Two rankings:
 
 Allocation (lmmse only): "uniform" keeps the same fraction of every group (the counts make_plan would keep);
 "macs" removes the same total MACs as the uniform plan but lets groups compete for it, each step cutting where the
-normalised reconstruction error grows least per MAC saved (reconstruct.select_plan, budget="macs").
+normalised reconstruction error grows least per MAC saved (reconstruct.select_plan, budget="macs"); "macs-abs" the
+same on the error itself (in the units the next BatchNorm sees), not relative to the group's total, so groups whose
+channels matter little in absolute terms are cut deeper (each group keeps at least 20 % of its channels).
+
+Statistics (lmmse only): the reconstruction error is computed from the data-free Gaussian model of the activations
+(reconstruct.py, method 3), or, given `measured` activation statistics (activation_stats.py, from calibration
+images), from those.
 
 The same count rule (plan.kept_count) applies to every ranking, so switching the ranking never changes the MACs of a
 uniform plan. Selections are cached per (group, kept count) for repeated plans; the search, which asks for every
@@ -31,7 +37,7 @@ from dfp_deploy.core.threads import torch_threads
 from dfp_deploy.core.types import PrunePlan
 
 RANKINGS = (*sorted(IMPORTANCE), "lmmse")
-ALLOCATIONS = ("uniform", "macs")
+ALLOCATIONS = ("uniform", "macs", "macs-abs")
 
 
 class ChannelPlanner:
@@ -39,15 +45,20 @@ class ChannelPlanner:
 
     def __init__(self, model: nn.Module, analysis: Analysis, *, importance: str = "l2", allocation: str = "uniform",
                  exclude: Iterable[str] = (), round_to: int = 1, min_channels: int = 1,
-                 include_residual: bool = False, progress: bool = False):
+                 include_residual: bool = False, progress: bool = False,
+                 measured: dict[str, tuple] | None = None):
         if importance not in RANKINGS:
             raise InputError(f"prune importance: {importance!r} is not one of {', '.join(RANKINGS)}")
         if allocation not in ALLOCATIONS:
             raise InputError(f"prune allocation: {allocation!r} is not one of {', '.join(ALLOCATIONS)}")
-        if allocation == "macs" and importance != "lmmse":
-            raise InputError("compress.prune.allocation: macs needs compress.prune.importance: lmmse "
+        if allocation != "uniform" and importance != "lmmse":
+            raise InputError(f"compress.prune.allocation: {allocation} needs compress.prune.importance: lmmse "
                              "(only the reconstruction error compares groups with each other)")
+        if measured is not None and importance != "lmmse":
+            raise InputError("compress.prune.statistics: calibration needs compress.prune.importance: lmmse "
+                             "(only the lmmse selection reads activation statistics)")
         self.model, self.analysis, self.progress = model, analysis, progress
+        self.measured = measured or {}
         self.importance, self.allocation = importance, allocation
         self.options = dict(exclude=list(exclude), round_to=round_to, min_channels=min_channels,
                             include_residual=include_residual)
@@ -64,10 +75,10 @@ class ChannelPlanner:
         if self.importance != "lmmse":
             return base
         compensable = [name for name in base.keep if self._site(name) is not None]
-        if self.allocation == "macs":
+        if self.allocation != "uniform":
             if ratios:
-                raise InputError("compress.prune.allocation: macs shares one budget across groups; it cannot be "
-                                 "combined with per-group compress.prune.ratios")
+                raise InputError(f"compress.prune.allocation: {self.allocation} shares one budget across groups; it "
+                                 "cannot be combined with per-group compress.prune.ratios")
             return self._macs(base, ratio, compensable)
         from tqdm import tqdm
 
@@ -89,7 +100,8 @@ class ChannelPlanner:
         if (name, kept) not in self._kept:
             from dfp_deploy.compress.reconstruct import site_error_path
 
-            path = site_error_path(self.model, self.analysis, self._site(name), [kept])
+            path = site_error_path(self.model, self.analysis, self._site(name), [kept],
+                                   measured=self.measured.get(name))
             self._kept[(name, kept)] = tuple(sorted(path[kept][0]))
         return self._kept[(name, kept)]
 
@@ -99,6 +111,7 @@ class ChannelPlanner:
         keep = {name: kept for name, kept in base.keep.items() if name not in compensable}
         if compensable:
             chosen, _ = select_plan(self.model, self.analysis, ratio=ratio, budget="macs", groups=compensable,
-                                    round_to=self.options["round_to"], min_channels=self.options["min_channels"])
+                                    round_to=self.options["round_to"], min_channels=self.options["min_channels"],
+                                    normalise=self.allocation == "macs", measured=self.measured)
             keep.update(chosen.keep)
         return PrunePlan(keep=keep)

@@ -40,9 +40,13 @@ class PruneSection:
     importance: Literal["l1", "l2", "bn_l2", "group_l2", "group_l2_raw", "lmmse"] = spec(
         "l2", "channel ranking: a per-channel score (dfp_deploy/compress/importance.py) or lmmse, the kept set with "
         "the least data-free reconstruction error (dfp_deploy/compress/selection.py)")
-    allocation: Literal["uniform", "macs"] = spec(
+    allocation: Literal["uniform", "macs", "macs-abs"] = spec(
         "uniform", "uniform: every group loses `ratio`; macs (importance lmmse): the same MACs are removed, "
-        "taken where reconstruction loses least")
+        "taken where reconstruction loses least relative to each group; macs-abs: the same on the absolute error "
+        "(cuts deeper where channels matter little)")
+    statistics: Literal["model", "calibration"] = spec(
+        "model", "where the lmmse selection gets the activations' covariance: model (data-free, from weights and "
+        "BatchNorm statistics) or calibration (measured on compress.calibration.data)")
     round_to: int | None = spec(None, "kept channel counts snap to this multiple (default: what the target likes)",
                                 lo=1)
     min_channels: int = spec(1, "never keep fewer channels than this in a group", lo=1)
