@@ -217,6 +217,58 @@ def test_two_phase_calibration_build(recipe, tmp_path):
     assert r["params"]["after"] < r["params"]["before"]
 
 
+@pytest.mark.slow
+def test_channels_chosen_on_calibration_activations(recipe, tmp_path):
+    """statistics: calibration plans with the activations measured on the calibration inputs (the same plan a
+    ChannelPlanner gets from those statistics), then calibrates; the report says how channels were chosen."""
+    from dfp_deploy.analysis import analyze
+    from dfp_deploy.compress.activation_stats import site_activation_moments
+    from dfp_deploy.compress.calibrate import load_calibration_inputs
+    from dfp_deploy.compress.reconstruct import find_site
+    from dfp_deploy.compress.selection import ChannelPlanner
+    from dfp_deploy.models import load_model
+
+    out, data = tmp_path / "chosen", tmp_path / "eval.npz"
+    res = run("build", recipe, "--out", out, *FAST, "--set", f"compress.calibration.data={data}",
+              "--set", "compress.calibration.samples=16", "--set", "compress.calibration.squeeze_epochs=1",
+              "--set", "compress.calibration.calib_epochs=1", "--set", "compress.prune.importance=lmmse",
+              "--set", "compress.prune.allocation=macs-abs", "--set", "compress.prune.statistics=calibration",
+              "--set", "compress.prune.round_to=1")
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "report.json").read_text())
+    assert r["prune"]["selection"] == {"importance": "lmmse", "allocation": "macs-abs", "statistics": "calibration"}
+    assert r["compress"]["calibration"] == {"data": str(data), "samples": 16}
+
+    torch.manual_seed(0)  # the build seeds the random initialisation of the weightless model with recipe.seed
+    loaded = load_model("cifar_resnet20")
+    model = loaded.module.eval()
+    analysis = analyze(model, torch.zeros(1, 3, 32, 32))
+    x = load_calibration_inputs(str(data), 16, model=model, preprocess=loaded.preprocess,
+                                input_shape=loaded.input_shape, seed=0)
+    sites = {g.name: find_site(model, analysis, g.name)[0] for g in analysis.groups if g.prunable and not g.residual}
+    measured = site_activation_moments(model, {n: s for n, s in sites.items() if s is not None}, x)
+    expected = ChannelPlanner(model, analysis, importance="lmmse", allocation="macs-abs", round_to=1,
+                              measured=measured).plan(0.5)
+    modelled = ChannelPlanner(model, analysis, importance="lmmse", allocation="macs-abs", round_to=1).plan(0.5)
+    written = {g: tuple(k) for g, k in json.loads((out / "plan.json").read_text())["keep"].items()}
+    assert written == expected.keep != modelled.keep
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["compress.prune.importance=lmmse"], "statistics: calibration needs compress.calibration.data"),
+    (["compress.calibration.data=eval.npz"], "statistics: calibration needs compress.prune.importance: lmmse"),
+    (["compress.prune.importance=lmmse", "compress.calibration.data=eval.npz", "search.episodes=2"],
+     "cannot be combined with search"),
+])
+def test_calibration_statistics_are_refused_where_they_cannot_apply(recipe, tmp_path, settings, message):
+    sets = [a for s in settings for a in ("--set", s.replace("eval.npz", str(tmp_path / "eval.npz")))]
+    res = run("build", recipe, "--out", tmp_path / "o", "--quiet", "--set", "compress.prune.statistics=calibration",
+              *sets)
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_calibration_and_data_free_repair_are_exclusive(recipe, tmp_path):
     res = run("build", recipe, "--out", tmp_path / "o", "--quiet", "--set", "compress.reconstruct=udfc",
               "--set", "compress.calibration.data=" + str(tmp_path / "eval.npz"))
