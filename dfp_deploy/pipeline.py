@@ -109,17 +109,10 @@ def _measured_statistics(recipe: Recipe, model, analysis, inputs: torch.Tensor |
     the calibration inputs in the original model (compress/activation_stats.py); None for the data-free model."""
     if recipe.compress.prune.statistics != "calibration":
         return None
-    from dfp_deploy.compress.activation_stats import site_activation_moments
+    from dfp_deploy.compress.activation_stats import measured_group_statistics
     from dfp_deploy.compress.calibrate import auto_batch
-    from dfp_deploy.compress.reconstruct import find_site
 
-    sites = {}
-    for group in analysis.groups:
-        if group.prunable and not group.residual:
-            site, _ = find_site(model, analysis, group.name)
-            if site is not None:
-                sites[group.name] = site
-    return site_activation_moments(model, sites, inputs, batch=auto_batch(model, inputs[:1]))
+    return measured_group_statistics(model, analysis, inputs, batch=auto_batch(model, inputs[:1]))
 
 
 def _check_consistency(recipe: Recipe) -> None:

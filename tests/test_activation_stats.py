@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dfp_deploy.analysis import analyze, count_macs
-from dfp_deploy.compress.activation_stats import site_activation_moments
+from dfp_deploy.compress.activation_stats import measured_group_statistics, site_activation_moments
 from dfp_deploy.compress.prune import prune_model
 from dfp_deploy.compress.reconstruct import find_site, site_error_path
 from dfp_deploy.compress.selection import ChannelPlanner
@@ -94,14 +94,8 @@ def resnet():
     model = load_model("cifar_resnet20").module.eval()
     example = torch.zeros(1, 3, 32, 32)
     analysis = analyze(model, example)
-    sites = {}
-    for g in analysis.groups:
-        if g.prunable and not g.residual:
-            site, _ = find_site(model, analysis, g.name)
-            if site is not None:
-                sites[g.name] = site
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    return model, analysis, example, site_activation_moments(model, sites, x)
+    return model, analysis, example, measured_group_statistics(model, analysis, x)
 
 
 def test_measured_statistics_change_the_selection_but_not_the_counts(resnet):
@@ -134,3 +128,39 @@ def test_measured_statistics_need_the_lmmse_selection(resnet):
         ChannelPlanner(model, analysis, importance="l2", measured=measured)
     with pytest.raises(InputError, match="allocation: macs-abs needs"):
         ChannelPlanner(model, analysis, importance="l2", allocation="macs-abs")
+
+
+class _Inverted(nn.Module):
+    """EfficientNet-Lite's expand → depthwise → project: the consumers read the depthwise stage's ReLU6 output."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = nn.Conv2d(2, 4, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.project = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        h = nn.functional.relu6(self.bn1(self.expand(x)))
+        return self.project(nn.functional.relu6(self.bn2(self.dw(h))))
+
+
+def test_depthwise_sites_are_measured_after_the_depthwise_stage():
+    torch.manual_seed(0)
+    model = _Inverted().eval()
+    with torch.no_grad():
+        model.dw.weight.normal_(0.0, 1.0)  # large enough that the depthwise stage reaches ReLU6's ceiling
+    analysis = analyze(model, torch.zeros(1, 2, 5, 5))
+    site, why = find_site(model, analysis, _group(analysis))
+    assert site is not None and site.depthwise == "dw", why
+    x = 3.0 * torch.randn(6, 2, 5, 5, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        h = torch.clamp(model.bn1(model.expand(x)), 0.0, 6.0)
+        a = torch.clamp(model.bn2(model.dw(h)), 0.0, 6.0).double()
+    a = a.transpose(0, 1).reshape(4, -1)[torch.as_tensor(site.dw_bn_index)]
+    mean = a.mean(dim=1)
+    cov = (a - mean[:, None]) @ (a - mean[:, None]).T / a.shape[1]
+    got_mean, got_cov = measured_group_statistics(model, analysis, x)[site.group]
+    assert torch.allclose(got_mean, mean, atol=1e-6) and torch.allclose(got_cov, cov, atol=1e-6)
+    assert ((a > 0) & (a < 6)).any() and (a == 6).any()  # both ReLU6 bounds are exercised

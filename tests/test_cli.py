@@ -222,9 +222,8 @@ def test_channels_chosen_on_calibration_activations(recipe, tmp_path):
     """statistics: calibration plans with the activations measured on the calibration inputs (the same plan a
     ChannelPlanner gets from those statistics), then calibrates; the report says how channels were chosen."""
     from dfp_deploy.analysis import analyze
-    from dfp_deploy.compress.activation_stats import site_activation_moments
+    from dfp_deploy.compress.activation_stats import measured_group_statistics
     from dfp_deploy.compress.calibrate import load_calibration_inputs
-    from dfp_deploy.compress.reconstruct import find_site
     from dfp_deploy.compress.selection import ChannelPlanner
     from dfp_deploy.models import load_model
 
@@ -245,8 +244,7 @@ def test_channels_chosen_on_calibration_activations(recipe, tmp_path):
     analysis = analyze(model, torch.zeros(1, 3, 32, 32))
     x = load_calibration_inputs(str(data), 16, model=model, preprocess=loaded.preprocess,
                                 input_shape=loaded.input_shape, seed=0)
-    sites = {g.name: find_site(model, analysis, g.name)[0] for g in analysis.groups if g.prunable and not g.residual}
-    measured = site_activation_moments(model, {n: s for n, s in sites.items() if s is not None}, x)
+    measured = measured_group_statistics(model, analysis, x)
     expected = ChannelPlanner(model, analysis, importance="lmmse", allocation="macs-abs", round_to=1,
                               measured=measured).plan(0.5)
     modelled = ChannelPlanner(model, analysis, importance="lmmse", allocation="macs-abs", round_to=1).plan(0.5)

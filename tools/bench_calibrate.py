@@ -17,7 +17,10 @@ seconds (with one thread this is the unshared wall time; the machines are shared
 Single-threaded by default (--threads 1). The lmmse selection of Lite0 takes minutes; --plan-cache FILE keeps
 the plans (JSON, keyed by model, weights, importance and ratio) so later runs reuse them. --plan-json FILE ...
 calibrates given plans instead of uniform ratios: the plan.json of a build (e.g. the plan a `search:` recipe found),
-labelled by the file's folder name.
+labelled by the file's folder name. --allocation macs / macs-abs (with --importance lmmse) spends the ratio's MAC cut
+across groups (selection.py); --statistics calibration chooses the channels from activations measured on each
+calibration input set in the original model (activation_stats.py; recipe key compress.prune.statistics), so the
+plan, and its data-free columns, are made per input set; --round-to snaps kept counts (the recipes use 4).
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ import time
 import torch
 
 from dfp_deploy.analysis import analyze, count_macs
+from dfp_deploy.compress.activation_stats import measured_group_statistics
 from dfp_deploy.compress.calibrate import CalibrationLog, auto_batch, calibrate, load_calibration_inputs
 from dfp_deploy.compress.plan import make_plan
 from dfp_deploy.compress.prune import prune_model
 from dfp_deploy.compress.reconstruct import compress_model
-from dfp_deploy.compress.selection import RANKINGS, ChannelPlanner
+from dfp_deploy.compress.selection import ALLOCATIONS, RANKINGS, ChannelPlanner
 from dfp_deploy.core.types import PrunePlan
 from dfp_deploy.measure.dataset import load_images, to_tensor
 from dfp_deploy.models import load_model
@@ -48,19 +52,22 @@ def top1(model: torch.nn.Module, x: torch.Tensor, y) -> float:
     return float(100.0 * (pred.numpy() == y).mean())
 
 
-def plan_for(model, analysis, ratio: float, importance: str, cache: str | None, key: str) -> PrunePlan:
-    """The uniform plan at `ratio`: make_plan's ranking, or the lmmse selection (same kept counts)."""
+def plan_for(model, analysis, ratio: float, importance: str, cache: str | None, key: str,
+             allocation: str = "uniform", round_to: int = 1) -> PrunePlan:
+    """The plan at `ratio`: make_plan's ranking, or the lmmse selection (same kept counts, or with --allocation the
+    same MACs)."""
     stored = {}
     if cache and os.path.exists(cache):
         with open(cache) as f:
             stored = json.load(f)
-    entry = f"{key}|{importance}|{ratio:g}"
+    entry = f"{key}|{importance}|{ratio:g}" + ("" if (allocation, round_to) == ("uniform", 1)
+                                              else f"|{allocation}|r{round_to}")
     if entry in stored:
         return PrunePlan(keep={name: tuple(kept) for name, kept in stored[entry].items()})
     if importance == "lmmse":
-        plan = ChannelPlanner(model, analysis, importance="lmmse", allocation="uniform").plan(ratio)
+        plan = ChannelPlanner(model, analysis, importance="lmmse", allocation=allocation, round_to=round_to).plan(ratio)
     else:
-        plan = make_plan(model, analysis, ratio=ratio, importance=importance)
+        plan = make_plan(model, analysis, ratio=ratio, importance=importance, round_to=round_to)
     if cache:
         stored[entry] = {name: list(kept) for name, kept in plan.keep.items()}
         with open(cache + ".tmp", "w") as f:
@@ -94,6 +101,10 @@ def main(argv=None) -> int:
     ap.add_argument("--baselines", default="plain,udfc,lmmse", help="data-free columns (comma separated)")
     ap.add_argument("--importance", default="l2", choices=RANKINGS,
                     help="channel ranking; lmmse = ChannelPlanner's lmmse selection (uniform allocation)")
+    ap.add_argument("--allocation", default="uniform", choices=ALLOCATIONS, help="with --importance lmmse")
+    ap.add_argument("--statistics", default="model", choices=("model", "calibration"),
+                    help="lmmse selection on the data-free model, or on each calibration set's measured activations")
+    ap.add_argument("--round-to", type=int, default=1)
     ap.add_argument("--plan-cache", default=None, help="JSON file that stores the plans between runs")
     ap.add_argument("--plan-json", nargs="+", default=None,
                     help="plan.json files of builds (e.g. a searched plan) to calibrate instead of --ratios")
@@ -112,6 +123,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.samples and not args.calib:
         ap.error("--samples needs --calib (a training .npz); use --samples with no values for synthetic only")
+    if (args.allocation != "uniform" or args.statistics != "model") and args.importance != "lmmse":
+        ap.error("--allocation and --statistics apply to --importance lmmse")
+    if args.statistics != "model" and args.plan_json:
+        ap.error("--statistics calibration makes its own plans; it cannot calibrate --plan-json files")
 
     loaded = load_model(args.model, args.weights)
     model = loaded.module
@@ -130,24 +145,30 @@ def main(argv=None) -> int:
     # a ratio, or the folder name of a build's plan.json
     plan_files = {os.path.basename(os.path.dirname(os.path.abspath(f))): f for f in args.plan_json or []}
     keys = list(plan_files) or args.ratios
-    for ratio in keys:
+    def score(plan: PrunePlan) -> dict:
+        """MAC change and the data-free columns of a plan."""
+        scores = {}
+        for method in baselines:
+            compressed = compress_model(model, analysis, plan, method="none" if method == "plain" else method)
+            scores[method] = top1(compressed, x_eval, y)
+        return dict(macs_change=count_macs(prune_model(model, analysis, plan), one) / macs0 - 1, **scores)
+
+    def describe(ratio, row: dict, source: str, seconds: float) -> None:
+        print(f"# ratio {ratio}: MACs {row['macs_change']:+.1%}, {source} {seconds:.0f} s, data-free " +
+              ", ".join(f"{k} {row[k]:.2f}" for k in baselines), flush=True)
+
+    for ratio in keys if args.statistics == "model" else []:
         start = time.perf_counter()
         if plan_files:
             plan = load_plan_json(plan_files[ratio])
         else:
             plan = plan_for(model, analysis, ratio, args.importance, args.plan_cache,
-                            f"{args.model}|{os.path.basename(args.weights or '')}")
+                            f"{args.model}|{os.path.basename(args.weights or '')}", args.allocation, args.round_to)
         plans[ratio] = plan
         plan_s = time.perf_counter() - start
-        macs = count_macs(prune_model(model, analysis, plan), one) / macs0 - 1
-        scores = {}
-        for method in baselines:
-            compressed = compress_model(model, analysis, plan, method="none" if method == "plain" else method)
-            scores[method] = top1(compressed, x_eval, y)
-        rows[ratio] = dict(macs_change=macs, **scores)
-        source = os.path.basename(plan_files[ratio]) if plan_files else f"{args.importance} plan"
-        print(f"# ratio {ratio}: MACs {macs:+.1%}, {source} {plan_s:.0f} s, data-free " +
-              ", ".join(f"{k} {v:.2f}" for k, v in scores.items()), flush=True)
+        rows[ratio] = score(plan)
+        describe(ratio, rows[ratio], os.path.basename(plan_files[ratio]) if plan_files
+                 else f"{args.importance} {args.allocation} plan", plan_s)
 
     print("| ratio | MACs | calib | n | ep sq/cal | lr | " + "".join(f"{b} | " for b in baselines) +
           "calibrated | L prune→LS→final | BN kept | Adam kept | LS ρ (layers) | CPU s (wall) | gen CPU s | load |",
@@ -161,6 +182,16 @@ def main(argv=None) -> int:
         gen = time.perf_counter() - start if source == "synthetic" else 0.0
         gen_cpu = time.process_time() - cpu_start if source == "synthetic" else 0.0
         label = "synthetic" if source == "synthetic" else os.path.basename(source)
+        if args.statistics == "calibration":  # plans chosen on these inputs' measured activations
+            start = time.perf_counter()
+            planner = ChannelPlanner(model, analysis, importance="lmmse", allocation=args.allocation,
+                                     round_to=args.round_to, measured=measured_group_statistics(model, analysis,
+                                                                                                inputs))
+            for ratio in keys:
+                plans[ratio] = planner.plan(ratio)
+                rows[ratio] = score(plans[ratio])
+                describe(ratio, rows[ratio], f"lmmse {args.allocation} plan on {n} {label} activations",
+                         time.perf_counter() - start)
         for ratio in keys:
             log = CalibrationLog()
             load_before = os.getloadavg()[0]
@@ -177,6 +208,8 @@ def main(argv=None) -> int:
                        batch=args.batch or auto_batch(model, inputs[:1]),
                        lr=args.lr, ridge=args.ridge, ls_samples=args.ls_samples, seed=args.seed,
                        importance=None if plan_files else args.importance, plan_json=plan_files.get(ratio),
+                       allocation=None if plan_files else args.allocation, statistics=args.statistics,
+                       round_to=None if plan_files else args.round_to,
                        original=base, eval_images=len(y), **rows[ratio],
                        calibrated=acc, wall_s=wall, cpu_s=cpu, gen_s=gen, gen_cpu_s=gen_cpu, threads=args.threads,
                        load1_before=load_before, load1_after=load_after, log=vars(log))

@@ -28,7 +28,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dfp_deploy.compress.reconstruct import Site, apply_activation
+from dfp_deploy.analysis import Analysis
+from dfp_deploy.compress.reconstruct import Site, apply_activation, find_site
+
+
+def measured_group_statistics(model: nn.Module, analysis: Analysis, inputs: torch.Tensor, *,
+                              batch: int = 64) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """site_activation_moments of every group the lmmse selection can choose in (prunable, not tied across a
+    residual add, closed-form compensable: reconstruct.find_site)."""
+    sites = {}
+    for group in analysis.groups:
+        if group.prunable and not group.residual:
+            site, _ = find_site(model, analysis, group.name)
+            if site is not None:
+                sites[group.name] = site
+    return site_activation_moments(model, sites, inputs, batch=batch)
 
 
 def site_activation_moments(model: nn.Module, sites: dict[str, Site], inputs: torch.Tensor, *,
