@@ -237,6 +237,9 @@ def test_channels_chosen_on_calibration_activations(recipe, tmp_path):
     r = json.loads((out / "report.json").read_text())
     assert r["prune"]["selection"] == {"importance": "lmmse", "allocation": "macs-abs", "statistics": "calibration"}
     assert r["compress"]["calibration"] == {"data": str(data), "samples": 16}
+    md = (out / "report.md").read_text()
+    assert "on activations measured on the calibration inputs, allocated by `macs-abs`" in md
+    assert "two-phase calibration on 16 inputs" in md
 
     torch.manual_seed(0)  # the build seeds the random initialisation of the weightless model with recipe.seed
     loaded = load_model("cifar_resnet20")

@@ -19,8 +19,8 @@ def render_markdown(r: dict) -> str:
     c = r["compress"]
     p = r["prune"]
     lines += [f"Compression: {p['groups_pruned']} channel groups pruned, "
-              f"{100 * p['removed_fraction']:.1f}% of prunable channels removed; reconstruction "
-              f"`{c['reconstruct']}`; weight bits `{c['weight_bits'] or 'float'}`{_overrides(c)}"
+              f"{100 * p['removed_fraction']:.1f}% of prunable channels removed{_selection(p)}; {_repair(c)}; "
+              f"weight bits `{c['weight_bits'] or 'float'}`{_overrides(c)}"
               f"{_bias_correction(c)}{_bn_adapt(c)}.", ""]
     lines += ["| | before | after | change |", "|---|---|---|---|"]
     for key in ("params", "macs"):
@@ -89,6 +89,24 @@ def render_markdown(r: dict) -> str:
     art = r["artifacts"]
     lines += ["Artifacts: " + ", ".join(f"`{v}`" for k, v in art.items() if k != "dir"), ""]
     return "\n".join(lines)
+
+
+def _repair(compress: dict) -> str:
+    cal = compress.get("calibration")
+    if cal:
+        return f"two-phase calibration on {cal['samples']} inputs (`{cal['data']}`)"
+    return f"reconstruction `{compress['reconstruct']}`"
+
+
+def _selection(prune: dict) -> str:
+    sel = prune.get("selection")
+    if not sel or not prune["groups_pruned"]:
+        return ""
+    how = {"search": "allocated by the search", "uniform": "uniformly"}.get(sel["allocation"],
+                                                                           f"allocated by `{sel['allocation']}`")
+    stats = {"calibration": ", on activations measured on the calibration inputs",
+             "model": ", on the data-free activation model"}.get(sel.get("statistics"), "")
+    return f" (ranking `{sel['importance']}`{stats}, {how})"
 
 
 def _bias_correction(compress: dict) -> str:
