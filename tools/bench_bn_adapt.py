@@ -1,7 +1,8 @@
 """Benchmark: top-1 of data-free repair with and without adaptive BatchNorm (compress.bn_adapt) on synthetic inputs.
 
 For every plan — uniform at each --ratios with each --plans spec (`l2` = make_plan's l2 ranking, `lmmse` = the lmmse
-selection with uniform allocation, `lmmse-macs` = lmmse selection with the MAC allocation, as the data-free recipe)
+selection with uniform allocation, `lmmse-macs` = lmmse selection with the MAC allocation, as the data-free recipe;
+`lmmse-macs-abs` = the allocation on the absolute error, compress.prune.allocation: macs-abs)
 and every build plan.json given with --plan-json (labelled by its folder) — and every repair in --methods, prints a
 Markdown row: MACs change, top-1 data-free, then top-1 after adapt_batchnorm on BN-matched synthetic inputs for each
 --steps value (--samples inputs, seed --seed, cached under --cache). The first row is the ORIGINAL model adapted the
@@ -52,7 +53,7 @@ def adapted(model: torch.nn.Module, inputs: torch.Tensor) -> torch.nn.Module:
 def uniform_plan(model, analysis, ratio: float, spec: str, round_to: int) -> PrunePlan:
     if spec == "l2":
         return make_plan(model, analysis, ratio=ratio, importance="l2", round_to=round_to)
-    allocation = {"lmmse": "uniform", "lmmse-macs": "macs"}[spec]
+    allocation = {"lmmse": "uniform", "lmmse-macs": "macs", "lmmse-macs-abs": "macs-abs"}[spec]
     return ChannelPlanner(model, analysis, importance="lmmse", allocation=allocation, round_to=round_to).plan(ratio)
 
 
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", default=None)
     ap.add_argument("--eval", required=True, help="labelled test .npz")
     ap.add_argument("--ratios", type=float, nargs="*", default=[0.5])
-    ap.add_argument("--plans", nargs="*", default=["l2"], choices=["l2", "lmmse", "lmmse-macs"])
+    ap.add_argument("--plans", nargs="*", default=["l2"], choices=["l2", "lmmse", "lmmse-macs", "lmmse-macs-abs"])
     ap.add_argument("--plan-json", nargs="*", default=[], help="plan.json files of builds (e.g. a searched plan)")
     ap.add_argument("--round-to", type=int, default=4)
     ap.add_argument("--methods", default="none,udfc,lmmse", help="data-free repairs (comma separated)")
