@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="cifar_resnet56")
     ap.add_argument("--weights", required=True)
     ap.add_argument("--eval", required=True, help="labelled .npz for top-1")
-    ap.add_argument("--searched", nargs="+", default=[], help="dfp-deploy build output folder(s)")
+    ap.add_argument("--searched", nargs="+", default=[],
+                    help="dfp-deploy build output folder(s) compared with the uniform plans (searched or not)")
     ap.add_argument("--ratios", type=float, nargs="*", default=[0.3, 0.35, 0.4, 0.5, 0.6, 0.65, 0.7])
     ap.add_argument("--uniform-builds", nargs="*", default=[], help="dfp-deploy build output folder(s) of uniform "
                     "plans, used as uniform reference points")
@@ -92,9 +93,9 @@ def main(argv=None) -> int:
             add(f"uniform build ({folder.name})", folder / "model.onnx", rep["macs"]["after"], "uniform")
         for folder in map(Path, args.searched):
             rep = json.loads((folder / "report.json").read_text())
-            s = rep.get("search", {})
-            add(f"searched {s.get('target', '?')} {s.get('budget', '?')} ({folder.name})", folder / "model.onnx",
-                rep["macs"]["after"], "searched")
+            s = rep.get("search")
+            label = f"searched {s.get('target', '?')} {s.get('budget', '?')}" if s else "build"
+            add(f"{label} ({folder.name})", folder / "model.onnx", rep["macs"]["after"], "searched")
         acc = {n: top1(e.run, x, y, batch=args.batch, static_batch=e.static_batch is not None)
                for n, e in engines.items()}
         runners = {n: e.prepare(example.numpy()) for n, e in engines.items()}
