@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default="/tmp/dfp_bench_synthetic")
     ap.add_argument("--baselines", default="plain,udfc,lmmse", help="data-free columns (comma separated)")
     ap.add_argument("--importance", default="l2", choices=RANKINGS,
-                    help="channel ranking; lmmse = ChannelPlanner's lmmse selection (uniform allocation)")
+                    help="channel ranking; lmmse = ChannelPlanner's lmmse selection (see --allocation, --statistics)")
     ap.add_argument("--allocation", default="uniform", choices=ALLOCATIONS, help="with --importance lmmse")
     ap.add_argument("--statistics", default="model", choices=("model", "calibration"),
                     help="lmmse selection on the data-free model, or on each calibration set's measured activations")
@@ -145,6 +145,7 @@ def main(argv=None) -> int:
     # a ratio, or the folder name of a build's plan.json
     plan_files = {os.path.basename(os.path.dirname(os.path.abspath(f))): f for f in args.plan_json or []}
     keys = list(plan_files) or args.ratios
+
     def score(plan: PrunePlan) -> dict:
         """MAC change and the data-free columns of a plan."""
         scores = {}
