@@ -104,14 +104,18 @@ def _plan(recipe: Recipe, model, analysis, *, progress: bool = False, measured: 
     return _planner(recipe, model, analysis, progress=progress, measured=measured).plan(p.ratio, p.ratios)
 
 
-def _measured_statistics(recipe: Recipe, model, analysis, inputs: torch.Tensor | None) -> dict | None:
+def _measured_statistics(recipe: Recipe, loaded, analysis, inputs: torch.Tensor | None = None) -> dict | None:
     """compress.prune.statistics: calibration — the activation statistics of every compensable group, measured on
-    the calibration inputs in the original model (compress/activation_stats.py); None for the data-free model."""
+    the calibration inputs (loaded here unless given) in the original model (compress/activation_stats.py); None for
+    the data-free model."""
     if recipe.compress.prune.statistics != "calibration":
         return None
     from dfp_deploy.compress.activation_stats import measured_group_statistics
     from dfp_deploy.compress.calibrate import auto_batch
 
+    if inputs is None:
+        inputs = torch.from_numpy(_calibration_images(recipe, loaded))
+    model = loaded.module
     return measured_group_statistics(model, analysis, inputs, batch=auto_batch(model, inputs[:1]))
 
 
@@ -305,7 +309,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
     calib_inputs = None
     if _uses_calibration(recipe) or recipe.compress.prune.statistics == "calibration":
         calib_inputs = torch.from_numpy(_calibration_images(recipe, loaded))
-    measured = _measured_statistics(recipe, model, analysis, calib_inputs)
+    measured = _measured_statistics(recipe, loaded, analysis, calib_inputs)
     search_report = None
     if recipe.search.episodes:
         plan, search_report = _search(recipe, loaded, analysis, example, work, backend, adapt_inputs,
@@ -780,11 +784,7 @@ def inspect(recipe: Recipe) -> dict:
     loaded = _load(recipe)
     one = _example_input(loaded, 1, recipe.seed)
     analysis = analyze(loaded.module, one)
-    measured = None
-    if recipe.compress.prune.statistics == "calibration":
-        measured = _measured_statistics(recipe, loaded.module, analysis,
-                                        torch.from_numpy(_calibration_images(recipe, loaded)))
-    plan = _plan(recipe, loaded.module, analysis, measured=measured)
+    plan = _plan(recipe, loaded.module, analysis, measured=_measured_statistics(recipe, loaded, analysis))
     return {"model": loaded.name, "input_shape": list(loaded.input_shape),
             "params": count_params(loaded.module), "macs": count_macs(loaded.module, one),
             "groups": analysis.groups, "plan": plan, "warnings": list(analysis.warnings)}

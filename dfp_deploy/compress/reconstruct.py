@@ -1145,9 +1145,8 @@ def select_plan(model: nn.Module, analysis: Analysis, *, ratio: float, budget: s
                       measured), skipped
 
 
-def _macs_plan(model, analysis, sites, targets, round_to, min_channels, max_ratio, normalise=True,
-               measured=None) -> PrunePlan:
-    measured = measured or {}
+def _macs_plan(model, analysis, sites, targets, round_to, min_channels, max_ratio, normalise,
+               measured) -> PrunePlan:
     paths, per_channel = {}, {}
     budget = 0.0
     for name, site in sites.items():
