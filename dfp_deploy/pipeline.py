@@ -122,6 +122,9 @@ def _measured_statistics(recipe: Recipe, loaded, analysis, inputs: torch.Tensor 
 def _check_consistency(recipe: Recipe) -> None:
     """Settings that contradict each other, refused before anything slow runs."""
     p = recipe.compress.prune
+    if recipe.compress.udfc_form != "merge" and recipe.compress.reconstruct != "udfc":
+        raise InputError(f"compress.udfc_form: {recipe.compress.udfc_form} applies to compress.reconstruct: udfc "
+                         f"only, not {recipe.compress.reconstruct}; remove it or set reconstruct: udfc")
     if p.statistics == "calibration":
         if p.importance != "lmmse":
             raise InputError("compress.prune.statistics: calibration needs compress.prune.importance: lmmse (only "
@@ -213,7 +216,8 @@ def _repair(recipe: Recipe, model, analysis, plan: PrunePlan, *, bits, layer_bit
 
     with torch_threads(1):  # closed-form math on small matrices (core/threads.py)
         return compress_model(model, analysis, plan, method=method, weight_bits=bits, layer_bits=layer_bits,
-                              bias_correction=_bias_correction(recipe))
+                              bias_correction=_bias_correction(recipe),
+                              multi=method == "udfc" and recipe.compress.udfc_form == "vector")
 
 
 def _reference_inputs(recipe: Recipe, loaded, batch: int) -> tuple[np.ndarray, str]:
@@ -401,6 +405,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
         **sizes,
         "prune": {**_prune_summary(analysis, plan), "selection": _selection_report(recipe, search_report)},
         "compress": {"reconstruct": recipe.compress.reconstruct,
+                     "udfc_form": recipe.compress.udfc_form if recipe.compress.reconstruct == "udfc" else None,
                      "weight_bits": recipe.compress.quantize.weight_bits,
                      "layer_bits": _layer_bits(recipe, model, analysis),
                      "bias_correction": _bias_correction(recipe),

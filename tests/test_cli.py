@@ -490,3 +490,40 @@ def test_bn_adapt_with_calibration_is_refused(recipe, tmp_path):
     assert res.exit_code == 2
     assert "already re-estimates the BatchNorm statistics" in res.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_udfc_vector_form_reaches_the_build(recipe, tmp_path):
+    """compress.udfc_form: vector builds exactly what the library's UDFC vector (NNLS) form gives for the plan, which
+    is not what the default single merges give; the report names the form."""
+    from dfp_deploy.analysis import analyze
+    from dfp_deploy.compress.reconstruct import compress_model
+    from dfp_deploy.core.types import PrunePlan
+    from dfp_deploy.models import load_model
+
+    out = tmp_path / "vector"
+    res = run("build", recipe, "--out", out, *FAST, "--set", "measure.latency=false",
+              "--set", "compress.reconstruct=udfc", "--set", "compress.udfc_form=vector")
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "report.json").read_text())
+    assert r["compress"]["reconstruct"] == "udfc" and r["compress"]["udfc_form"] == "vector"
+    assert "reconstruction `udfc` (vector form)" in (out / "report.md").read_text()
+
+    torch.manual_seed(0)  # the build seeds the random initialisation of the weightless model with recipe.seed
+    model = load_model("cifar_resnet20").module.eval()
+    analysis = analyze(model, torch.zeros(1, 3, 32, 32))
+    plan = PrunePlan(keep={g: tuple(k) for g, k in json.loads((out / "plan.json").read_text())["keep"].items()})
+    built = torch.load(out / "model.pt", weights_only=False).state_dict()
+    vector = compress_model(model, analysis, plan, method="udfc", multi=True).state_dict()
+    merges = compress_model(model, analysis, plan, method="udfc").state_dict()
+    assert built.keys() == vector.keys()
+    assert all(torch.equal(built[k], vector[k]) for k in built)
+    assert not all(torch.equal(built[k], merges[k]) for k in built)
+
+
+def test_udfc_form_without_udfc_is_refused(recipe, tmp_path):
+    res = run("build", recipe, "--out", tmp_path / "o", "--quiet", "--set", "compress.reconstruct=lmmse",
+              "--set", "compress.udfc_form=vector")
+    assert res.exit_code == 2
+    assert "compress.udfc_form: vector applies to compress.reconstruct: udfc only" in res.output
+    assert not (tmp_path / "o").exists()

@@ -215,6 +215,24 @@ def test_udfc_merge_never_raises_the_bound_above_plain_pruning(seed):
     assert bool((multi <= loss + 1e-9).all())
 
 
+def test_udfc_vector_form_bound_holds_and_is_tight():
+    """|a_p − Σ s_k a_k| ≤ |y_p − Σ s_k y_k| + Σ s_k relu(−y_k) for s ≥ 0 (reconstruct.py, 2): on random
+    pre-activations, and with equality on the docstring's case."""
+    relu = torch.relu
+    gen = torch.Generator().manual_seed(0)
+    y_p = 2 * torch.randn(10000, generator=gen, dtype=torch.float64)
+    y_k = 2 * torch.randn(10000, 4, generator=gen, dtype=torch.float64)
+    s = torch.rand(4, generator=gen, dtype=torch.float64) * 2
+    error = (relu(y_p) - relu(y_k) @ s).abs()
+    bound = (y_p - y_k @ s).abs() + relu(-y_k) @ s
+    assert bool((error <= bound + 1e-12).all())
+    assert bool((error > (y_p - y_k @ s).abs() + 1e-9).any())  # the extra term is needed: Lipschitz alone fails
+    one, two = torch.tensor([1.0], dtype=torch.float64), torch.tensor([[2.0, -1.0]], dtype=torch.float64)
+    ones = torch.ones(2, dtype=torch.float64)
+    assert (relu(one) - relu(two) @ ones).abs().item() == 1.0
+    assert ((one - two @ ones).abs() + relu(-two) @ ones).item() == 1.0
+
+
 @pytest.mark.parametrize("seed", range(10))
 def test_lmmse_error_never_exceeds_mean_only_or_plain_pruning(seed):
     gen = torch.Generator().manual_seed(seed)

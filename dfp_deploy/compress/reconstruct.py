@@ -21,7 +21,16 @@ applies it) and the constant Σ_c W'_c d_c goes into the consumer's bias (or the
        ℓ_p(s) = ‖ŵ_p − s ŵ_q‖² + α (b̂_p − s b̂_q)²,   minimised by   s* = (⟨ŵ_p,ŵ_q⟩ + α b̂_p b̂_q)/(‖ŵ_q‖² + α b̂_q²),
    with ℓ_p(s*) = ℓ_p(0) − (⟨ŵ_p,ŵ_q⟩ + α b̂_p b̂_q)²/(‖ŵ_q‖² + α b̂_q²) ≤ ℓ_p(0) (plain pruning), always. q = argmin
    over kept channels of ℓ_p(s*), s* ≤ 0 → plain drop (the bound needs s ≥ 0). The vector form a_p ≈ Σ_k s_k a_k
-   (non-negative least squares over [ŵ, √α b̂]) has NO such bound: f(Σ s_k y_k) ≠ Σ s_k f(y_k); offered as `multi`.
+   over several kept channels, s ≥ 0 (recipe `compress.udfc_form: vector`, `multi` here), takes s by non-negative
+   least squares over the rows [ŵ, √α b̂], i.e. it minimises the same surrogate for |y_p − u|, u = Σ_k s_k y_k. Its
+   bound has one more term. ReLU is positively homogeneous and subadditive, so f(u) ≤ Σ s_k f(y_k); and f(u) ≥ u =
+   Σ s_k (f(y_k) − f(−y_k)). Hence 0 ≤ Σ s_k f(y_k) − f(u) ≤ Σ s_k f(−y_k), and with the 1-Lipschitz step above
+       |a_p − Σ_k s_k a_k| ≤ |y_p − Σ_k s_k y_k| + Σ_k s_k f(−y_k)
+   (tight: y_p = 1, y = (2, −1), s = (1, 1) gives 1 ≤ 0 + 1). The extra term is the part of a partner's input that
+   its ReLU cut off; it vanishes wherever every partner is active, and for a single partner (f(s y_q) = s f(y_q)
+   exactly), which is why the merge's bound needs no such term. NNLS does not minimise that term: the vector form
+   has a bound, but not a minimised one. Measured better than single merges at −50 % MACs on ResNet-56
+   (docs/BENCHMARKS.md), so it is a recipe option; merge stays the default (the published form).
    Quantization of a kept channel, compensated by its own next-layer column (M[c,c] = s'): the deployed activation is
    â_c = f(Q(ŵ_c)·x + b̂_c) and a_c ≈ s'·â_c with error bounded by ‖ŵ_c − s' Q(ŵ_c)‖² + α' b̂_c² (1 − s')², minimised by
        s'* = (⟨ŵ_c, Q(ŵ_c)⟩ + α' b̂_c²) / (‖Q(ŵ_c)‖² + α' b̂_c²).

@@ -95,7 +95,8 @@ def _repair(compress: dict) -> str:
     cal = compress.get("calibration")
     if cal:
         return f"two-phase calibration on {cal['samples']} inputs (`{cal['data']}`)"
-    return f"reconstruction `{compress['reconstruct']}`"
+    form = compress.get("udfc_form")
+    return f"reconstruction `{compress['reconstruct']}`" + (f" ({form} form)" if form == "vector" else "")
 
 
 def _selection(prune: dict) -> str:
