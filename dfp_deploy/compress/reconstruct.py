@@ -30,7 +30,8 @@ applies it) and the constant Σ_c W'_c d_c goes into the consumer's bias (or the
    its ReLU cut off; it vanishes wherever every partner is active, and for a single partner (f(s y_q) = s f(y_q)
    exactly), which is why the merge's bound needs no such term. NNLS does not minimise that term: the vector form
    has a bound, but not a minimised one. Measured better than single merges at −50 % MACs on ResNet-56
-   (docs/BENCHMARKS.md), so it is a recipe option; merge stays the default (the published form).
+   (docs/BENCHMARKS.md), so it is a recipe option; merge stays the default (the published form). Depthwise sites
+   always merge (the vector form has no second-stage term for the dw kernels).
    Quantization of a kept channel, compensated by its own next-layer column (M[c,c] = s'): the deployed activation is
    â_c = f(Q(ŵ_c)·x + b̂_c) and a_c ≈ s'·â_c with error bounded by ‖ŵ_c − s' Q(ŵ_c)‖² + α' b̂_c² (1 − s')², minimised by
        s'* = (⟨ŵ_c, Q(ŵ_c)⟩ + α' b̂_c²) / (‖Q(ŵ_c)‖² + α' b̂_c²).

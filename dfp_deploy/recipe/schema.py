@@ -102,7 +102,7 @@ class CompressSection:
     udfc_form: Literal["merge", "vector"] = spec(
         "merge", "reconstruct: udfc only. merge: each pruned channel merges into its one best kept partner (the "
         "published form); vector: non-negative least squares over several kept channels (its bound has an extra "
-        "term, reconstruct.py 2; measured better at deep cuts, docs/BENCHMARKS.md)")
+        "term, reconstruct.py 2; measured better at deep cuts, docs/BENCHMARKS.md); depthwise sites keep merges")
     quantize: QuantizeSection = spec(None, "weight quantization", factory=QuantizeSection)
     calibration: CalibrationSection = spec(None, "optional few unlabeled images", factory=CalibrationSection)
     bn_adapt: BnAdaptSection = spec(None, "adaptive BatchNorm after the data-free repair", factory=BnAdaptSection)
