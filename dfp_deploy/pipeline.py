@@ -157,6 +157,13 @@ def _bias_correction(recipe: Recipe) -> bool | None:
     return q.bias_correction if q.bias_correction is not None else recipe.compress.reconstruct == "lmmse"
 
 
+def _needs_calibration_images(recipe: Recipe) -> bool:
+    """Whether any step reads compress.calibration.data: two-phase calibration, channels chosen on the images'
+    activations, or int8 activation ranges from them."""
+    return (_uses_calibration(recipe) or recipe.compress.prune.statistics == "calibration"
+            or (recipe.target.precision == "int8" and recipe.compress.quantize.activations == "calibration"))
+
+
 def _uses_calibration(recipe: Recipe) -> bool:
     c = recipe.compress.calibration
     return bool(c.data) and c.two_phase
@@ -310,9 +317,9 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
         from dfp_deploy.compress.bn_adapt import self_agreement
 
         adapt_trust = self_agreement(model, adapt_inputs)
-    calib_inputs = None
-    if _uses_calibration(recipe) or recipe.compress.prune.statistics == "calibration":
-        calib_inputs = torch.from_numpy(_calibration_images(recipe, loaded))
+    # loaded once for every use: two-phase calibration, channels chosen on their activations, int8 ranges
+    calib_images = _calibration_images(recipe, loaded) if _needs_calibration_images(recipe) else None
+    calib_inputs = torch.from_numpy(calib_images) if calib_images is not None else None
     measured = _measured_statistics(recipe, loaded, analysis, calib_inputs)
     search_report = None
     if recipe.search.episodes:
@@ -344,7 +351,8 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
     stage(f"building {t.backend} engines: original fp32, compressed {t.precision} (batch {t.batch})")
     engine_onnx = exp_after.path
     if t.precision == "int8":
-        engine_onnx = _int8_onnx(recipe, loaded, compressed, example, exp_after.path, work / "model.int8.onnx")
+        engine_onnx = _int8_onnx(recipe, loaded, compressed, example, exp_after.path, work / "model.int8.onnx",
+                                 calib_images)
     # the original is always the fp32 engine: the report compares what the user has with what they ship
     eng_before = backend.build(exp_before.path, precision="fp32", threads=t.threads, out_dir=work,
                                torch_model=model)
@@ -354,7 +362,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
     rounding = None
     if unrounded is not None:
         rounding, engines["unrounded"] = _unrounded_engine(recipe, loaded, analysis, unrounded, example, work,
-                                                           adapt_inputs, backend)
+                                                           adapt_inputs, backend, calib_images)
 
     stage("checking parity engine vs PyTorch")
     from dfp_deploy.measure.parity import parity
@@ -653,12 +661,13 @@ def _qdq_style(backend: str) -> str:
     return "ort-cpu" if backend in ("ort-cpu", "torch-cpu") else "tensorrt"
 
 
-def _int8_onnx(recipe: Recipe, loaded, compressed, example, fp32_onnx: Path, out: Path) -> Path:
+def _int8_onnx(recipe: Recipe, loaded, compressed, example, fp32_onnx: Path, out: Path,
+               calib_images: np.ndarray | None) -> Path:
     """The Q/DQ graph of the compressed model, with activation ranges from BN statistics or calibration images."""
     from dfp_deploy.export.int8 import int8_onnx
 
     q = recipe.compress.quantize
-    calib = _calibration_images(recipe, loaded) if q.activations == "calibration" else None
+    calib = calib_images if q.activations == "calibration" else None
     return int8_onnx(compressed, example, fp32_onnx, out, style=_qdq_style(recipe.target.backend),
                      preprocess=loaded.preprocess, calibration_inputs=calib, range_k=q.range_k,
                      opset=recipe.export.opset, threads=recipe.target.threads)
@@ -676,7 +685,7 @@ def _unrounded_plan(recipe: Recipe, model, analysis, plan: PrunePlan, measured: 
 
 
 def _unrounded_engine(recipe: Recipe, loaded, analysis, plan: PrunePlan, example, work: Path, adapt_inputs,
-                      backend):
+                      backend, calib_images: np.ndarray | None):
     """Build the unrounded plan's engine exactly like the shipped one, to time what rounding cost or gained. Its
     files are hidden in the staging folder and removed once the engine is loaded."""
     from dfp_deploy.analysis import count_macs
@@ -687,7 +696,7 @@ def _unrounded_engine(recipe: Recipe, loaded, analysis, plan: PrunePlan, example
     path = export_onnx(model, example, work / ".unrounded.onnx", dynamic_batch=recipe.export.dynamic_batch,
                        opset=recipe.export.opset).path
     if t.precision == "int8":
-        path = _int8_onnx(recipe, loaded, model, example, path, work / ".unrounded.int8.onnx")
+        path = _int8_onnx(recipe, loaded, model, example, path, work / ".unrounded.int8.onnx", calib_images)
     engine = backend.build(path, precision=t.precision, threads=t.threads, out_dir=work, torch_model=model)
     for leftover in work.glob(".unrounded*"):
         leftover.unlink()

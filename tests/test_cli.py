@@ -527,3 +527,24 @@ def test_udfc_form_without_udfc_is_refused(recipe, tmp_path):
     assert res.exit_code == 2
     assert "compress.udfc_form: vector applies to compress.reconstruct: udfc only" in res.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_calibration_images_are_loaded_once_for_every_use(recipe, tmp_path, monkeypatch):
+    """Two-phase calibration and int8 ranges from the same images: one load, and the ranges came from them."""
+    import dfp_deploy.pipeline as pipeline
+
+    calls = []
+    load = pipeline._calibration_images
+    monkeypatch.setattr(pipeline, "_calibration_images", lambda *a, **k: calls.append(1) or load(*a, **k))
+    out = tmp_path / "int8_calibrated"
+    res = run("build", recipe, "--out", out, *FAST, "--set", "target.precision=int8",
+              "--set", "measure.int8_min_agreement=0", "--set", "compress.quantize.activations=calibration",
+              "--set", "compress.calibration.data=" + str(tmp_path / "eval.npz"),
+              "--set", "compress.calibration.samples=16", "--set", "compress.calibration.squeeze_epochs=1",
+              "--set", "compress.calibration.calib_epochs=1")
+    assert res.exit_code == 0, res.output
+    r = json.loads((out / "report.json").read_text())
+    assert r["quantization"]["activations"] == "calibration"
+    assert r["compress"]["calibration"]["samples"] == 16
+    assert len(calls) == 1
