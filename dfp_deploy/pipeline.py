@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -477,8 +477,14 @@ def _search(recipe: Recipe, loaded, analysis, example, work: Path, backend, adap
     one = example[:1]
     space = build_space(model, analysis, one, min_keep=S.min_keep, round_to=_round_to(recipe),
                         include_residual=S.include_residual)
-    x_syn = bn_matched_inputs(model, loaded.input_shape, S.synthetic_samples, steps=S.synthetic_steps,
-                              seed=recipe.seed, cache_dir=cache_dir() / "synthetic")
+    if S.proxy_data == "synthetic":
+        x_syn = bn_matched_inputs(model, loaded.input_shape, S.synthetic_samples, steps=S.synthetic_steps,
+                                  seed=recipe.seed, cache_dir=cache_dir() / "synthetic")
+    else:  # real unlabeled images: a seeded subset, as for compress.calibration (no longer data-free)
+        from dfp_deploy.compress.calibrate import load_calibration_inputs
+        x_syn = load_calibration_inputs(S.proxy_data, S.synthetic_samples, model=model, preprocess=loaded.preprocess,
+                                        input_shape=loaded.input_shape, seed=recipe.seed, what="search",
+                                        samples_key="synthetic_samples")
     with torch.inference_mode():
         reference = model(x_syn)
 
@@ -528,7 +534,8 @@ def _search(recipe: Recipe, loaded, analysis, example, work: Path, backend, adap
                         else S.episodes // 4, seed=recipe.seed, target=S.budget, log_path=log, resume=S.resume,
                         cost=cost, target_ms=target_ms, penalty=S.latency_penalty,
                         latency_reference_ms=timer.reference_ms if timer is not None else None,
-                        plot_path=state / "search_pareto.png", progress=not quiet)
+                        plot_path=state / "search_pareto.png", progress=not quiet,
+                        scoring=_search_scoring(recipe))
     if timer is not None:
         fitted.update(engines_timed=1 + timer.timed, candidates_timed=timer.timed - 1, final_intercept_ms=cost.c0,
                       final_scale_ms=cost.scale, target_ms=target_ms)
@@ -537,10 +544,20 @@ def _search(recipe: Recipe, loaded, analysis, example, work: Path, backend, adap
             shutil.copy2(f, work / Path(f).name)
     rep = result.as_report()
     rep.update(log="search_log.jsonl", pareto_plot="search_pareto.png" if result.plot_path else None,
-               target=S.target, budget=S.budget, proxy_metric=S.proxy, state_dir=str(state),
+               target=S.target, budget=S.budget, proxy_metric=S.proxy, proxy_data=S.proxy_data,
+               proxy_samples=int(len(x_syn)), state_dir=str(state),
                latency_penalty=S.latency_penalty if S.target == "latency" else None,
                latency_model=fitted)
     return plan_for(result.best_ratios), rep
+
+
+def _search_scoring(recipe: Recipe) -> dict:
+    """Everything a candidate's proxy depends on besides its plan: the model, how it is compressed, and the proxy's
+    inputs. A resumed search compares it with the interrupted one's (search/loop.py)."""
+    S = recipe.search
+    return {"model": asdict(recipe.model), "compress": asdict(recipe.compress),
+            "proxy": S.proxy, "proxy_data": S.proxy_data, "samples": S.synthetic_samples,
+            "steps": S.synthetic_steps if S.proxy_data == "synthetic" else None}
 
 
 def _latency_model(recipe, model, analysis, space, example, work, backend, plan_for, LatencyModel):

@@ -205,6 +205,68 @@ def test_search_scores_candidates_after_bn_adapt(recipe, tmp_path, monkeypatch):
     assert all(a["proxy"] != p["proxy"] for a, p in zip(adapted_log, plain_log))
 
 
+SEARCH2 = ["--set", "measure.latency=false", "--set", "search.episodes=2", "--set", "search.warmup=2",
+           "--set", "search.budget=0.6", "--set", "compress.prune.round_to=8"]
+
+
+@pytest.mark.slow
+def test_search_scores_candidates_on_real_images_when_asked(recipe, tmp_path, monkeypatch):
+    """search.proxy_data: an .npz scores the candidates on a seeded subset of its images instead of generated ones
+    (nothing is generated), and the report says the search was not data-free."""
+    import dfp_deploy.search.synthetic as synthetic
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    res = run("build", recipe, "--out", tmp_path / "syn", *FAST, *SEARCH2, "--set", "search.synthetic_samples=8",
+              "--set", "search.synthetic_steps=2")
+    assert res.exit_code == 0, res.output
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("synthetic inputs generated although search.proxy_data names images")
+
+    monkeypatch.setattr(synthetic, "bn_matched_inputs", no_generation)
+    data = tmp_path / "eval.npz"
+    res = run("build", recipe, "--out", tmp_path / "real", *FAST, *SEARCH2, "--set", f"search.proxy_data={data}",
+              "--set", "search.synthetic_samples=16")
+    assert res.exit_code == 0, res.output
+    r = json.loads((tmp_path / "real" / "report.json").read_text())
+    assert (r["search"]["proxy_data"], r["search"]["proxy_samples"]) == (str(data), 16)
+    assert "not data-free" in (tmp_path / "real" / "report.md").read_text()
+    logs = [[json.loads(line) for line in (tmp_path / name / "search_log.jsonl").read_text().splitlines()]
+            for name in ("syn", "real")]
+    # the seeded warm-up plays the same plans; only the inputs they are scored on differ
+    assert [e["macs"] for e in logs[0]] == [e["macs"] for e in logs[1]]
+    assert all(a["proxy"] != b["proxy"] for a, b in zip(*logs))
+
+
+@pytest.mark.slow
+def test_search_proxy_data_with_too_few_images_is_refused(recipe, tmp_path):
+    out = tmp_path / "out"
+    res = run("build", recipe, "--out", out, *FAST, *SEARCH2, "--set", f"search.proxy_data={tmp_path / 'eval.npz'}",
+              "--set", "search.synthetic_samples=100")
+    assert res.exit_code != 0
+    assert "search.synthetic_samples: 100 images asked for" in res.output and "Traceback" not in res.output
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_resumed_search_refuses_changed_scoring(recipe, tmp_path, monkeypatch):
+    """The search state lives beside the output folder; a rerun that scores candidates differently (here another
+    repair) must not continue a log whose proxies were measured the old way, while the same recipe resumes."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    common = [*FAST, "--set", "measure.latency=false", "--set", "search.warmup=2", "--set", "search.budget=0.6",
+              "--set", "compress.prune.round_to=8", "--set", "search.synthetic_samples=8",
+              "--set", "search.synthetic_steps=2"]
+    out = tmp_path / "out"
+    assert run("build", recipe, "--out", out, *common, "--set", "search.episodes=2").exit_code == 0
+    first = (out / "search_log.jsonl").read_text().splitlines()
+    res = run("build", recipe, "--out", out, *common, "--set", "search.episodes=3",
+              "--set", "compress.reconstruct=udfc")
+    assert res.exit_code != 0 and "scoring changed" in res.output
+    res = run("build", recipe, "--out", out, *common, "--set", "search.episodes=3")
+    assert res.exit_code == 0, res.output
+    again = (out / "search_log.jsonl").read_text().splitlines()
+    assert len(again) == 3 and again[:2] == first
+
+
 @pytest.mark.slow
 def test_two_phase_calibration_build(recipe, tmp_path):
     out = tmp_path / "calibrated"

@@ -161,9 +161,12 @@ class SearchSection:
     min_keep: float = spec(0.2, "no group keeps fewer than this fraction of its channels", lo=0.0, hi=1.0,
                            lo_open=True)
     include_residual: bool = spec(False, "also search the groups tied across residual adds")
-    proxy: Literal["kl", "top1"] = spec("kl", "data-free fidelity score on BN-matched synthetic inputs")
-    synthetic_samples: int = spec(256, "BN-matched synthetic inputs scoring each candidate (64 rank equal-MAC "
-                                  "plans poorly on ResNet-56: docs/BENCHMARKS.md)", lo=1)
+    proxy: Literal["kl", "top1"] = spec("kl", "fidelity score of a candidate to the original on the proxy inputs")
+    proxy_data: str = spec("synthetic", "the proxy inputs: 'synthetic' (generated to match the model's BatchNorm "
+                           "statistics, data-free) or an .npz of unlabeled images (the search then sees real images: "
+                           "not data-free; on ResNet-56 it found no better plans, docs/BENCHMARKS.md)", path=True)
+    synthetic_samples: int = spec(256, "proxy inputs scoring each candidate, generated or drawn from proxy_data (64 "
+                                  "synthetic ones rank equal-MAC plans poorly on ResNet-56: docs/BENCHMARKS.md)", lo=1)
     synthetic_steps: int = spec(50, "optimisation steps generating them (cached per model)", lo=1)
     measure: Literal["best", "none"] = spec("best", "with target latency: time on the target (against the "
                                             "original) each candidate that could become the best, correct the "

@@ -73,8 +73,8 @@ def render_markdown(r: dict) -> str:
     if srch:
         lines += [f"Search (AutoDFP, SAC): {srch['episodes']} episodes, {srch['evaluations']} candidates scored in "
                   f"{srch['seconds']:.0f} s; budget {srch['budget']:g} of the original {srch['target']}; best episode "
-                  f"{srch['best_episode']} (proxy {srch['best_proxy']:.4g}, data-free {srch['proxy_metric']} on "
-                  f"BN-matched synthetic inputs). Log `{srch['log']}`"
+                  f"{srch['best_episode']} (proxy {srch['best_proxy']:.4g}, {_proxy_inputs(srch)}). "
+                  f"Log `{srch['log']}`"
                   + (f", Pareto plot `{srch['pareto_plot']}`." if srch.get("pareto_plot") else "."), ""]
         lat = srch.get("latency_model") or {}
         if lat.get("engines_timed"):
@@ -131,3 +131,11 @@ def _overrides(compress: dict) -> str:
     for name, bits in (compress.get("layer_bits") or {}).items():
         by_bits.setdefault(bits, []).append(f"`{name}`")
     return "".join(f" ({bits} in {', '.join(names)})" for bits, names in by_bits.items())
+
+
+def _proxy_inputs(srch: dict) -> str:
+    """What the search scored candidates on (reports before proxy_data existed always used synthetic inputs)."""
+    data = srch.get("proxy_data", "synthetic")
+    if data == "synthetic":
+        return f"data-free {srch['proxy_metric']} on BN-matched synthetic inputs"
+    return f"{srch['proxy_metric']} on {srch.get('proxy_samples', '?')} real images of `{data}`, not data-free"

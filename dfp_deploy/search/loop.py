@@ -79,10 +79,14 @@ def run_search(space: SearchSpace, evaluate: Evaluate, *, episodes: int, warmup:
                log_path: Path, resume: bool = False, cost: Callable[[np.ndarray], float] | None = None,
                target_ms: float | None = None, penalty: float = 1.0, config: SacConfig = SacConfig(),
                plot_path: Path | None = None, progress: bool = True, greedy_last: bool = True,
-               fill: bool = True, latency_reference_ms: float | None = None) -> SearchResult:
+               fill: bool = True, latency_reference_ms: float | None = None,
+               scoring: dict | None = None) -> SearchResult:
     """Search keep ratios for `space` under budget target · cost(1) (cost defaults to MACs); see module docstring.
     `latency_reference_ms`: the scale measured latencies are on (measure/relative.py: the original's reading); logged
-    with every measured episode so that a resumed search puts the logged readings on its own new scale."""
+    with every measured episode so that a resumed search puts the logged readings on its own new scale.
+    `scoring`: what `evaluate` depends on (plain data: the compression settings, the proxy and its inputs); a resume
+    whose scoring changed is refused like one whose budget changed, since the logged proxies would no longer compare
+    with the new ones."""
     _check_counts(episodes, warmup, seed)
     log_path = Path(log_path)
     started = time.perf_counter()
@@ -93,7 +97,7 @@ def run_search(space: SearchSpace, evaluate: Evaluate, *, episodes: int, warmup:
     state = _State(space=space, env=env, agent=agent, evaluate=evaluate, target_ms=target_ms, penalty=penalty,
                    latency_reference_ms=latency_reference_ms)
     meta = {"groups": list(space.groups), "channels": list(space.channels), "seed": seed, "target": target,
-            "warmup": warmup, "config": config.__dict__, "fill": fill, "penalty": penalty}
+            "warmup": warmup, "config": config.__dict__, "fill": fill, "penalty": penalty, "scoring": scoring}
     start = _resume(state, log_path, meta) if resume else 0
     if start == 0:
         log_path.parent.mkdir(parents=True, exist_ok=True)
