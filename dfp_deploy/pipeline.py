@@ -442,6 +442,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
     report["warnings"] += _engine_warnings(engine_info.get("layers"))
     report["warnings"] += _latency_warnings(latency)
     report["warnings"] += _bn_adapt_warnings(recipe, adapt_trust)
+    report["warnings"] += _search_budget_warnings(recipe, report["macs"], search_report)
     if t.precision == "int8":
         report["quantization"] = {"activations": recipe.compress.quantize.activations,
                                   "range_k": recipe.compress.quantize.range_k,
@@ -615,6 +616,18 @@ def _bn_adapt_report(recipe: Recipe, inputs: torch.Tensor | None, agreement: flo
         return None
     return {"data": a.data, "samples": int(len(inputs)),
             "synthetic_steps": a.synthetic_steps if a.data == "synthetic" else None, "self_agreement": agreement}
+
+
+def _search_budget_warnings(recipe: Recipe, macs: dict, search_report: dict | None) -> list[str]:
+    """The search meets a MAC budget by construction (its cost model, search/space.py); this says so if the built
+    plan does not, rather than trusting the model (0.5 % slack for the rounding of kept counts)."""
+    if search_report is None or recipe.search.target != "macs":
+        return []
+    allowed = recipe.search.budget * macs["before"]
+    if macs["after"] <= allowed * 1.005:
+        return []
+    return [f"search: the built plan keeps {macs['after'] / macs['before']:.3f} of the MACs, over the budget "
+            f"{recipe.search.budget:g}: the search's MAC model mispriced this model's groups; please report it"]
 
 
 def _bn_adapt_warnings(recipe: Recipe, agreement: float | None) -> list[str]:

@@ -90,6 +90,68 @@ def test_cost_terms_predict_the_real_pruned_macs(space):
     assert space.terms.macs_at(ratios) == count_macs(pruned, example())
 
 
+class SameWidthResidual(nn.Module):
+    """stem -> two identity-shortcut blocks of one width -> pool -> fc: a residual stream whose members all carry
+    every one of its channels."""
+
+    def __init__(self, width=16, inner=(24, 8)):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.stem, self.stem_bn = nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.a = nn.ModuleList(nn.Conv2d(width, c, 3, padding=1, bias=False) for c in inner)
+        self.a_bn = nn.ModuleList(nn.BatchNorm2d(c) for c in inner)
+        self.b = nn.ModuleList(nn.Conv2d(c, width, 3, padding=1, bias=False) for c in inner)
+        self.b_bn = nn.ModuleList(nn.BatchNorm2d(width) for _ in inner)
+        self.fc = nn.Linear(width, 4)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        self.eval()
+
+    def forward(self, x):
+        x = F.relu(self.stem_bn(self.stem(x)))
+        for a, a_bn, b, b_bn in zip(self.a, self.a_bn, self.b, self.b_bn):
+            x = F.relu(x + b_bn(b(F.relu(a_bn(a(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_residual_groups_of_one_width_are_priced_exactly():
+    model = SameWidthResidual()
+    analysis = analyze(model, example())
+    space = build_space(model, analysis, example(), include_residual=True)
+    assert len(space.groups) == 3  # the stream and the two block-internal groups
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        kept = [space.snap(g, k) for g, k in enumerate(rng.uniform(0.2, 1.0, space.size))]
+        plan = make_plan(model, analysis, ratio=0, ratios=space.ratios(kept), round_to=1, include_residual=True)
+        pruned = prune_model(model, analysis, plan)
+        assert space.terms.macs_at(np.asarray(kept) / np.asarray(space.channels)) == count_macs(pruned, example())
+
+
+def test_a_group_joining_layers_of_different_widths_is_refused():
+    """CIFAR ResNets' zero-padded shortcuts join a 16/32/64-channel stream into one group of 64: which layers a cut
+    shrinks depends on which channels go, so the ratio-based MAC model cannot price it (it priced a halving of it at
+    50 % of ResNet-20's MACs where the pruned model kept 85 %)."""
+    from dfp_deploy.models import load_model
+
+    loaded = load_model("cifar_resnet20", None)
+    one = torch.zeros(1, *loaded.input_shape)
+    analysis = analyze(loaded.module, one)
+    with pytest.raises(InputError, match="different widths"):
+        build_space(loaded.module, analysis, one, include_residual=True)
+    assert len(build_space(loaded.module, analysis, one).groups) == 9  # the block-internal groups stay searchable
+
+
+def test_a_missed_mac_budget_is_reported():
+    from dfp_deploy.pipeline import _search_budget_warnings
+    from dfp_deploy.recipe import load_recipe
+
+    recipe = load_recipe(None, ["search.episodes=4", "search.budget=0.5"])
+    assert _search_budget_warnings(recipe, {"before": 1000, "after": 502}, {"episodes": 4}) == []
+    assert "over the budget 0.5" in _search_budget_warnings(recipe, {"before": 1000, "after": 540}, {"episodes": 4})[0]
+    assert _search_budget_warnings(recipe, {"before": 1000, "after": 540}, None) == []
+
+
 def test_space_features_are_normalised_and_snap_respects_round_to():
     model = Deep()
     s = build_space(model, analyze(model, example()), example(), min_keep=0.3, round_to=8)

@@ -11,8 +11,9 @@ of its MACs, where r_g = k_g / C_g, a_mg (b_mg) is the share of m's input (outpu
 and a_m0 (b_m0) the share that belongs to no searched group (those never shrink). A depthwise conv has a = [1, 0...]
 because its MACs per output channel do not depend on the channel count. Then
     MACs(r) = Σ_m MACs_m · f_m(r)
-which is exact for chains and block-internal groups and a close model where pads or concats mix groups. It is
-non-decreasing in every r_g, which is what the action wall needs.
+which is exact for chains and block-internal groups, and for any group whose members each carry all of its
+channels. A group that joins layers of different widths (zero-padded shortcuts) cannot be priced by its ratio at
+all and is refused (_check_priceable). It is non-decreasing in every r_g, which is what the action wall needs.
 
 State of step t (AMC's layer descriptor plus AutoDFP's similarity features; the first six min-max normalised over
 the searched groups, a constant column becoming 0):
@@ -127,6 +128,8 @@ def build_space(model: nn.Module, analysis: Analysis, example_input: torch.Tenso
     if not groups:
         raise InputError("search: the model has no prunable channel groups to search over; check the analysis "
                          "warnings (boundaries) or set search.include_residual")
+    for group in groups:
+        _check_priceable(analysis, group)
     modules = dict(model.named_modules())
     module_cost = macs_by_module(model, example_input[:1])
     rows = []
@@ -142,6 +145,23 @@ def build_space(model: nn.Module, analysis: Analysis, example_input: torch.Tenso
                        min_kept=min_kept, round_to=round_to, static=static,
                        group_macs=tuple(g.macs for g in groups),
                        terms=_cost_terms(analysis, [g.name for g in groups], modules, module_cost))
+
+
+def _check_priceable(analysis: Analysis, group) -> None:
+    """The cost terms shrink every member of a group by the group's keep ratio, which holds when each member
+    carries all of the group's channels. Zero-padded shortcuts (CIFAR ResNets' option A) join a residual stream of
+    16, 32 and 64 channels into one group of 64: which layers a cut shrinks then depends on WHICH channels go
+    (channels that exist only in the widest stage shrink nothing else), so no ratio-based model can price it; on
+    ResNet-20 halving that group was priced at 50 % of the MACs and kept 85 %. Refused rather than mispriced."""
+    members = analysis.members(group.name)
+    for role in (members.producers, members.consumers, members.passthrough):
+        for name, mapping in role.items():
+            carried = len({c for c in mapping if c >= 0})
+            if carried < group.channels:
+                raise InputError(
+                    f"search: group '{group.name}' joins layers of different widths ('{name}' carries {carried} of "
+                    f"its {group.channels} channels, e.g. through zero-padded shortcuts), so the search's MAC model "
+                    "cannot price a cut of it; leave search.include_residual off for this model")
 
 
 def _check_args(min_keep: float, round_to: int, eps: float) -> None:
