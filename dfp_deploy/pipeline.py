@@ -460,7 +460,8 @@ def cache_dir() -> Path:
 
 def _search(recipe: Recipe, loaded, analysis, example, work: Path, backend, adapt_inputs, *, quiet: bool):
     """AutoDFP: the SAC agent picks per-group ratios; each candidate is compressed exactly as the final build will
-    be and scored by its fidelity to the original on BN-matched synthetic inputs (no data). The budget is enforced
+    be and scored by its fidelity to the original on BN-matched synthetic inputs (no data; or, with
+    search.proxy_data, on unlabeled images). The budget is enforced
     by the agent's action wall on a cost model: MACs, or latency predicted per group from MACs and fitted to
     engines measured on the target backend (the original and the plan with every group at its minimum)."""
     from dfp_deploy.analysis import count_macs
