@@ -25,12 +25,20 @@ torch.set_num_threads(1)
 SMALL = SacConfig(batch=16)  # learning starts after two episodes instead of eight
 
 
+def randomise(model: nn.Module) -> None:
+    """Seeded N(0, 0.3²) parameters (BatchNorm affine included) and eval mode: distinct, reproducible channels."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    model.eval()
+
+
 class Deep(nn.Module):
     """A plain conv-bn-relu chain: one prunable group per conv but the last one's consumer (fc, a boundary)."""
 
     def __init__(self, widths=(16, 24, 32, 24, 16, 32)):
         super().__init__()
-        gen = torch.Generator().manual_seed(0)
         self.convs, self.bns = nn.ModuleList(), nn.ModuleList()
         c = 3
         for w in widths:
@@ -38,10 +46,7 @@ class Deep(nn.Module):
             self.bns.append(nn.BatchNorm2d(w))
             c = w
         self.fc = nn.Linear(c, 4)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-        self.eval()
+        randomise(self)
 
     def forward(self, x):
         for conv, bn in zip(self.convs, self.bns):
@@ -96,17 +101,13 @@ class SameWidthResidual(nn.Module):
 
     def __init__(self, width=16, inner=(24, 8)):
         super().__init__()
-        gen = torch.Generator().manual_seed(0)
         self.stem, self.stem_bn = nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
         self.a = nn.ModuleList(nn.Conv2d(width, c, 3, padding=1, bias=False) for c in inner)
         self.a_bn = nn.ModuleList(nn.BatchNorm2d(c) for c in inner)
         self.b = nn.ModuleList(nn.Conv2d(c, width, 3, padding=1, bias=False) for c in inner)
         self.b_bn = nn.ModuleList(nn.BatchNorm2d(width) for _ in inner)
         self.fc = nn.Linear(width, 4)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-        self.eval()
+        randomise(self)
 
     def forward(self, x):
         x = F.relu(self.stem_bn(self.stem(x)))
