@@ -480,15 +480,17 @@ def _search(recipe: Recipe, loaded, analysis, example, work: Path, backend, adap
     space = build_space(model, analysis, one, min_keep=S.min_keep, round_to=_round_to(recipe),
                         include_residual=S.include_residual)
     if S.proxy_data == "synthetic":
-        x_syn = bn_matched_inputs(model, loaded.input_shape, S.synthetic_samples, steps=S.synthetic_steps,
-                                  seed=recipe.seed, cache_dir=cache_dir() / "synthetic")
+        # not load_calibration_inputs: the search matches the statistics over all its inputs in one chunk (that
+        # function uses chunks of 64), and its cached inputs are what every documented search ran on
+        x_proxy = bn_matched_inputs(model, loaded.input_shape, S.synthetic_samples, steps=S.synthetic_steps,
+                                    seed=recipe.seed, cache_dir=cache_dir() / "synthetic")
     else:  # real unlabeled images: a seeded subset, as for compress.calibration (no longer data-free)
         from dfp_deploy.compress.calibrate import load_calibration_inputs
-        x_syn = load_calibration_inputs(S.proxy_data, S.synthetic_samples, model=model, preprocess=loaded.preprocess,
-                                        input_shape=loaded.input_shape, seed=recipe.seed, what="search",
-                                        samples_key="synthetic_samples")
+        x_proxy = load_calibration_inputs(S.proxy_data, S.synthetic_samples, model=model,
+                                          preprocess=loaded.preprocess, input_shape=loaded.input_shape,
+                                          seed=recipe.seed, what="search", samples_key="synthetic_samples")
     with torch.inference_mode():
-        reference = model(x_syn)
+        reference = model(x_proxy)
 
     if p.importance == "lmmse":
         from dfp_deploy.core.threads import torch_threads
@@ -519,7 +521,7 @@ def _search(recipe: Recipe, loaded, analysis, example, work: Path, backend, adap
     def evaluate(ratios: dict) -> dict:
         candidate = _compress(recipe, model, analysis, plan_for(ratios), adapt_inputs=adapt_inputs).eval()
         with torch.inference_mode():
-            fid = fidelity(reference, candidate(x_syn))
+            fid = fidelity(reference, candidate(x_proxy))
         out = {"proxy": proxy(fid, S.proxy), **fid, "macs": count_macs(candidate, one)}
         # search.measure "best": a candidate that could become the best (its proxy, the most its reward can be,
         # beats the best reward so far) is timed on the target; the loop corrects the latency model with it and
@@ -547,7 +549,7 @@ def _search(recipe: Recipe, loaded, analysis, example, work: Path, backend, adap
     rep = result.as_report()
     rep.update(log="search_log.jsonl", pareto_plot="search_pareto.png" if result.plot_path else None,
                target=S.target, budget=S.budget, proxy_metric=S.proxy, proxy_data=S.proxy_data,
-               proxy_samples=int(len(x_syn)), state_dir=str(state),
+               proxy_samples=int(len(x_proxy)), state_dir=str(state),
                latency_penalty=S.latency_penalty if S.target == "latency" else None,
                latency_model=fitted)
     return plan_for(result.best_ratios), rep
