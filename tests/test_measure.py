@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -15,22 +13,36 @@ from dfp_deploy.measure.latency import (noise, round_speedups, schedule, speedup
 from dfp_deploy.measure.parity import parity
 
 
-def sleeper(seconds: float):
-    # time.sleep, not a busy-wait: on a loaded shared machine a spinning runner is preempted for whole scheduler
-    # slices, while a sleeping one only pays a small wake-up delay (a few % at these durations)
-    return lambda: time.sleep(seconds)
+class FakeClock:
+    """Stands in for the `time` module the protocol reads (`perf_counter_ns` only): time moves only when a runner
+    "works", so the measured milliseconds are known exactly whatever the machine's load (a real sleep read 1.999x
+    instead of 3x once on a loaded shared machine)."""
+
+    def __init__(self):
+        self.ns = 0
+
+    def perf_counter_ns(self) -> int:
+        return self.ns
+
+    def runner(self, ms: float):
+        def run():
+            self.ns += int(ms * 1e6)
+        return run
 
 
-def test_latency_ratio_of_known_runners():
-    stats = time_interleaved({"fast": sleeper(0.004), "slow": sleeper(0.012)}, warmup=2, runs=50, rounds=5,
+def test_latency_ratio_of_known_runners(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr("dfp_deploy.measure.latency.time", clock)
+    stats = time_interleaved({"fast": clock.runner(4.0), "slow": clock.runner(12.0)}, warmup=2, runs=50, rounds=5,
                              batch=4, threads=1)
-    ratio = stats["slow"].p50_ms / stats["fast"].p50_ms
-    assert 3 * 0.8 <= ratio <= 3 * 1.2
+    assert stats["slow"].p50_ms / stats["fast"].p50_ms == pytest.approx(3.0)
     fast = stats["fast"]
     assert isinstance(fast, LatencyStats)
     assert (fast.runs, fast.warmup, fast.batch, fast.threads) == (50, 2, 4, 1)
-    assert fast.min_ms <= fast.p50_ms <= fast.p90_ms <= fast.p99_ms
-    assert fast.min_ms >= 4.0
+    assert fast.min_ms == fast.p50_ms == fast.p90_ms == fast.p99_ms == pytest.approx(4.0)
+    assert fast.std_ms == 0.0 and fast.round_p50_ms == pytest.approx((4.0,) * 5)
+    # the warm-up calls ran but were not timed: 2 + 50 calls of each runner, 52 × (4 + 12) ms in all
+    assert clock.ns == 52 * 16 * 1_000_000
 
 
 def test_rounds_rotate_the_order_and_every_runner_gets_all_runs():
