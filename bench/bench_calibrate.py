@@ -5,7 +5,7 @@ selection, ChannelPlanner(importance="lmmse", allocation="uniform"), same kept c
 UDFC and lmmse (dfp_deploy.compress.reconstruct.compress_model, data-free), then calibrate() with each calibration
 source × size. One line of JSON per calibrated configuration is appended to --out, and a Markdown row is printed, e.g.
 
-  python tools/bench_calibrate.py --model cifar_resnet56 --weights ../shared/models/resnet56-4bfd9763.th \\
+  python bench/bench_calibrate.py --model cifar_resnet56 --weights ../shared/models/resnet56-4bfd9763.th \\
       --calib ../shared/data/cifar10_train_exact4660.npz --eval ../shared/data/cifar10_test_exact932.npz \\
       --ratios 0.3 0.5 --samples 64 256 1024 --synthetic 256
 

@@ -14,7 +14,7 @@ it, without the integer kernels' own effects (u8 x s8 saturation on AVX2 without
 Latency: every engine runs once per round, rounds repeated (--runs), so load changes on this shared machine hit
 all engines alike; median and p90 per engine and batch. Accuracy on --test (exact CIFAR-10 test images).
 
-    python tools/bench_int8_cpu.py --threads 1 --runs 60 --out /tmp/bench_int8.json
+    python bench/bench_int8_cpu.py --threads 1 --runs 60 --out /tmp/bench_int8.json
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ from dfp_deploy.export.passes import prepare_int8_onnx
 from dfp_deploy.export.passes.prepare import default_reduce_range
 from dfp_deploy.export.ranges import DEFAULT_K, calibration_ranges, data_free_ranges
 from dfp_deploy.models import load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data_root import add_data_root, fill  # noqa: E402  (bench/data_root.py)
 
 INTEGER_KERNELS = ("QLinearConv", "QLinearAdd", "QGemm", "QLinearGlobalAveragePool", "QLinearMatMul",
                    "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")
@@ -183,9 +186,10 @@ def cpu_name() -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="cifar_resnet56")
-    parser.add_argument("--weights", default="/work/shared/models/resnet56-4bfd9763.th")
-    parser.add_argument("--test", default="/work/shared/data/cifar10_test_exact932.npz")
-    parser.add_argument("--calib", default="/work/shared/data/cifar10_train_exact4660.npz")
+    add_data_root(parser)
+    parser.add_argument("--weights", default=None, help="default: models/resnet56-4bfd9763.th under --data-root")
+    parser.add_argument("--test", default=None, help="default: data/cifar10_test_exact932.npz under --data-root")
+    parser.add_argument("--calib", default=None, help="default: data/cifar10_train_exact4660.npz under --data-root")
     parser.add_argument("--calib-samples", type=int, default=512)
     parser.add_argument("--k", type=float, default=DEFAULT_K)
     parser.add_argument("--threads", type=int, default=1)
@@ -195,7 +199,9 @@ def main(argv=None) -> int:
     parser.add_argument("--latency-engines", default="fp32,int8-df,int8-cal,trt-style-cal,ort-qstatic")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--work", default=None, help="keep the ONNX files here (default: a temp dir)")
-    args = parser.parse_args(argv)
+    args = fill(parser.parse_args(argv), {"weights": "models/resnet56-4bfd9763.th",
+                                          "test": "data/cifar10_test_exact932.npz",
+                                          "calib": "data/cifar10_train_exact4660.npz"})
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
     with tempfile.TemporaryDirectory() as tmp:

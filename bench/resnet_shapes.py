@@ -2,8 +2,8 @@
 random weights, for LATENCY benchmarks only — no pretrained weights for them are reachable here (torchvision's need
 the internet), so any accuracy measured on them is meaningless.
 
-Used through the loader's factory form, from tools/ (which is on sys.path when a tools/ script runs):
-  python tools/bench_latency.py --model resnet_shapes:resnet18 --batch 8 --ratios 0.5 --int8 --threads 1
+Used through the loader's factory form, from bench/ (which is on sys.path when a bench/ script runs):
+  python bench/bench_latency.py --model resnet_shapes:resnet18 --batch 8 --ratios 0.5 --int8 --threads 1
 BatchNorm statistics are set to plausible non-trivial values (seeded) so data-free int8 ranges are not degenerate.
 """
 

@@ -1,6 +1,6 @@
 """Benchmark: searched plans (dfp-deploy build outputs) vs uniform plans at equal measured latency and equal MACs.
 
-  python tools/bench_equal_latency.py --weights ../shared/models/resnet56-4bfd9763.th \
+  python bench/bench_equal_latency.py --weights ../shared/models/resnet56-4bfd9763.th \
       --eval ../shared/data/cifar10_test_exact932.npz --searched /tmp/h3/search_macs /tmp/h3/search_lat \
       --ratios 0.3 0.35 0.4 0.5 0.6 0.65 0.7 --threads 1 --batch 8 --runs 150 --rounds 15 --repeats 3
 (--searched: folders written by `dfp-deploy build recipes/cifar_resnet56_search.yaml --out DIR`; with round_to 8,

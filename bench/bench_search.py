@@ -15,11 +15,11 @@ Sections (--sections, comma separated):
           the same reconstruction (l2 and lmmse selection) and against select_plan(budget="macs"); all of them
           exported and timed as ORT CPU engines, interleaved (--latency-batch, --threads).
 
-    python tools/bench_search.py --sections proxy                       # CIFAR ResNet-56
-    python tools/bench_search.py --sections proxy --model efficientnet_lite0 \
+    python bench/bench_search.py --sections proxy                       # CIFAR ResNet-56
+    python bench/bench_search.py --sections proxy --model efficientnet_lite0 \
         --weights ../shared/imagenet/efficientnet-lite0-57934424.pth \
         --eval ../shared/imagenet/imagenet_val1300_acuity_jpeg.npz --eval-limit 300
-    python tools/bench_search.py --sections search                      # ResNet-56, -50% MACs
+    python bench/bench_search.py --sections search                      # ResNet-56, -50% MACs
 
 Single-threaded by default (--threads 1): other jobs share the machine. Synthetic inputs come from (and go to) the
 pipeline's cache (~/.cache/dfp-deploy/synthetic), so the proxy here is bit-for-bit the one a recipe search uses.
@@ -47,16 +47,16 @@ from dfp_deploy.search.reward import fidelity
 from dfp_deploy.search.selection import LmmseSelector
 from dfp_deploy.search.space import build_space
 from dfp_deploy.search.synthetic import bn_matched_inputs
-from mdtable import markdown  # tools/mdtable.py (the script's folder is on sys.path)
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from data_root import add_data_root, fill  # bench/data_root.py (the script's folder is on sys.path)
+from mdtable import markdown  # bench/mdtable.py
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="cifar_resnet56")
-    ap.add_argument("--weights", default=str(SHARED / "models" / "resnet56-4bfd9763.th"))
-    ap.add_argument("--eval", default=str(SHARED / "data" / "cifar10_test_exact932.npz"))
+    add_data_root(ap)
+    ap.add_argument("--weights", default=None, help="default: models/resnet56-4bfd9763.th under --data-root")
+    ap.add_argument("--eval", default=None, help="default: data/cifar10_test_exact932.npz under --data-root")
     ap.add_argument("--eval-limit", type=int, default=None, help="first N evaluation images only")
     ap.add_argument("--sections", default="proxy")
     ap.add_argument("--method", default="lmmse", help="reconstruction: none | neuron_merging | udfc | lmmse")
@@ -92,7 +92,8 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--log-dir", default="/tmp/bench_search")
     ap.add_argument("--out", default=None, help="write all numbers as JSON here")
-    return ap.parse_args(argv)
+    return fill(ap.parse_args(argv), {"weights": "models/resnet56-4bfd9763.th",
+                                      "eval": "data/cifar10_test_exact932.npz"})
 
 
 def cache_dir() -> Path:

@@ -8,7 +8,7 @@ Markdown row: MACs change, top-1 data-free, then top-1 after adapt_batchnorm on 
 --steps value (--samples inputs, seed --seed, cached under --cache). The first row is the ORIGINAL model adapted the
 same way: how far the synthetic inputs themselves move an unchanged model (0 with perfect inputs). E.g.
 
-  python tools/bench_bn_adapt.py --weights ../shared/models/resnet56-4bfd9763.th --eval /tmp/jpeg_tune.npz \\
+  python bench/bench_bn_adapt.py --weights ../shared/models/resnet56-4bfd9763.th --eval /tmp/jpeg_tune.npz \\
       --ratios 0.3 0.5 --plans l2 lmmse-macs --methods none,udfc,lmmse --steps 50 200
 
 Single-threaded by default (--threads 1); the lmmse-macs planning of ResNet-56 takes about a minute per ratio.

@@ -1,8 +1,9 @@
 """Reproduce the reference top-1 of the built-in zoo on the shared evaluation sets (a check, not a test).
 
-python tools/check_zoo.py --models /work/shared/models --cifar /work/shared/data/cifar10_test_exact932.npz \
-    --imagenet /work/shared/imagenet
-Exits 1 when a number differs from the reference in /work/shared/{models,imagenet}/README.md by more than --tol.
+python bench/check_zoo.py                          # everything under --data-root (default ../shared)
+python bench/check_zoo.py --models DIR --cifar FILE --imagenet DIR   # or name the files
+Exits 1 when a number differs from the reference in <data-root>/{models,imagenet}/README.md by more than --tol.
+With no path option, every set found under the data root is checked.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import torch
 
 from dfp_deploy.measure.dataset import load_images, to_tensor
 from dfp_deploy.models import load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data_root import add_data_root, root  # noqa: E402  (bench/data_root.py)
 
 # reference top-1 (%) from the shared READMEs: exact932 CIFAR test images, val1300 centre-crop 224
 CIFAR_REFERENCE = {
@@ -55,6 +59,7 @@ def check(name: str, weights: str, data: str, reference: float, batch: int, tol:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_data_root(parser)
     parser.add_argument("--models", type=Path, help="folder with the CIFAR ResNet checkpoints")
     parser.add_argument("--cifar", type=Path, help="cifar10_test_exact932.npz")
     parser.add_argument("--imagenet", type=Path, help="folder with the lite0 checkpoint and val1300 images")
@@ -63,6 +68,11 @@ def main() -> int:
     parser.add_argument("--tol", type=float, default=0.005, help="allowed |top-1 - reference| in points")
     parser.add_argument("--limit", type=int, default=None, help="first N images only (smoke run, no verdict)")
     args = parser.parse_args()
+    if not (args.models or args.cifar or args.imagenet):
+        base = root(args)
+        found = lambda p: p if p.exists() else None  # noqa: E731
+        args.models, args.cifar = found(base / "models"), found(base / "data" / "cifar10_test_exact932.npz")
+        args.imagenet = found(base / "imagenet")
     torch.set_num_threads(args.threads)
 
     all_ok = True

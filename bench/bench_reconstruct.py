@@ -20,13 +20,13 @@ Sections (--sections, comma separated):
           Torch-Pruning MagnitudeImportance(p=2) on the same block-internal groups with the same kept counts as the
           "l2" plan (so the same MACs as every selection of that ratio), no reconstruction; ONNX Runtime
           quantize_static int8 (QDQ, per-channel S8 weights, U8 activations, MinMax) calibrated on --calib-count real
-          training images (tools/bench_int8_cpu.py's ort_quantize_static); for reference the project's own int8
+          training images (bench/bench_int8_cpu.py's ort_quantize_static); for reference the project's own int8
           Q/DQ graph with data-free activation ranges (export.int8.int8_onnx, style ort-cpu) of the fp32 model and
           of the lmmse w8 model. int8 graphs run on ORT CPU with its graph optimizations (integer kernels).
 
-    python tools/bench_reconstruct.py --sections tune            # choose defaults (never looks at the test images)
-    python tools/bench_reconstruct.py --sections prune,quant,peers   # the tables for docs/BENCHMARKS.md
-    python tools/bench_reconstruct.py --model efficientnet_lite0 \
+    python bench/bench_reconstruct.py --sections tune            # choose defaults (never looks at the test images)
+    python bench/bench_reconstruct.py --sections prune,quant,peers   # the tables for docs/BENCHMARKS.md
+    python bench/bench_reconstruct.py --model efficientnet_lite0 \
         --weights ../shared/imagenet/efficientnet-lite0-57934424.pth \
         --test ../shared/imagenet/imagenet_val1300_acuity_jpeg.npz \
         --calib ../shared/imagenet/imagenet_sample1000_eli_224q95.npz --selections l2,lmmse-macs ...
@@ -62,9 +62,9 @@ from dfp_deploy.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_int8_cpu import ort_quantize_static, session  # noqa: E402  (the ORT peer, one implementation)
+from data_root import add_data_root, fill  # noqa: E402
 from mdtable import markdown  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 # prune table columns: --prune-methods name -> (label, compress_model method, its options). "udfc-multi" is UDFC's
 # non-negative least-squares vector form over several kept channels (reconstruct.py §2: no error bound)
 PRUNE_VARIANTS = {"none": ("plain", "none", {}), "neuron_merging": ("NM", "neuron_merging", {}),
@@ -75,10 +75,11 @@ PRUNE_VARIANTS = {"none": ("plain", "none", {}), "neuron_merging": ("NM", "neuro
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="cifar_resnet56")
-    ap.add_argument("--weights", default=str(SHARED / "models" / "resnet56-4bfd9763.th"))
-    ap.add_argument("--test", default=str(SHARED / "data" / "cifar10_test_exact932.npz"))
-    ap.add_argument("--train", default=str(SHARED / "data" / "cifar10_train_exact4660.npz"))
-    ap.add_argument("--jpeg", default=str(SHARED / "data" / "cifar10_test.npz"))
+    add_data_root(ap)
+    ap.add_argument("--weights", default=None, help="default: models/resnet56-4bfd9763.th under --data-root")
+    ap.add_argument("--test", default=None, help="default: data/cifar10_test_exact932.npz under --data-root")
+    ap.add_argument("--train", default=None, help="default: data/cifar10_train_exact4660.npz under --data-root")
+    ap.add_argument("--jpeg", default=None, help="default: data/cifar10_test.npz under --data-root")
     ap.add_argument("--tune-train", type=int, default=1000)
     ap.add_argument("--tune-jpeg", type=int, default=3000)
     ap.add_argument("--jpeg-start", type=int, default=5000)
@@ -96,8 +97,8 @@ def parse_args(argv=None):
                     help="comma-separated row labels of the quant table (default all), e.g. RTN,UDFC")
     ap.add_argument("--first-last-bits", type=int, default=None,
                     help="quant table: also run every method with the first and last layer at these bits")
-    ap.add_argument("--calib", default=str(SHARED / "data" / "cifar10_train_exact4660.npz"),
-                    help="real training images for the ORT quantize_static peer")
+    ap.add_argument("--calib", default=None,
+                    help="real training images for the ORT quantize_static peer (default: the training file under --data-root)")
     ap.add_argument("--calib-count", type=int, default=512)
     ap.add_argument("--growths", default="inf,0,0.1,0.5,1,2", help="guard section: merge_grid_growth values")
     ap.add_argument("--guard-images", type=int, default=300,
@@ -106,7 +107,11 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=None, help="images per forward pass (default 500, 50 at 224x224)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="write all numbers as JSON here")
-    return ap.parse_args(argv)
+    return fill(ap.parse_args(argv), {"weights": "models/resnet56-4bfd9763.th",
+                                      "test": "data/cifar10_test_exact932.npz",
+                                      "train": "data/cifar10_train_exact4660.npz",
+                                      "jpeg": "data/cifar10_test.npz",
+                                      "calib": "data/cifar10_train_exact4660.npz"})
 
 
 class Evaluator:
