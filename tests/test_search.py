@@ -20,42 +20,11 @@ from dfp_deploy.search.loop import checkpoint_path, pareto_front, run_search
 from dfp_deploy.search.reward import fidelity, proxy, reward
 from dfp_deploy.search.space import build_space, channel_similarity, cluster_count, cosine_matrix
 
+from _helpers import Deep, example, randomise
+
 torch.set_num_threads(1)
 
 SMALL = SacConfig(batch=16)  # learning starts after two episodes instead of eight
-
-
-def randomise(model: nn.Module) -> None:
-    """Seeded N(0, 0.3²) parameters (BatchNorm affine included) and eval mode: distinct, reproducible channels."""
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    model.eval()
-
-
-class Deep(nn.Module):
-    """A plain conv-bn-relu chain: one prunable group per conv but the last one's consumer (fc, a boundary)."""
-
-    def __init__(self, widths=(16, 24, 32, 24, 16, 32)):
-        super().__init__()
-        self.convs, self.bns = nn.ModuleList(), nn.ModuleList()
-        c = 3
-        for w in widths:
-            self.convs.append(nn.Conv2d(c, w, 3, padding=1, bias=False))
-            self.bns.append(nn.BatchNorm2d(w))
-            c = w
-        self.fc = nn.Linear(c, 4)
-        randomise(self)
-
-    def forward(self, x):
-        for conv, bn in zip(self.convs, self.bns):
-            x = F.relu(bn(conv(x)))
-        return self.fc(x.mean((2, 3)))
-
-
-def example() -> torch.Tensor:
-    return torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from dfp_deploy.compress.reconstruct import select_plan
 from dfp_deploy.core.errors import InputError
 from dfp_deploy.search.selection import LmmseSelector
 from dfp_deploy.search.space import build_space
-from tests.test_search import Deep, example
+from _helpers import Deep, example
 
 torch.set_num_threads(1)
 
