@@ -1,10 +1,11 @@
 """TensorRT backend: builder settings, timing-cache keys, layer-information parsing, ONNX preparation, availability.
 
 Everything here runs on a CPU without TensorRT except the tests marked `tensorrt` + `gpu`, which skip with a reason.
-tests/data/trt_layer_info_sample.json is HAND-WRITTEN in the documented IEngineInspector JSON format (DETAILED
-verbosity), not captured from a real engine: a 7-conv/gemm int8 net whose /block2/down/Conv runs FP32 on purpose.
-`build_plan` is exercised against a small fake of the documented tensorrt API, which checks our orchestration
-(parser errors, config, timing cache merge), not TensorRT itself.
+tests/data/trt_layer_info_sample.json is HAND-WRITTEN in the layout of TensorRT's DETAILED IEngineInspector JSON
+(tests/data/README.md says where each format fact comes from), not captured from an engine: a 7-conv/gemm int8 net
+whose /block2/down/Conv runs FP32 on purpose. `build_plan` is exercised against a small fake of the tensorrt API,
+which checks our orchestration (parser errors, logger, config, timing cache merge), not TensorRT itself; the fake's
+names and enum values are held to the tensorrt-stubs package (tests/test_trt_stubs.py).
 """
 
 from __future__ import annotations
@@ -201,11 +202,11 @@ def sample_layers():
 
 def test_parse_layer_info_reads_every_documented_field(sample_layers):
     assert len(sample_layers) == 15
-    stem = next(layer for layer in sample_layers if layer.name.startswith("/stem/conv/Conv"))
+    stem = next(layer for layer in sample_layers if layer.name.startswith("/block1/conv1/Conv"))
     assert stem.type == "CaskConvolution" and stem.parameter_type == "Convolution"
     assert stem.precision == "INT8" and stem.weights_type == "INT8" and stem.runs_int8 and stem.is_weighted
     assert stem.input_formats == ("Thirty-two wide channel vectorized row major Int8 format",)
-    assert stem.onnx_nodes == ("/stem/conv/Conv", "/stem/relu/Relu")
+    assert stem.onnx_nodes == ("/block1/conv1/Conv", "/block1/relu1/Relu")
     assert "i8i8" in stem.tactic
     residual = next(layer for layer in sample_layers if layer.name.startswith("/block1/conv2/Conv"))
     assert residual.input_precisions == ("INT8", "INT8") and "/block1/add/Add" in residual.onnx_nodes
@@ -213,14 +214,20 @@ def test_parse_layer_info_reads_every_documented_field(sample_layers):
     assert down.precision == "FP32" and not down.runs_int8 and down.weights_type == "FP32"
     first_reformat = sample_layers[1]
     assert first_reformat.is_reformat and first_reformat.onnx_nodes == () and not first_reformat.is_weighted
+    quantize = sample_layers[0]  # LayerType Reformat, Origin QDQ: the graph's own QuantizeLinear, not a copy
+    assert quantize.type == "Reformat" and quantize.origin == "QDQ" and quantize.is_qdq
+    assert not quantize.is_reformat and not quantize.is_weighted
+    stem_pool = sample_layers[2]  # conv + relu + maxpool fused into one kernel: still a weighted int8 layer
+    assert stem_pool.type == "ConvActPool" and stem_pool.is_weighted and stem_pool.weights_type == "INT8"
     pool = next(layer for layer in sample_layers if layer.type == "CaskPooling")
     assert not pool.is_weighted and not pool.is_reformat
 
 
 def test_summarize_layers_counts_the_sample_exactly(sample_layers):
     s = summarize_layers(sample_layers, SAMPLE_INT8_NODES)
-    assert s["layers"] == 15 and s["reformats"] == 4
-    assert s["reformat_layers"][0] == "Reformatting CopyNode for Input Tensor 0 to /stem/conv/Conv + /stem/relu/Relu"
+    assert s["layers"] == 15 and s["reformats"] == 4 and s["qdq_layers"] == 2
+    assert s["reformat_layers"][0] == ("Reformatting CopyNode for Input Tensor 0 to /stem/conv/Conv + /stem/relu/Relu"
+                                       " + /stem/pool/MaxPool")
     assert s["by_precision"] == {"FP32": 5, "INT8": 6}
     assert s["weighted_layers"] == 7 and s["weighted_by_precision"] == {"FP32": 1, "INT8": 6}
     assert (s["int8_expected"], s["int8_ok"]) == (7, 6)
@@ -365,10 +372,19 @@ def test_info_reports_the_package_reason_without_touching_cuda(monkeypatch):
 
 
 def test_info_reports_no_gpu_when_tensorrt_imports(monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.9.0.34"))
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.9.0.34", Builder=object,
+                                                                       __file__="/site-packages/tensorrt/__init__.py"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     info = TensorRTBackend().info()
     assert not info.available and info.reason.startswith(NO_GPU) and info.version == "10.9.0.34"
+
+
+def test_type_stubs_alone_do_not_count_as_tensorrt(monkeypatch):
+    # what `import tensorrt` gives when only tensorrt-stubs is installed: a namespace package with no bindings
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    info = TensorRTBackend().info()
+    assert not info.available and info.reason.startswith(NOT_INSTALLED) and "stubs" in info.reason
 
 
 def test_build_raises_backend_unavailable_with_the_reason(monkeypatch, tmp_path):
@@ -450,9 +466,14 @@ class _ParserError:
         return self._v[3]
 
 
-def fake_tensorrt(parse_errors=(), on_build=None):
-    """The documented tensorrt names build_plan uses; a "build" records one cache entry per serialized model."""
-    trt = types.SimpleNamespace(__version__="10.9.0.34")
+def fake_tensorrt(parse_errors=(), on_build=None, build_error=None):
+    """The tensorrt names build_plan uses; a "build" records one cache entry per serialized model.
+
+    Like TensorRT, the fake keeps the first logger it is given for the whole process (trt.first_logger) and sends
+    every later message there, whatever logger a later Builder or parser was constructed with. `build_error`: a
+    message the build logs at ERROR before failing (build_serialized_network returns None).
+    """
+    trt = types.SimpleNamespace(__version__="10.9.0.34", first_logger=None, build_error=build_error)
 
     class ILogger:
         Severity = types.SimpleNamespace(INTERNAL_ERROR=0, ERROR=1, WARNING=2, INFO=3, VERBOSE=4)
@@ -460,8 +481,13 @@ def fake_tensorrt(parse_errors=(), on_build=None):
         def __init__(self):
             pass
 
+    def _register(logger):
+        if trt.first_logger is None:
+            trt.first_logger = logger
+
     class Builder:
         def __init__(self, logger):
+            _register(logger)
             self.config = _FakeConfig()
 
         def create_network(self, flags):
@@ -473,12 +499,16 @@ def fake_tensorrt(parse_errors=(), on_build=None):
         def build_serialized_network(self, network, config):
             if on_build:
                 on_build()
+            if trt.build_error is not None:
+                trt.first_logger.log(ILogger.Severity.ERROR, trt.build_error)
+                return None
             config.cache.entries.add(f"timing-{len(network.model)}")
             trt.last = types.SimpleNamespace(network=network, config=config)
             return b"PLAN" + network.model[:4]
 
     class OnnxParser:
         def __init__(self, network, logger):
+            _register(logger)
             self.network, self.errors = network, list(parse_errors)
 
         def parse(self, data):
@@ -493,7 +523,7 @@ def fake_tensorrt(parse_errors=(), on_build=None):
             return _ParserError(*self.errors[i])
 
     trt.ILogger, trt.Builder, trt.OnnxParser = ILogger, Builder, OnnxParser
-    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(EXPLICIT_BATCH=0, STRONGLY_TYPED=1)
     trt.ProfilingVerbosity = types.SimpleNamespace(DETAILED="DETAILED")
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
     trt.BuilderFlag = types.SimpleNamespace(TF32="TF32", FP16="FP16", INT8="INT8")
@@ -505,7 +535,7 @@ def test_build_plan_configures_builds_and_saves_the_timing_cache(tmp_path):
     prepared = prepare_onnx(tiny_fp32_model(), builder_settings("fp32", opt_level=4, workspace_mb=64))
     plan, notes = build_plan(trt, prepared, builder_settings("fp32", opt_level=4, workspace_mb=64), cache, "m.onnx")
     assert plan.startswith(b"PLAN") and notes == []
-    assert trt.last.network.flags == 1  # 1 << STRONGLY_TYPED
+    assert trt.last.network.flags == 1 << 1  # 1 << STRONGLY_TYPED (1; 0 is the ignored EXPLICIT_BATCH)
     config = trt.last.config
     assert config.builder_optimization_level == 4 and config.profiling_verbosity == "DETAILED"
     assert config.pools == {"WORKSPACE": 64 << 20} and config.flags_set == [] and config.flags_cleared == ["TF32"]
@@ -556,6 +586,20 @@ def test_build_plan_collects_parser_errors_into_one_export_error(tmp_path):
         build_plan(trt, prepare_onnx(tiny_fp32_model(), builder_settings("fp32")), builder_settings("fp32"),
                    tmp_path / "c.cache", "m.onnx")
     assert not (tmp_path / "c.cache").exists()
+
+
+def test_every_build_reports_its_own_errors_through_the_one_process_logger(tmp_path, monkeypatch):
+    import dfp_deploy.backends.tensorrt as backend_module
+
+    monkeypatch.setattr(backend_module, "_PROCESS_LOGGER", None)
+    trt = fake_tensorrt(build_error="first: out of memory")
+    prepared = prepare_onnx(tiny_fp32_model(), builder_settings("fp32"))
+    with pytest.raises(ExportError, match="first: out of memory"):
+        build_plan(trt, prepared, builder_settings("fp32"), tmp_path / "c.cache", "a.onnx")
+    trt.build_error = "second: unsupported layer"  # logged to the first logger TensorRT was given, as TensorRT does
+    with pytest.raises(ExportError, match=r"b\.onnx: second: unsupported layer$"):
+        build_plan(trt, prepared, builder_settings("fp32"), tmp_path / "c.cache", "b.onnx")
+    assert backend_module._current_errors is None  # nothing collects between builds
 
 
 # ------------------------------------------------------------------------------------------------ real GPU builds

@@ -37,9 +37,11 @@ events in milliseconds: GPU time of one inference with no host<->device copy in 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -332,7 +334,8 @@ _PRECISION_TOKENS = {
 }
 UNKNOWN = "UNKNOWN"
 _NUMERIC = ("INT8", "UINT8", "FP8", "INT4", "FP4", "BF16", "FP16", "FP32")
-_WEIGHTED_PARAMETER_TYPES = ("Convolution", "Deconvolution", "FullyConnected", "MatrixMultiply", "Gemm")
+# ConvActPool: a convolution fused with its activation and pooling (its weights sit under "ConvWeights")
+_WEIGHTED_PARAMETER_TYPES = ("Convolution", "Deconvolution", "FullyConnected", "MatrixMultiply", "Gemm", "ConvActPool")
 _WEIGHTED_TYPE_WORDS = ("convolution", "gemm", "matrixmultiply")
 _FUSED_TYPES = ("fusion", "kgen", "myelin")  # Myelin regions: only the tactic tells what they compute
 _ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
@@ -361,14 +364,27 @@ class LayerInfo:
     weights_type: str | None = None
     parameter_type: str | None = None
     onnx_nodes: tuple[str, ...] = ()  # the ONNX nodes fused into this layer
+    origin: str | None = None  # why the layer exists: "REFORMAT" (a copy TensorRT inserted), "QDQ", ...
 
     @property
     def is_reformat(self) -> bool:
-        return (self.type == "Reformat" or self.parameter_type == "Reformat"
-                or "reformatting copy" in self.name.lower())
+        """A format-conversion copy TensorRT inserted between two layers (the cost of mismatched layouts).
+
+        Quantize/Dequantize layers also have LayerType "Reformat" but Origin "QDQ": they are the graph's own
+        Q/DQ nodes, not copies. Without an Origin (names-only verbosity) the name is the only evidence.
+        """
+        if self.origin is not None:
+            return self.origin == "REFORMAT"
+        return "reformatting copynode" in self.name.lower()
+
+    @property
+    def is_qdq(self) -> bool:
+        return self.origin == "QDQ"
 
     @property
     def is_weighted(self) -> bool:
+        if self.is_reformat or self.is_qdq:
+            return False
         if self.parameter_type in _WEIGHTED_PARAMETER_TYPES:
             return True
         kind = self.type.lower()
@@ -411,7 +427,7 @@ def _layer_from_json(entry) -> LayerInfo:
     numeric_in = [p for p in in_precisions if p in _NUMERIC]
     numeric_out = [p for p in out_precisions if p in _NUMERIC]
     precision = numeric_in[0] if numeric_in else numeric_out[0] if numeric_out else UNKNOWN
-    weights = entry.get("Weights")
+    weights = entry.get("Weights", entry.get("ConvWeights"))  # ConvActPool keeps its conv's weights apart
     weights_type = format_precision(str(weights.get("Type"))) if isinstance(weights, dict) else None
     return LayerInfo(
         name=name, type=str(entry.get("LayerType", UNKNOWN)), precision=precision,
@@ -421,6 +437,7 @@ def _layer_from_json(entry) -> LayerInfo:
         weights_type=weights_type if weights_type != UNKNOWN else None,
         parameter_type=entry.get("ParameterType"),
         onnx_nodes=_onnx_nodes_of(name, entry.get("Metadata")),
+        origin=str(entry["Origin"]) if entry.get("Origin") is not None else None,
     )
 
 
@@ -472,6 +489,7 @@ def summarize_layers(layers: list[LayerInfo], expect_int8: Int8Expectation = Non
         "layers": len(layers),
         "reformats": len(reformats),
         "reformat_layers": [layer.name for layer in reformats],
+        "qdq_layers": sum(1 for layer in layers if layer.is_qdq),
         "by_precision": dict(sorted(Counter(layer.precision for layer in compute).items())),
         "weighted_layers": len(weighted),
         "weighted_by_precision": dict(sorted(Counter(layer.precision for layer in weighted).items())),
@@ -509,6 +527,9 @@ def _import_tensorrt():
         raise BackendUnavailable(NOT_INSTALLED) from e
     except Exception as e:  # a broken install (missing libnvinfer, CUDA mismatch) is unavailable, not a crash
         raise BackendUnavailable(f"tensorrt failed to import: {type(e).__name__}: {e}") from e
+    if getattr(tensorrt, "__file__", None) is None or not hasattr(tensorrt, "Builder"):
+        # tensorrt-stubs alone leaves a tensorrt/ folder of .pyi files, which imports as an empty namespace package
+        raise BackendUnavailable(f"{NOT_INSTALLED}; only an empty 'tensorrt' namespace (type stubs?) is importable")
     return tensorrt
 
 
@@ -522,19 +543,47 @@ def _cuda_unavailable_reason() -> str | None:
     return None
 
 
-def _collecting_logger(trt):
-    """A trt.ILogger that keeps errors (to put into our exception messages) and prints nothing."""
+# TensorRT keeps ONE logger per process: the first Builder/Runtime's logger is the one every later Builder, Runtime
+# and parser logs to (the others are ignored), and TensorRT keeps pointing at it. So the logger is created once, lives
+# as long as the module, and each build collects its own errors by holding _LOG_LOCK around a fresh list in
+# _current_errors; the builder's worker threads log to the same list because it is a lock-held global, not
+# thread-local state.
+_PROCESS_LOGGER: tuple | None = None  # (the tensorrt module it was made for, the logger)
+_LOG_LOCK = threading.RLock()
+_current_errors: list[str] | None = None
 
-    class CollectingLogger(trt.ILogger):
-        def __init__(self):
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
 
-        def log(self, severity, msg):
-            if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
-                self.errors.append(str(msg).strip())
+def _process_logger(trt):
+    """The process-wide trt.ILogger: keeps ERROR/INTERNAL_ERROR messages for the build that holds the lock."""
+    global _PROCESS_LOGGER
+    with _LOG_LOCK:
+        if _PROCESS_LOGGER is not None and _PROCESS_LOGGER[0] is trt:
+            return _PROCESS_LOGGER[1]
 
-    return CollectingLogger()
+        class CollectingLogger(trt.ILogger):
+            def __init__(self):
+                trt.ILogger.__init__(self)
+
+            def log(self, severity, msg):
+                if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
+                    errors = _current_errors
+                    if errors is not None:
+                        errors.append(str(msg).strip())
+
+        _PROCESS_LOGGER = (trt, CollectingLogger())
+        return _PROCESS_LOGGER[1]
+
+
+@contextlib.contextmanager
+def collected_errors():
+    """A fresh list that receives the errors TensorRT logs until the block ends (one build at a time)."""
+    global _current_errors
+    with _LOG_LOCK:
+        previous, _current_errors = _current_errors, []
+        try:
+            yield _current_errors
+        finally:
+            _current_errors = previous
 
 
 def describe_parser_error(error) -> str:
@@ -552,13 +601,13 @@ def describe_parser_error(error) -> str:
     return f"{where}: {desc}" if where else desc
 
 
-def _parse_network(trt, builder, logger, prepared: PreparedOnnx, settings: dict, source: str):
+def _parse_network(trt, builder, logger, errors: list[str], prepared: PreparedOnnx, settings: dict, source: str):
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if settings["strongly_typed"] else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(prepared.serialized):
-        errors = [describe_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
-        errors = errors or logger.errors or ["no error reported"]
+        parsed = [describe_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
+        errors = parsed or list(errors) or ["no error reported"]
         more = f" (and {len(errors) - 2} more)" if len(errors) > 2 else ""
         raise ExportError(f"tensorrt could not parse {source}: {'; '.join(errors[:2])}{more}")
     return network, parser  # the parser owns the weights until the build is over: keep it alive
@@ -605,15 +654,16 @@ def _save_merged_cache(config, cache_path: Path, loaded: bytes) -> str | None:
 
 def build_plan(trt, prepared: PreparedOnnx, settings: dict, cache_path: Path, source: str) -> tuple[bytes, list[str]]:
     """Serialized engine for `prepared` with `settings`, using and updating the timing cache at `cache_path`."""
-    logger = _collecting_logger(trt)
-    builder = trt.Builder(logger)
-    network, parser = _parse_network(trt, builder, logger, prepared, settings, source)
-    loaded = load_timing_cache(cache_path)
-    config = _configure(trt, builder, settings, loaded)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        detail = "; ".join(logger.errors[-2:]) or "no error reported"
-        raise ExportError(f"tensorrt failed to build an engine from {source}: {detail}")
+    logger = _process_logger(trt)
+    with collected_errors() as errors:
+        builder = trt.Builder(logger)
+        network, parser = _parse_network(trt, builder, logger, errors, prepared, settings, source)
+        loaded = load_timing_cache(cache_path)
+        config = _configure(trt, builder, settings, loaded)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            detail = "; ".join(errors[-2:]) or "no error reported"
+            raise ExportError(f"tensorrt failed to build an engine from {source}: {detail}")
     notes = [note for note in [_save_merged_cache(config, cache_path, loaded)] if note]
     return bytes(plan), notes
 
@@ -662,7 +712,7 @@ class _Bindings:
 
 
 def _capture_cuda_graph(bindings: _Bindings):
-    """A CUDA graph of one enqueue on the bindings' stream, or None where the engine cannot be captured."""
+    """(graph, None): a CUDA graph of one enqueue on the bindings' stream; (None, why) where capture failed."""
     import torch
 
     bindings.enqueue()  # TensorRT may set up lazily on the first enqueue; that must not be captured
@@ -671,10 +721,10 @@ def _capture_cuda_graph(bindings: _Bindings):
     try:
         with torch.cuda.graph(graph, stream=bindings.stream):
             bindings.enqueue()
-    except Exception:
+    except Exception as e:  # noqa: BLE001 - eager timing then, and the report says so and why
         torch.cuda.synchronize()
-        return None
-    return graph
+        return None, f"{type(e).__name__}: {e}"
+    return graph, None
 
 
 class TensorRTEngine:
@@ -692,9 +742,11 @@ class TensorRTEngine:
         self.settings = settings
         self.timing_cache = timing_cache
         self.notes = notes
-        self.cuda_graph = cuda_graph  # requested; each runner records whether its capture succeeded
+        self.cuda_graph = cuda_graph  # requested; graph_used / graph_error say what the last prepare() got
+        self.graph_used: bool | None = None
+        self.graph_error: str | None = None
         self._trt, self._engine = trt, engine
-        self._keepalive = keepalive  # the runtime (and its logger) must outlive the engine it deserialized
+        self._keepalive = keepalive  # the runtime must outlive the engine it deserialized
         self._bindings = _Bindings(trt, engine)
         if len(self._bindings.inputs) != 1:
             raise ExportError(f"tensorrt: the engine has {len(self._bindings.inputs)} inputs; one image input expected")
@@ -729,7 +781,8 @@ class TensorRTEngine:
 
         bindings = _Bindings(self._trt, self._engine)  # private: run() between timed calls cannot disturb it
         self._load(bindings, self._checked(x))
-        graph = _capture_cuda_graph(bindings) if self.cuda_graph else None
+        graph, self.graph_error = _capture_cuda_graph(bindings) if self.cuda_graph else (None, None)
+        self.graph_used = graph is not None
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         stream = bindings.stream
 
@@ -815,13 +868,14 @@ class TensorRTBackend:
         plan_path = out_dir / f"{onnx_path.stem}.{precision}.plan"
         with atomic_path(plan_path) as temp:
             temp.write_bytes(plan)
-        logger = _collecting_logger(trt)
-        runtime = trt.Runtime(logger)
-        engine = runtime.deserialize_cuda_engine(plan)
+        with collected_errors() as errors:
+            runtime = trt.Runtime(_process_logger(trt))
+            engine = runtime.deserialize_cuda_engine(plan)
         if engine is None:
-            raise ExportError(f"tensorrt: could not deserialize the plan just built from {onnx_path.name}")
+            detail = "; ".join(errors[-2:]) or "no error reported"
+            raise ExportError(f"tensorrt: could not deserialize the plan just built from {onnx_path.name}: {detail}")
         layers, summary, layer_json = _layer_summary(trt, engine, prepared, settings)
         write_text_atomic(out_dir / f"{onnx_path.stem}.{precision}.layers.json", layer_json)
         return TensorRTEngine(trt, engine, precision=precision, plan_path=plan_path, layers=layers,
                               layer_summary=summary, settings=settings, timing_cache=cache_path, notes=notes,
-                              cuda_graph=self.cuda_graph, keepalive=(runtime, logger))
+                              cuda_graph=self.cuda_graph, keepalive=(runtime,))
