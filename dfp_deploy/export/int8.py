@@ -18,14 +18,25 @@ def input_range(preprocess: Preprocess) -> tuple[tuple[float, ...], tuple[float,
     return lo, hi
 
 
+def has_dynamic_batch(onnx_path: Path) -> bool:
+    """True when the first input's batch dimension of the ONNX file is symbolic (or unknown), False when fixed."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    return not (dims and dims[0].HasField("dim_value"))
+
+
 def int8_onnx(model: nn.Module, example: torch.Tensor, fp32_onnx: Path, out_path: Path, *, style: str,
               preprocess: Preprocess, calibration_inputs: np.ndarray | None = None, range_k: float = 6.0,
               opset: int = 18, threads: int | None = None) -> Path:
     """Write the Q/DQ model of `fp32_onnx` (exported from `model`) for `style` ("ort-cpu" | "tensorrt") to out_path.
 
     With calibration_inputs, activation ranges are min/max over them (ORT runs the fp32 graph); without, they come
-    from BatchNorm statistics (export/ranges.py), read from a second export that keeps the BN nodes (same tensor
-    names as the optimized one) and deleted afterwards.
+    from BatchNorm statistics (export/ranges.py), read from a second export that keeps the BN nodes and is deleted
+    afterwards. The ranges are looked up by tensor name, so that export must trace the model exactly as the fp32
+    one did: a dynamic batch adds symbolic-size nodes that shift the exporter's name counters (a static export
+    names a residual sum `add`, a dynamic one `add_130`), so the BN-kept copy takes the fp32 file's batch mode.
     """
     from dfp_deploy.export.onnx_export import export_onnx
     from dfp_deploy.export.passes.prepare import prepare_int8_onnx
@@ -37,7 +48,8 @@ def int8_onnx(model: nn.Module, example: torch.Tensor, fp32_onnx: Path, out_path
     else:
         bn_kept = out_path.parent / f".{out_path.stem}.bn_kept.onnx"
         try:
-            export_onnx(model, example, bn_kept, dynamic_batch=True, opset=opset, optimize=False)
+            export_onnx(model, example, bn_kept, dynamic_batch=has_dynamic_batch(fp32_onnx), opset=opset,
+                        optimize=False)
             ranges = data_free_ranges(bn_kept, input_range(preprocess), k=range_k)
         finally:
             bn_kept.unlink(missing_ok=True)
