@@ -1,6 +1,6 @@
 """Benchmark: ORT CPU latency of original vs pruned engines, timed interleaved in one process, next to MAC cuts.
 
-Regenerates the latency tables of docs/BENCHMARKS.md, e.g.
+Regenerates the latency tables of docs/research/latency-cpu.md and int8-cpu.md, e.g.
   python bench/bench_latency.py --model cifar_resnet56 --weights ../shared/models/resnet56-4bfd9763.th \
       --eval ../shared/data/cifar10_test_exact932.npz --batch 1 8 --threads 1 --int8
 With --int8 every variant is also built as an ORT-CPU int8 engine (Q/DQ, data-free activation ranges from BN

@@ -25,7 +25,7 @@ Sections (--sections, comma separated):
           of the lmmse w8 model. int8 graphs run on ORT CPU with its graph optimizations (integer kernels).
 
     python bench/bench_reconstruct.py --sections tune            # choose defaults (never looks at the test images)
-    python bench/bench_reconstruct.py --sections prune,quant,peers   # the tables for docs/BENCHMARKS.md
+    python bench/bench_reconstruct.py --sections prune,quant,peers   # the tables of docs/research/reconstruction.md
     python bench/bench_reconstruct.py --model efficientnet_lite0 \
         --weights ../shared/imagenet/efficientnet-lite0-57934424.pth \
         --test ../shared/imagenet/imagenet_val1300_acuity_jpeg.npz \

@@ -1,4 +1,4 @@
-"""Markdown tables for the benchmark scripts' output (docs/BENCHMARKS.md pastes them as printed)."""
+"""Markdown tables for the benchmark scripts' output (docs/research/ pastes them as printed)."""
 
 
 def markdown(headers: list[str], rows: list[list]) -> str:
