@@ -1,8 +1,10 @@
-"""Command-line entry point: `dfp-deploy build | inspect | backends | recipe-keys`."""
+"""Command-line entry point: `dfp-deploy build | inspect | backends | recipe-keys | fingerprint`."""
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -11,14 +13,60 @@ from dfp_deploy import __version__
 from dfp_deploy.core.errors import DfpError
 
 
+MAX_MESSAGE = 300
+
+
+def one_line(message: str, limit: int = MAX_MESSAGE) -> str:
+    """A message as exactly one line of at most `limit` characters: line breaks and control characters escaped
+    (a key or path may hold them), the middle cut with "…" (its start names the key, its end often the fix)."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message))
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) * 2 // 3
+    return text[:head] + "…" + text[len(text) - (limit - 1 - head):]
+
+
+def _quiet_libraries() -> None:
+    """torch, onnxruntime and onnxscript warn about their own internals on stderr, which drowns our one-line
+    messages; `python -W ...` or PYTHONWARNINGS still win, for whoever debugs them."""
+    if not sys.warnoptions and not os.environ.get("PYTHONWARNINGS"):
+        for lib in ("torch", "onnxruntime", "onnxscript", "onnx", "numpy"):
+            warnings.filterwarnings("ignore", module=rf"{lib}(\.|$)")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|onnx|onnxscript)")
+
+
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 class _Cli(click.Group):
     """Turns expected failures into one line on stderr and the documented exit code (DESIGN.md)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        _quiet_libraries()
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NO_ARGS_IS_HELP as exc:  # a bare `dfp-deploy`: the help text is the answer, not an error line
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:  # usage errors: click prints usage + hint + error on three lines
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            click.echo(f"error: {one_line(exc.format_message(), MAX_MESSAGE - len(hint))}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except DfpError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {one_line(exc)}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted: nothing was written to the output folder", err=True)
@@ -43,9 +91,12 @@ def main():
 def build(recipe: Path, overrides, out, quiet):
     """Compress, export, build and measure the model described by RECIPE."""
     from dfp_deploy.pipeline import build as run_build
+    from dfp_deploy.pipeline import output_dir
     from dfp_deploy.recipe import load_recipe
+    from dfp_deploy.recipe.loader import check_output_dir
 
     r = load_recipe(recipe, list(overrides), out=out)
+    check_output_dir(output_dir(r, recipe), "--out" if out is not None else "output.dir")
     report = run_build(r, recipe, quiet=quiet)
     click.echo(_summary(report))
 
@@ -111,6 +162,28 @@ def recipe_keys():
 
     for key, typ, default, doc in iter_keys():
         click.echo(f"{key}  ({typ}, default {default!r})\n    {doc}")
+
+
+@main.command()
+@click.option("--backend", "backend_name", default="ort-cpu", show_default=True, help="target backend")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--batch", type=click.IntRange(1, 4096), default=8, show_default=True)
+@click.option("--size", type=click.IntRange(1, 1024), default=14, show_default=True,
+              help="spatial size of the probe convolution")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="engine threads (backend default)")
+@click.option("--refresh", is_flag=True, help="measure again even if a fingerprint for this target is stored")
+@click.option("--quiet", is_flag=True, help="no progress output")
+def fingerprint(backend_name, precision, batch, size, threads, refresh, quiet):
+    """Measure (or show the stored) latency fingerprint of a target: the channel multiple its convolutions want."""
+    from dfp_deploy.pipeline import fingerprint as run_fingerprint
+
+    result, path, reused = run_fingerprint(backend_name, precision, batch, size=size, threads=threads,
+                                           refresh=refresh, quiet=quiet)
+    k = result.key
+    click.echo(f"{k.backend} {k.precision} batch {k.batch} on {k.device}: channel multiple {result.multiple} "
+               f"(a count off the multiple runs {100 * result.cost_of_not_rounding():+.0f} % vs the next multiple up; "
+               f"{len(result.channels)} channel counts {result.channels[0]}-{result.channels[-1]})")
+    click.echo(f"{'reused' if reused else 'wrote'} {path}")
 
 
 if __name__ == "__main__":

@@ -67,14 +67,27 @@ def _check_output_dir(out: Path) -> None:
                          "choose another --out")
 
 
+MAX_INPUT_ELEMENTS = 2**28  # one input batch of 1 GiB float32; beyond it the example tensor alone exhausts memory
+
+
 def _load(recipe: Recipe):
+    """The model with its weights, and every input checked that can be checked without running it."""
     from dfp_deploy.models import load_model
 
     shape = recipe.model.input_size
     if shape is not None and (len(shape) != 3 or min(shape) < 1):
         raise InputError(f"model.input_size: expected [C, H, W] with positive sizes, got {shape}")
-    return load_model(recipe.model.name, recipe.model.weights, kwargs=recipe.model.kwargs or None,
-                      input_shape=tuple(shape) if shape else None)
+    if shape is not None and recipe.target.batch * math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise InputError(f"model.input_size: {list(shape)} at target.batch {recipe.target.batch} is "
+                         f"{recipe.target.batch * math.prod(shape):,} values per batch, above {MAX_INPUT_ELEMENTS:,}; "
+                         "use a smaller input or batch")
+    loaded = load_model(recipe.model.name, recipe.model.weights, kwargs=recipe.model.kwargs or None,
+                        input_shape=tuple(shape) if shape else None)
+    if recipe.eval.data:
+        from dfp_deploy.measure.dataset import check_labels
+
+        check_labels(recipe.eval.data, loaded.num_classes, recipe.eval.limit)
+    return loaded
 
 
 def _example_input(loaded, batch: int, seed: int) -> torch.Tensor:
@@ -101,7 +114,24 @@ def _plan(recipe: Recipe, model, analysis, *, progress: bool = False, measured: 
     p = recipe.compress.prune
     if p.ratio == 0 and not p.ratios:
         return PrunePlan()
+    _check_prunable(recipe, analysis)
     return _planner(recipe, model, analysis, progress=progress, measured=measured).plan(p.ratio, p.ratios)
+
+
+def _check_prunable(recipe: Recipe, analysis) -> None:
+    """Pruning was asked for, but round_to or min_channels is at least every prunable group's width: the plan
+    would keep every channel and the build would succeed unchanged. Refused rather than warned: an unattended
+    pipeline reads the exit code, not the warnings."""
+    widths = [g.channels for g in analysis.groups if g.prunable]
+    if not widths:
+        return
+    p = recipe.compress.prune
+    # only values the recipe set: the target's default multiple is reported under `rounding`, not refused
+    for key, value in (("round_to", p.round_to or 1), ("min_channels", p.min_channels)):
+        if value >= max(widths):
+            raise InputError(f"compress.prune.{key}: {value} is at least the width of every prunable group "
+                             f"(the widest has {max(widths)} channels), so nothing would be pruned; use a smaller "
+                             f"{key}")
 
 
 def _measured_statistics(recipe: Recipe, loaded, analysis, inputs: torch.Tensor | None = None) -> dict | None:
@@ -835,3 +865,39 @@ def inspect(recipe: Recipe) -> dict:
     return {"model": loaded.name, "input_shape": list(loaded.input_shape),
             "params": count_params(loaded.module), "macs": count_macs(loaded.module, one),
             "groups": analysis.groups, "plan": plan, "warnings": list(analysis.warnings)}
+
+
+def fingerprint(backend_name: str, precision: str, batch: int, *, size: int = 14, threads: int | None = None,
+                channels=None, runs: int = 50, refresh: bool = False, folder: Path | None = None,
+                quiet: bool = False):
+    """The target's latency fingerprint (measure/fingerprint.py): loaded when one exists for exactly this target,
+    else measured on one-conv probes built by the real backend, then stored. Returns (Fingerprint, path, reused)."""
+    import tempfile
+
+    from dfp_deploy.backends.registry import get_backend
+    from dfp_deploy.core.errors import BackendUnavailable
+    from dfp_deploy.export.probe import PROBE_OPSET, write_conv_probe
+    from dfp_deploy.measure import fingerprint as fp
+
+    backend = get_backend(backend_name)
+    info = backend.info()
+    if not info.available:
+        raise BackendUnavailable(f"--backend: {backend_name} is unavailable here: {info.reason}")
+    folder = Path(folder) if folder is not None else cache_dir() / "fingerprints"
+    key = fp.make_key(device=info.device, backend=backend_name, precision=precision, batch=batch, size=size,
+                      threads=threads, versions={backend_name: info.version, "probe-opset": str(PROBE_OPSET)})
+    if not refresh:
+        stored = fp.load(key, folder)
+        if stored is not None:
+            return stored, folder / key.file_name(), True
+    x = np.random.default_rng(0).standard_normal((batch, 1, size, size)).astype(np.float32)
+    with tempfile.TemporaryDirectory(prefix="dfp-fingerprint-") as tmp:
+        def make_runner(c: int):
+            path = write_conv_probe(Path(tmp) / f"probe{c}.onnx", c, batch=batch, size=size, precision=precision,
+                                    qdq_style=_qdq_style(backend_name))
+            engine = backend.build(path, precision=precision, threads=threads, out_dir=Path(tmp))
+            return engine.prepare(np.repeat(x, c, axis=1))
+
+        result = fp.measure(key, make_runner, **({"channels": tuple(channels)} if channels else {}), runs=runs,
+                            threads=threads, progress=not quiet)
+    return result, fp.save(result, folder), False

@@ -1,0 +1,98 @@
+"""Latency fingerprint: the channel-multiple rule on known step functions, storage keyed by target, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from dfp_deploy.cli import main
+from dfp_deploy.core.errors import InputError
+from dfp_deploy.measure import fingerprint as fp
+
+CHANNELS = fp.DEFAULT_CHANNELS
+
+
+def _up(c: int, m: int) -> int:
+    return m * -(-c // m)
+
+
+def _blocks_of(m: int):
+    # a target that runs a partly filled block of m channels as a whole one (cost ~ padded in x padded out)
+    return [0.05 + 1e-4 * _up(c, m) ** 2 for c in CHANNELS]
+
+
+@pytest.mark.parametrize("m", [8, 16, 32])
+def test_a_padded_block_target_wants_its_block(m):
+    multiple, costs = fp.step_multiple(CHANNELS, _blocks_of(m))
+    assert multiple == m
+    assert costs[m] == 0.0  # rounding up inside a block is free by construction
+
+
+def test_a_smooth_target_wants_no_real_multiple():
+    times = [0.05 + 1e-4 * c ** 2 for c in CHANNELS]
+    multiple, costs = fp.step_multiple(CHANNELS, times)
+    # rounding to 2 costs ~1.5 %: within FREE_COST; rounding to 4 costs ~4 %: not free
+    assert multiple == 2
+    assert costs[4] > fp.FREE_COST > costs[2]
+
+
+def test_counts_off_the_fast_path_do_not_hold_the_multiple_back():
+    # ONNX Runtime's CPU shape: multiples of 4 run blocked kernels padded to 16, other counts a slow generic path
+    times = [0.05 + 1e-4 * _up(c, 16) ** 2 if c % 4 == 0 else 3e-4 * c ** 2 for c in CHANNELS]
+    assert fp.step_multiple(CHANNELS, times)[0] == 16
+
+
+def test_timing_noise_of_a_few_percent_keeps_the_block():
+    rng = np.random.default_rng(0)
+    times = np.asarray(_blocks_of(16)) * (1 + 0.02 * rng.standard_normal(len(CHANNELS)))
+    assert fp.step_multiple(CHANNELS, list(times))[0] == 16
+
+
+def _key(**changes):
+    base = dict(device="fake accelerator", backend="fake", precision="fp32", batch=8, size=14, threads=None,
+                versions={"fake-runtime": "1.0"})
+    return fp.make_key(**{**base, **changes})
+
+
+def test_measure_save_and_load_round_trip(tmp_path):
+    truth = dict(zip(CHANNELS, _blocks_of(16)))
+    # runners that report their own device time (a float), as CUDA-event runners do: no wall clock involved
+    result = fp.measure(_key(), lambda c: (lambda: float(truth[c])), warmup=1, runs=50, rounds=5)
+    assert result.multiple == 16
+    assert result.p50_ms == tuple(truth[c] for c in CHANNELS)
+    path = fp.save(result, tmp_path)
+    assert json.loads(path.read_text())["multiple"] == 16
+    assert fp.load(_key(), tmp_path) == result
+    assert fp.load(_key(batch=1), tmp_path) is None  # another batch is another target
+
+
+def test_a_file_measured_elsewhere_is_refused(tmp_path):
+    result = fp.measure(_key(), lambda c: (lambda: 1.0 + c), warmup=1, runs=50, rounds=5)
+    path = fp.save(result, tmp_path)
+    data = json.loads(path.read_text())
+    data["key"]["device"] = "another machine"
+    path.write_text(json.dumps(data))
+    with pytest.raises(InputError, match="another machine"):
+        fp.load(_key(), tmp_path)
+    path.write_text("{not json")
+    with pytest.raises(InputError, match="not a fingerprint file"):
+        fp.load(_key(), tmp_path)
+
+
+@pytest.mark.slow
+def test_cli_measures_a_real_ort_target_once_then_reuses_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    args = ["fingerprint", "--backend", "ort-cpu", "--batch", "1", "--size", "4", "--threads", "1", "--quiet"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert "channel multiple" in first.output and "wrote" in first.output
+    stored = list((tmp_path / "dfp-deploy" / "fingerprints").glob("ort-cpu-fp32-b1-s4-t1-*.json"))
+    assert len(stored) == 1
+    data = json.loads(stored[0].read_text())
+    assert data["channels"] == list(CHANNELS) and len(data["p50_ms"]) == len(CHANNELS)
+    assert data["multiple"] in fp.CANDIDATES
+    second = CliRunner().invoke(main, args)
+    assert second.exit_code == 0 and "reused" in second.output
