@@ -62,4 +62,4 @@ def _json_default(obj):
 
 def write_json_atomic(path: Path, obj) -> None:
     """JSON with indent=2, keys in insertion order, trailing newline; numpy scalars/arrays and Paths allowed."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default, allow_nan=False) + "\n")
