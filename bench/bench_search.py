@@ -1,4 +1,4 @@
-"""Benchmark the AutoDFP search (issue 5): does the data-free proxy rank plans like real accuracy, and does the search
+"""Benchmark the AutoDFP search: does the data-free proxy rank plans like real accuracy, and does the search
 find a better plan than a uniform ratio?
 
 Sections (--sections, comma separated):
