@@ -55,7 +55,7 @@ class _Cli(click.Group):
         except click.ClickException as exc:  # usage errors: click prints usage + hint + error on three lines
             ctx = getattr(exc, "ctx", None)
             hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
-            click.echo(f"error: {one_line(exc.format_message(), MAX_MESSAGE - len(hint))}{hint}", err=True)
+            click.echo(one_line(f"error: {exc.format_message()}", MAX_MESSAGE - len(hint)) + hint, err=True)
             sys.exit(exc.exit_code)
         except click.Abort:
             click.echo("aborted", err=True)
@@ -66,7 +66,7 @@ class _Cli(click.Group):
         try:
             return super().invoke(ctx)
         except DfpError as exc:
-            click.echo(f"error: {one_line(exc)}", err=True)
+            click.echo(one_line(f"error: {exc}"), err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted: nothing was written to the output folder", err=True)

@@ -83,10 +83,15 @@ def _load(recipe: Recipe):
                          "use a smaller input or batch")
     loaded = load_model(recipe.model.name, recipe.model.weights, kwargs=recipe.model.kwargs or None,
                         input_shape=tuple(shape) if shape else None)
-    if recipe.eval.data:
-        from dfp_deploy.measure.dataset import check_labels
+    from dfp_deploy.measure.dataset import check_file, check_labels
 
         check_labels(recipe.eval.data, loaded.num_classes, recipe.eval.limit)
+    c = recipe.compress
+    for key, path in (("eval.data", recipe.eval.data), ("compress.calibration.data", c.calibration.data),
+                      ("compress.bn_adapt.data", c.bn_adapt.data), ("search.proxy_data", recipe.search.proxy_data)):
+        if path and path != "synthetic":
+            check_file(path, key)
+    if recipe.eval.data:
     return loaded
 
 

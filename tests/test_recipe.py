@@ -67,7 +67,7 @@ def test_out_overrides_output_dir(tmp_path, monkeypatch):
     ("target: 3\n", [], "target: expected a section"),
     ("", ["target.bach=3"], "target.bach: unknown key (did you mean target.batch?)"),
     ("", ["target.batch"], "expected key=value"),
-    ("", ["measure.runs=10"], "measure.runs: 10 is not in [50, inf)"),
+    ("", ["measure.runs=10"], "measure.runs: 10 is not in [50, 1000000]"),
     ("compress:\n  quantize:\n    weight_bits: 1\n", [], "compress.quantize.weight_bits: 1 is not in [2, 8]"),
     ("compress:\n  reconstruct: magic\n", [], "compress.reconstruct: 'magic' is not one of none"),
     ("- a\n- b\n", [], "must be a mapping of sections"),

@@ -57,4 +57,8 @@ def top1(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray, 
     if len(x) != len(y):
         raise DataError(f"eval.data: {len(x)} images but {len(y)} labels; they must pair one to one")
     logits = run_batched(run, x, batch=batch, static_batch=static_batch, progress=progress)
+    if len(y) and (y.min() < 0 or y.max() >= logits.shape[1]):
+        # a label no logit can match scores 0 % silently: refuse rather than report a meaningless accuracy
+        raise DataError(f"eval.data: labels span [{int(y.min())}, {int(y.max())}] but the model has "
+                        f"{logits.shape[1]} classes [0, {logits.shape[1]})")
     return float(100.0 * np.mean(logits.argmax(axis=1) == y))

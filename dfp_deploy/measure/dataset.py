@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import sys
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,10 @@ from dfp_deploy.core.types import Preprocess
 
 PROGRESS_MIN_IMAGES = 200
 EXPECTED_LAYOUTS = "'x' uint8 [N,H,W,3] (+ 'y'), or 'jpeg' + 'offsets' [N+1] (+ 'y')"
+# what a damaged npz raises while numpy reads it: a bad zip directory or CRC, a corrupt deflate stream, a
+# truncated member, a header numpy cannot parse, a compression method zipfile lacks
+_READ_ERRORS = (ValueError, OSError, zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, KeyError,
+                SyntaxError, TypeError)
 
 
 def load_images(
@@ -87,8 +92,8 @@ def _open_npz(path: Path):
         raise DataError(f"data path {path} is not a file: point it at an .npz file")
     try:
         data = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"{path} is not a readable npz file ({exc}): expected {EXPECTED_LAYOUTS}") from exc
+    except _READ_ERRORS as exc:
+        raise DataError(f"{path} is not a readable npz file ({_first_line(exc)}): expected {EXPECTED_LAYOUTS}") from exc
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise DataError(f"{path} is a single .npy array, not an npz: save with np.savez(path, x=..., y=...)")
     return data
@@ -104,8 +109,50 @@ def _read_labels(data, path) -> np.ndarray:
 def _load_key(data, key: str, path) -> np.ndarray:
     try:
         return data[key]
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"{path}: array '{key}' cannot be read ({exc}); the file may be truncated") from exc
+    except _READ_ERRORS as exc:
+        raise DataError(f"{path}: array '{key}' cannot be read ({_first_line(exc)}); the file is damaged or "
+                        "truncated") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"{type(exc).__name__}: {text[:160]}"
+
+
+def check_file(path: str | Path, key: str) -> None:
+    """Refuse, before any work, a data file that is missing, not an npz, or damaged: every member's CRC-32 is checked
+    (deflate streams decompressed on the way, a few hundred MB/s), so a corrupt image array fails here, not after
+    export. The message starts with the recipe key."""
+    try:
+        with _open_npz(Path(path)) as data:
+            try:
+                bad = data.zip.testzip()
+            except _READ_ERRORS as exc:
+                raise DataError(f"{path} is damaged ({_first_line(exc)}); copy or save it again") from exc
+            if bad is not None:
+                raise DataError(f"{path} is damaged: member {bad!r} fails its CRC-32 check; copy or save it again")
+    except DataError as exc:
+        raise DataError(f"{key}: {exc}") from exc
+
+
+def check_labels(path: str | Path, num_classes: int, limit: int | None = None, key: str = "eval.data") -> None:
+    """Refuse labels outside [0, num_classes) before any work: a top-1 against them is 0 % and says nothing.
+
+    Reads only 'y' (the images are not decoded); a file without labels passes (load_images refuses it later where
+    labels are required)."""
+    _check_limit(limit)
+    with _open_npz(Path(path)) as data:
+        if "y" not in data.files:
+            return
+        y = _read_labels(data, path)
+    y = y if limit is None else y[:limit]
+    if len(y) == 0:
+        return
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= num_classes:
+        bad = int(np.count_nonzero((y < 0) | (y >= num_classes)))
+        raise DataError(f"{key}: {path} has {bad} labels outside the model's classes [0, {num_classes}) "
+                        f"(min {low}, max {high}); check that the data set matches model.name and its num_classes")
 
 
 def _read_array_images(data, path) -> np.ndarray:

