@@ -1,24 +1,116 @@
-"""Parity of an engine against a reference (the PyTorch model): how far apart their logits are on the same inputs.
+"""Parity of an engine against a reference (the PyTorch model), and the precision-aware rule that judges it.
 
 With reference logits R and engine logits E (n x k):
   max_abs_err  = max_ij |E_ij - R_ij|      (infinite if either side produced NaN/inf)
   mean_abs_err = mean_ij |E_ij - R_ij|
   top1_agreement = (1/n) * |{i : argmax_j E_ij == argmax_j R_ij}|   (a fraction in [0, 1])
+  ref_scale    = s = max_ij |R_ij|
+
+The rule (derived in docs/methods/parity_tolerance.md) for an engine computing in arithmetic p with unit roundoff
+u_p, on a network of L conv/linear layers whose longest dot product has K terms:
+  rel_tol(p) = 2 * sqrt(r_p * L) * u_p    r_fp16 = 3 (input, weight, output rounded), r_tf32 = 2 (input, weight)
+  rel_tol(fp32) = 2 * sqrt(2 * K * L) * u_fp32                  (two summation orders, Higham-Mary sqrt(K) growth)
+  tolerance = max(abs_floor, rel_tol * s)          pass when max_abs_err <= tolerance
+  fp16/tf32 also: every sample whose reference top-1 margin exceeds 2 * rel_tol * s keeps its class.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 from dfp_deploy.core.errors import ParityError
 
+UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "tf32": 2.0 ** -11, "fp16": 2.0 ** -11}  # 23, 10, 10 explicit mantissa bits
+ROUNDINGS_PER_LAYER = {"fp16": 3, "tf32": 2}
+SIGMAS = 2.0  # the rule's allowance over the random-walk estimate (the doc's emulation shows 3-10x headroom)
+SCALE_TOO_SMALL = 1e-6  # below this max|R| the reference is ~0 and no tolerance says anything
 
-def parity(reference: Callable[[np.ndarray], np.ndarray], engine, inputs: np.ndarray) -> dict:
+
+@dataclass(frozen=True)
+class ParityRule:
+    """What the engine computes in ("fp32", "tf32", "fp16") and the network's size; abs_floor: the recipe's bound."""
+
+    arithmetic: str
+    layers: int
+    max_dot: int
+    abs_floor: float
+
+    def __post_init__(self):
+        if self.arithmetic not in UNIT_ROUNDOFF:
+            raise ValueError(f"parity rule: arithmetic {self.arithmetic!r} is not one of {', '.join(UNIT_ROUNDOFF)}")
+
+    @property
+    def rel_tolerance(self) -> float:
+        return relative_tolerance(self.arithmetic, self.layers, self.max_dot)
+
+
+def relative_tolerance(arithmetic: str, layers: int, max_dot: int) -> float:
+    """rel_tol of the module docstring: the allowed max|E - R| as a fraction of max|R|."""
+    u, layers, max_dot = UNIT_ROUNDOFF[arithmetic], max(1, int(layers)), max(1, int(max_dot))
+    if arithmetic == "fp32":
+        return SIGMAS * math.sqrt(2 * max_dot * layers) * u
+    return SIGMAS * math.sqrt(ROUNDINGS_PER_LAYER[arithmetic] * layers) * u
+
+
+def network_size(model) -> tuple[int, int]:
+    """(L, K): how many Conv/Linear layers `model` has and the length of its longest dot product."""
+    from torch import nn
+
+    layers, max_dot = 0, 1
+    for module in model.modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            k = module.in_channels // module.groups * math.prod(module.kernel_size)
+        elif isinstance(module, nn.Linear):
+            k = module.in_features
+        else:
+            continue
+        layers, max_dot = layers + 1, max(max_dot, k)
+    return layers, max_dot
+
+
+def _judge(rule: ParityRule, result: dict, expected: np.ndarray, actual: np.ndarray) -> dict:
+    scale = result["ref_scale"]
+    rel = rule.rel_tolerance
+    tolerance = max(rule.abs_floor, rel * scale) if math.isfinite(scale) else rule.abs_floor
+    verdict = {"arithmetic": rule.arithmetic, "layers": rule.layers, "max_dot": rule.max_dot,
+               "unit_roundoff": UNIT_ROUNDOFF[rule.arithmetic], "rel_tolerance": rel, "abs_floor": rule.abs_floor,
+               "tolerance": tolerance,
+               "rel_err": result["max_abs_err"] / scale if scale > 0 else float("inf"),
+               "formula": "max|E-R| <= max(abs_floor, rel_tolerance * max|R|)", "warnings": []}
+    failures = []
+    if not result["max_abs_err"] <= tolerance:
+        failures.append(f"engine and PyTorch differ by {result['max_abs_err']:.3g} on the logits (> tolerance "
+                        f"{tolerance:.3g} = max(measure.parity_tolerance {rule.abs_floor:g}, {rel:.3g} x max|logit| "
+                        f"{scale:.3g}) for {rule.arithmetic} arithmetic)")
+    if rule.arithmetic in ROUNDINGS_PER_LAYER and len(expected) and math.isfinite(scale):
+        # decided against rel_tol alone, so raising the recipe's abs_floor cannot hide a changed decision
+        flat_e, flat_a = expected.reshape(len(expected), -1), actual.reshape(len(actual), -1)
+        top2 = np.sort(flat_e, axis=1)[:, -2:] if flat_e.shape[1] > 1 else np.zeros((len(flat_e), 2))
+        decisive = (top2[:, 1] - top2[:, 0]) > 2 * rel * scale
+        changed = decisive & (flat_e.argmax(axis=1) != flat_a.argmax(axis=1))
+        verdict.update(decisive_samples=int(decisive.sum()), decisive_changed=int(changed.sum()),
+                       near_ties=int((~decisive).sum()))
+        if changed.any():
+            failures.append(f"{int(changed.sum())} of {int(decisive.sum())} inputs whose top-1 margin exceeds "
+                            f"2 x {rel:.3g} x max|logit| changed their predicted class")
+    if scale < SCALE_TOO_SMALL:
+        verdict["warnings"].append(f"parity: the reference logits are all below {SCALE_TOO_SMALL:g} in magnitude "
+                                   f"(max {scale:.3g}); the parity check cannot tell a right engine from a wrong one")
+    verdict["passed"] = not failures
+    verdict["failure"] = "; ".join(failures) or None
+    return verdict
+
+
+def parity(reference: Callable[[np.ndarray], np.ndarray], engine, inputs: np.ndarray,
+           rule: ParityRule | None = None) -> dict:
     """Compare `engine.run(inputs)` with `reference(inputs)`: {"max_abs_err", "mean_abs_err", "top1_agreement", "n"}.
 
-    Also "nonfinite": how many engine or reference outputs were NaN or infinite (the errors are then infinite).
+    Also "nonfinite": how many engine or reference outputs were NaN or infinite (the errors are then infinite),
+    "ref_scale" (max|R|), and with a `rule` its verdict under "rule" (check it with `enforce`).
     """
     inputs = np.asarray(inputs, dtype=np.float32)
     expected = np.asarray(reference(inputs), dtype=np.float64)
@@ -34,7 +126,19 @@ def parity(reference: Callable[[np.ndarray], np.ndarray], engine, inputs: np.nda
         max_err = mean_err = 0.0
     else:
         max_err, mean_err = float(diff.max()), float(diff.mean())
+    finite_ref = expected[np.isfinite(expected)]
+    scale = float(np.abs(finite_ref).max()) if finite_ref.size else 0.0
     flat_e, flat_a = expected.reshape(len(expected), -1), actual.reshape(len(actual), -1)
     agreement = float(np.mean(flat_e.argmax(axis=1) == flat_a.argmax(axis=1))) if len(expected) else 1.0
-    return {"max_abs_err": max_err, "mean_abs_err": mean_err, "top1_agreement": agreement, "n": int(len(inputs)),
-            "nonfinite": nonfinite}
+    result = {"max_abs_err": max_err, "mean_abs_err": mean_err, "top1_agreement": agreement, "n": int(len(inputs)),
+              "nonfinite": nonfinite, "ref_scale": scale}
+    if rule is not None:
+        result["rule"] = _judge(rule, result, expected, actual)
+    return result
+
+
+def enforce(result: dict) -> None:
+    """ParityError with the rule's one-line reason when `result` (from parity(..., rule=...)) failed it."""
+    verdict = result.get("rule")
+    if verdict is not None and not verdict["passed"]:
+        raise ParityError(f"parity: {verdict['failure']}")
