@@ -130,3 +130,25 @@ def test_fp32_rule_is_far_tighter_than_the_fp16_one(small_cnn):
     fp16_engine = _Engine(_torch_run(emulated(model, "fp16")))
     as_fp32 = parity(_torch_run(model), fp16_engine, x, rule=ParityRule("fp32", layers, max_dot, 1e-6))
     assert not as_fp32["rule"]["passed"]  # an fp16 engine cannot pass as fp32
+
+
+def test_pipeline_check_accepts_an_fp32_engine_on_large_logits_and_names_the_rule_on_failure():
+    from dfp_deploy.pipeline import _check_parity, _parity_rule
+    from dfp_deploy.recipe import load_recipe
+
+    recipe = load_recipe(None)  # the default recipe: fp32, measure.parity_tolerance 1e-3
+    # ResNet-56's shape for the rule (55 convs up to 64x3x3 inputs, one linear); its random-weight logits are ~2.5e4
+    model = nn.Sequential(*[nn.Conv2d(64, 64, 3) for _ in range(55)], nn.Flatten(), nn.Linear(64, 10))
+    ref = np.linspace(-2.5e4, 2.5e4, 40).reshape(4, 10)
+    rule = _parity_rule(recipe, model, engine=object())
+    assert (rule.arithmetic, rule.layers, rule.max_dot, rule.abs_floor) == ("fp32", 56, 576, 1e-3)
+    ok = parity(lambda x: ref, _Engine(lambda x: ref + 1.2e-2), np.zeros((4, 1)), rule=rule)
+    _check_parity(recipe, ok, "gaussian noise")
+    assert ok["tolerance"] == ok["rule"]["tolerance"] > 1e-3
+    bad = parity(lambda x: ref, _Engine(lambda x: ref * 1.01), np.zeros((4, 1)), rule=rule)
+    with pytest.raises(ParityError, match=r"> tolerance .* for fp32 arithmetic"):
+        _check_parity(recipe, bad, "gaussian noise")
+    fp16 = load_recipe(None, ["target.precision=fp16"])
+    assert _parity_rule(fp16, model, engine=object()).arithmetic == "fp16"
+    tf32_engine = type("E", (), {"tf32": True})()
+    assert _parity_rule(recipe, model, tf32_engine).arithmetic == "tf32"
