@@ -227,3 +227,64 @@ def test_bad_limit(tmp_path):
     path = write_array_npz(tmp_path / "d.npz", random_images(2, 32, 32), np.zeros(2, np.int64))
     with pytest.raises(DataError, match="limit must be a positive"):
         load_images(path, CIFAR, limit=0)
+
+
+def _deflate_damaged(path):
+    """A compressed npz whose 'x' deflate stream is damaged (zlib.error while reading, not a CRC mismatch)."""
+    import zipfile
+
+    np.savez_compressed(path, x=random_images(8, 32, 32), y=np.arange(8))
+    data = bytearray(path.read_bytes())
+    info = zipfile.ZipFile(path).getinfo("x.npy")
+    start = info.header_offset + 30 + len(info.filename) + 40
+    data[start:start + 64] = bytes(b ^ 0x5A for b in data[start:start + 64])
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_deflate_stream_is_a_data_error(tmp_path):
+    _deflate_damaged(tmp_path / "d.npz")
+    with pytest.raises(DataError, match=r"array 'x' cannot be read \(error: "):
+        load_images(tmp_path / "d.npz", CIFAR)
+
+
+def test_check_file_names_the_key_and_checks_every_member(tmp_path):
+    from dfp_deploy.measure.dataset import check_file
+
+    write_array_npz(tmp_path / "ok.npz", random_images(4, 32, 32), np.arange(4))
+    check_file(tmp_path / "ok.npz", "eval.data")
+    _deflate_damaged(tmp_path / "d.npz")
+    with pytest.raises(DataError, match=r"^compress.calibration.data: .*d.npz is damaged"):
+        check_file(tmp_path / "d.npz", "compress.calibration.data")
+    np.savez(tmp_path / "s.npz", x=random_images(4, 32, 32))
+    data = bytearray((tmp_path / "s.npz").read_bytes())
+    data[len(data) // 3] ^= 0xFF  # stored (uncompressed) member: only its CRC-32 can tell
+    (tmp_path / "s.npz").write_bytes(bytes(data))
+    with pytest.raises(DataError, match="CRC-32"):
+        check_file(tmp_path / "s.npz", "eval.data")
+    with pytest.raises(DataError, match="^eval.data: .*does not exist"):
+        check_file(tmp_path / "none.npz", "eval.data")
+
+
+@pytest.mark.parametrize("labels, limit, ok", [([0, 9, 3], None, True), ([0, 10, 3], None, False),
+                                               ([0, -1, 3], None, False), ([0, 1, 12], 2, True)])
+def test_labels_must_be_classes_of_the_model(tmp_path, labels, limit, ok):
+    from dfp_deploy.measure.dataset import check_labels
+
+    write_array_npz(tmp_path / "d.npz", random_images(3, 32, 32), np.array(labels))
+    if ok:
+        check_labels(tmp_path / "d.npz", 10, limit)
+    else:
+        with pytest.raises(DataError, match=r"^eval.data: .* 1 labels outside the model's classes \[0, 10\)"):
+            check_labels(tmp_path / "d.npz", 10, limit)
+
+
+def test_top1_refuses_labels_no_logit_can_match():
+    from dfp_deploy.measure.accuracy import top1
+
+    def run(x):
+        return np.zeros((len(x), 10), np.float32)
+
+    x = np.zeros((3, 3, 4, 4), np.float32)
+    assert top1(run, x, np.array([0, 0, 1]), batch=2, static_batch=False) == pytest.approx(200 / 3)
+    with pytest.raises(DataError, match=r"eval.data: labels span \[0, 10\] but the model has 10 classes"):
+        top1(run, x, np.array([0, 10, 1]), batch=2, static_batch=False)

@@ -190,7 +190,8 @@ def test_corrupt_weight_bytes_are_refused_naming_model_weights(tiny, tmp_path, n
     path = tmp_path / "w.th"
     data = bytearray(path.read_bytes())
     info = max(zipfile.ZipFile(path).infolist(), key=lambda i: i.file_size)  # a large tensor's record
-    start = info.header_offset + 30 + len(info.filename) + len(info.extra) + 256
+    extra = int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")  # local header's own
+    start = info.header_offset + 30 + len(info.filename) + extra + 256
     data[start:start + 16] = bytes(b ^ 0xFF for b in data[start:start + 16])
     path.write_bytes(bytes(data))
     assert_refused(run("build", tiny, "--out", tmp_path / "o"), "model.weights", "CRC-32")

@@ -406,3 +406,52 @@ def test_lite_input_shape_override_rebuilds_static_padding():
 def test_torchvision_missing_is_a_clean_error():
     with pytest.raises(InputError, match=r"pip install 'dfp-deploy\[torchvision\]'"):
         load_model("torchvision:resnet18")
+
+
+def test_factory_form_takes_a_module_class_and_refuses_other_callables_before_calling():
+    loaded = load_model(f"{__name__}:TinyNet", kwargs={"width": 3, "num_classes": 4}, input_shape=(3, 8, 8))
+    assert isinstance(loaded.module, TinyNet) and loaded.num_classes == 4
+    for name, message in [("os:system", "builtin"), ("os:popen", "standard library"),
+                          ("subprocess:check_output", "standard library"), ("builtins:eval", "builtin"),
+                          ("collections:Counter", "not a torch.nn.Module subclass"), ("math:pi", "not callable")]:
+        with pytest.raises(InputError, match=message):
+            load_model(name, kwargs={"cmd": "true"})
+
+
+def test_factory_that_raises_is_bad_input_not_a_crash():
+    with pytest.raises(InputError, match=r"the factory failed \(ZeroDivisionError"):
+        load_model(f"{__name__}:failing_net")
+
+
+def failing_net() -> nn.Module:
+    return 1 // 0
+
+
+def test_weights_with_nan_or_inf_are_refused(tmp_path):
+    path = tmp_path / "r20.th"
+    source = _save_cifar20(path)
+    state = source.state_dict()
+    state["linear.bias"][3] = float("nan")
+    torch.save(state, path)
+    with pytest.raises(WeightsError, match=r"model.weights: .* NaN or Inf values in 1 tensors \(e\.g\. linear\.bias\)"):
+        load_model("cifar_resnet20", str(path))
+
+
+def test_flipped_bytes_in_a_tensor_fail_the_crc_check(tmp_path):
+    import zipfile
+
+    path = tmp_path / "r20.th"
+    _save_cifar20(path)
+    info = max(zipfile.ZipFile(path).infolist(), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    extra = int.from_bytes(data[info.header_offset + 28:info.header_offset + 30], "little")  # local header's own
+    start = info.header_offset + 30 + len(info.filename) + extra + 100
+    data[start] ^= 0x01  # one bit: torch.load alone reads it as a slightly different weight
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match=r"model.weights: .* fails its CRC-32 check"):
+        load_model("cifar_resnet20", str(path))
+
+
+def test_over_long_weights_path_is_a_clean_error(tmp_path):
+    with pytest.raises(WeightsError, match="model.weights"):
+        load_model("cifar_resnet20", str(tmp_path / ("w" * 300) / "x.th"))

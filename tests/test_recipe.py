@@ -108,3 +108,93 @@ def test_importance_choices_match_the_implementation():
     hints = typing.get_type_hints(PruneSection)
     assert set(typing.get_args(hints["importance"])) == set(RANKINGS)
     assert set(typing.get_args(hints["allocation"])) == set(ALLOCATIONS)
+
+
+def _leaf_fields():
+    import dataclasses
+    import typing
+
+    from dfp_deploy.recipe.schema import Recipe
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from walk(hints[f.name], f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}", hints[f.name], f.metadata
+
+    return list(walk(Recipe, ""))
+
+
+def test_every_integer_key_has_a_finite_maximum():
+    """A typo of a few digits must be refused by the schema, not overflow inside a library mid-build."""
+    import typing
+
+    def has_int(typ):
+        return typ is int or any(has_int(a) for a in typing.get_args(typ) if typing.get_origin(typ) is not typing.Literal)
+
+    integer_keys = [(key, meta) for key, typ, meta in _leaf_fields() if has_int(typ)]
+    assert len(integer_keys) > 20
+    unbounded = [key for key, meta in integer_keys if meta.get("hi") is None and meta.get("item_hi") is None]
+    assert unbounded == []
+
+
+@pytest.mark.parametrize("key", [key for key, typ, _ in _leaf_fields() if typ is float])
+@pytest.mark.parametrize("value", [".nan", "nan", "'nan'", ".inf", "-.inf", "1e999", "NaN"])
+def test_every_float_key_refuses_non_finite_values(key, value):
+    with pytest.raises(RecipeError, match=f"^{key}: .* is not a finite number$"):
+        load_recipe(None, [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a: &x 1\nseed: *x\n", "YAML aliases (*x) are not accepted"),
+    ("model:\n  kwargs: {a: &x [1, 2], b: *x}\n", "YAML aliases (*x) are not accepted"),
+    ("model:\n  kwargs: " + "{a: " * 40 + "1" + "}" * 40 + "\n", "nested deeper than 32 levels"),
+    ("seed: 1\nseed: 2\n", "duplicate key 'seed'"),
+    ("model:\n  kwargs: {a: 1, a: 2}\n", "duplicate key 'a'"),
+    ("seed: " + "1" * 5000 + "\n", "a value cannot be read"),
+])
+def test_yaml_that_no_recipe_needs_is_refused_with_where(tmp_path, text, message):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write(tmp_path, text))
+    assert message in str(err.value) and "\n" not in str(err.value) and len(str(err.value)) < 300
+
+
+def test_non_utf8_and_oversized_recipes_are_refused(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_bytes(b"model:\n  name: \xff\n")
+    with pytest.raises(RecipeError, match=r"is not UTF-8 text \(byte 0xff at offset 15\)"):
+        load_recipe(p)
+    p.write_text("# " + "x" * (1 << 20) + "\n")
+    with pytest.raises(RecipeError, match="larger than 1 MiB"):
+        load_recipe(p)
+
+
+def test_error_messages_are_bounded_whatever_the_value(tmp_path):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write(tmp_path, "target:\n  batch: [" + ", ".join(["[1, 2, 3]"] * 5000) + "]\n"))
+    assert len(str(err.value)) < 200
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.input_size=[3, 32]", "model.input_size: expected 3 values, got 2"),
+    ("model.input_size=[3, 32, 5000]", r"model.input_size\[2\]: 5000 is not in \[1, 4096\]"),
+    ("seed=4294967296", r"seed: 4294967296 is not in \[0, 4294967295\]"),
+    ("eval.data=" + "d" * 300, "eval.data: a path component is 300 bytes long"),
+    ("eval.data=/" + "d/" * 2100, "eval.data: the path is"),
+])
+def test_sizes_and_paths_have_sane_maxima(override, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(None, [override])
+
+
+def test_check_output_dir(tmp_path):
+    from dfp_deploy.recipe.loader import check_output_dir
+
+    check_output_dir(tmp_path / "new" / "deeper")
+    (tmp_path / "file").write_text("x")
+    for out, message in [(tmp_path / "file" / "o", "is a file"), ("/proc/self/o", "pseudo filesystem"),
+                         (tmp_path / ("o" * 240), "at most"), ("/", "filesystem root")]:
+        with pytest.raises(RecipeError, match=message):
+            check_output_dir(out, "--out")
