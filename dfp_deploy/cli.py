@@ -68,9 +68,11 @@ class _Cli(click.Group):
         except DfpError as exc:
             click.echo(one_line(f"error: {exc}"), err=True)
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted: nothing was written to the output folder", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:  # SIGINT, SIGTERM, SIGHUP (core/interrupts.py): 130, 143, 129
+            from dfp_deploy.core.interrupts import describe, exit_code
+
+            click.echo(describe(exc), err=True)
+            sys.exit(exit_code(exc))
 
 
 _set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -90,6 +92,13 @@ def main():
 @click.option("--quiet", is_flag=True, help="no progress output")
 def build(recipe: Path, overrides, out, quiet):
     """Compress, export, build and measure the model described by RECIPE."""
+    from dfp_deploy.core.interrupts import handled
+
+    with handled():  # SIGTERM and SIGHUP end the build like Ctrl-C: previous output kept, no staging left
+        _build(recipe, overrides, out, quiet)
+
+
+def _build(recipe: Path, overrides, out, quiet):
     from dfp_deploy.pipeline import build as run_build
     from dfp_deploy.pipeline import output_dir
     from dfp_deploy.recipe import load_recipe

@@ -61,10 +61,11 @@ def output_dir(recipe: Recipe, recipe_path: Path | None) -> Path:
 
 
 def _check_output_dir(out: Path) -> None:
-    """Refuse to replace a folder that is not a previous dfp-deploy output: we never delete a user's files."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT_NAME).is_file())):
-        raise InputError(f"output: {out} exists and is not a dfp-deploy output folder (no {REPORT_NAME}); "
-                         "choose another --out")
+    """Refuse to replace a folder dfp-deploy did not provably write (its marker and manifest, core/output.py):
+    we never delete a user's files."""
+    from dfp_deploy.core.output import check_replaceable
+
+    check_replaceable(out)
 
 
 MAX_INPUT_ELEMENTS = 2**28  # one input batch of 1 GiB float32; beyond it the example tensor alone exhausts memory
@@ -292,28 +293,29 @@ def _chunked(run, batch: int):
 
 def build(recipe: Recipe, recipe_path: Path | None = None, *, quiet: bool = False) -> dict:
     """Run the whole build; return the report dict (also written to <out>/report.json)."""
-    out = output_dir(recipe, recipe_path)
+    from dfp_deploy.core import output
+
+    named = output_dir(recipe, recipe_path)
+    out = output.resolve(named)  # a symlinked --out: its target is replaced, the link stays a link
     _check_output_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    stage_dir = out.parent / f".{out.name}.building-{os.getpid()}"
-    shutil.rmtree(stage_dir, ignore_errors=True)
-    stage_dir.mkdir()
+    output.remove_stale(out)
+    stage_dir = output.start_staging(out)
     try:
         report = _build_into(recipe, recipe_path, stage_dir, Stages(total=8, quiet=quiet))
         _swap_into_place(stage_dir, out)
     except BaseException:
-        shutil.rmtree(stage_dir, ignore_errors=True)
+        output.discard_staging(stage_dir)
         raise
-    report["artifacts"]["dir"] = str(out)
+    report["artifacts"]["dir"] = str(named)
     return report
 
 
 def _swap_into_place(stage_dir: Path, out: Path) -> None:
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(stage_dir, out)
-    shutil.rmtree(old, ignore_errors=True)
+    """Manifest, then the locked swap; the user's files in the previous output move into the new one."""
+    from dfp_deploy.core.output import commit
+
+    commit(stage_dir, out)
 
 
 def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Stages) -> dict:
@@ -491,7 +493,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
                                   "range_k": recipe.compress.quantize.range_k,
                                   "style": _qdq_style(t.backend), "onnx": engine_onnx.name}
     write_text_atomic(work / "report.md", render_markdown(report))
-    write_json_atomic(work / REPORT_NAME, report)  # last: its presence marks a finished build
+    write_json_atomic(work / REPORT_NAME, report)  # last file; build() then writes the marker listing them all
     return report
 
 

@@ -18,7 +18,8 @@ So the dynamo exporter is used. Two cases fall back to the TorchScript exporter,
 torch.export cannot capture (data-dependent control flow), where tracing is the more forgiving of the two.
 
 The file is exported to a hidden temp name, validated (checker + strict shape inference), checked for
-a single input/output and the requested opset, and only then renamed into place.
+a single input/output and the requested opset, and only then renamed into place. An interrupt is never
+mistaken for a capture failure (core/interrupts.py): it stops the export instead of triggering the fallback.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import onnx
 import torch
 from torch import nn
 
+from dfp_deploy.core import interrupts
 from dfp_deploy.core.atomic import atomic_path
 from dfp_deploy.core.errors import ExportError, InputError
 from dfp_deploy.core.modes import eval_mode
@@ -113,12 +115,16 @@ def _run_exporter(model, x, temp: Path, dynamic_batch: bool, opset: int, optimiz
             try:
                 _export_torchscript(model, x, temp, dynamic_batch, opset)
             except Exception as e:
+                interrupts.raise_if_received(e)
                 raise ExportError(f"ONNX export of {name} at opset {opset} failed: {one_line(e)}") from e
             return "torchscript"
         try:
             _export_dynamo(model, x, temp, dynamic_batch, opset, optimize)
             return "dynamo"
         except Exception as dynamo_error:
+            # torch can turn a Ctrl-C during capture into a capture error: that is the user stopping the build,
+            # not a model the TorchScript exporter should retry
+            interrupts.raise_if_received(dynamo_error)
             if opset > torchscript_max:
                 raise ExportError(f"ONNX export of {name} failed: {one_line(dynamo_error)}") from dynamo_error
             logging.getLogger(__name__).warning("torch.export could not capture %s (%s); falling back to the "
@@ -127,6 +133,7 @@ def _run_exporter(model, x, temp: Path, dynamic_batch: bool, opset: int, optimiz
             try:
                 _export_torchscript(model, x, temp, dynamic_batch, opset)
             except Exception as e:
+                interrupts.raise_if_received(e)
                 raise ExportError(f"ONNX export of {name} failed: dynamo: {one_line(dynamo_error, 150)}; "
                                   f"torchscript: {one_line(e, 150)}") from e
             return "torchscript"
@@ -163,6 +170,8 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, *, dy
     path = Path(path)
     with eval_mode(model), atomic_path(path) as temp:
         exporter = _run_exporter(model, example_input, temp, dynamic_batch, opset, optimize)
+        # an interrupt lost inside the exporter (raised in a destructor, so only printed) still stops here
+        interrupts.raise_if_received()
         if not temp.is_file():
             raise ExportError(f"ONNX export of {type(model).__name__} wrote no file")
         validate_onnx(temp)
