@@ -217,3 +217,83 @@ def test_ort_cuda_engine_runs_on_the_device(onnx_files):
     runner = engine.prepare(x)
     assert runner() is None
     np.testing.assert_allclose(runner.binding.copy_outputs_to_cpu()[0], expected, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ GPU backends, read
+# These run on any machine: they fake what a GPU host would answer and check what the backends do with it.
+
+def test_torch_cuda_listing_on_a_gpu_host_never_initialises_cuda(monkeypatch):
+    from dfp_deploy.backends import torch_backend
+
+    def initialises_cuda(*args, **kwargs):
+        raise AssertionError("torch.cuda.get_device_name initialises CUDA in the listing process")
+
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", initialises_cuda)
+    monkeypatch.setattr(torch_backend, "gpu_models", lambda: ["NVIDIA H100 80GB HBM3"])
+    info = get_backend("torch-cuda").info()
+    assert info.available and info.device == "NVIDIA H100 80GB HBM3"
+    assert not torch.cuda.is_initialized()
+
+
+def test_torch_cuda_fp32_engine_switches_tf32_off(monkeypatch):
+    from dfp_deploy.backends import torch_backend
+
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision  # process-wide flags: restored by hand below
+    monkeypatch.setattr(torch_backend.TorchCudaBackend, "_unavailable_reason", lambda self: None)
+    monkeypatch.setattr(torch_backend, "_to_cuda", lambda model, dtype: model.to(dtype=dtype))  # no device here
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+    try:
+        conv.fp32_precision = matmul.fp32_precision = "tf32"  # PyTorch's default for cuDNN convolutions
+        engine = get_backend("torch-cuda").build(None, precision="fp32", threads=None, out_dir=None,
+                                                 torch_model=linear_model())
+        engine._math()  # what run() and prepare() do first
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee") and engine.tf32 is False
+        conv.fp32_precision = "tf32"
+        get_backend("torch-cuda").build(None, precision="fp16", threads=None, out_dir=None,
+                                        torch_model=linear_model())._math()
+        assert conv.fp32_precision == "tf32"  # fp16 engines leave the user's fp32 setting alone
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved
+
+
+def test_ort_cuda_refuses_int8_and_names_tensorrt(onnx_files):
+    model, folder = onnx_files
+    with pytest.raises(BackendUnavailable, match="no integer convolution kernels.*target.backend: tensorrt"):
+        get_backend("ort-cuda").build(folder / "static.onnx", precision="int8", threads=None, out_dir=folder)
+
+
+def test_ort_cuda_provider_options_switch_tf32_off():
+    from dfp_deploy.backends.ort import OrtCudaBackend, cuda_provider_options
+
+    assert cuda_provider_options()["use_tf32"] == 0
+    assert OrtCudaBackend()._providers()[0] == ("CUDAExecutionProvider", cuda_provider_options())
+
+
+def test_two_onnxruntime_distributions_are_reported_in_one_line(monkeypatch):
+    from importlib import metadata
+
+    from dfp_deploy.backends import ort
+
+    real_version = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "1.22.0" if name == "onnxruntime-gpu" else real_version(name))
+    assert ort.distribution_clash() == ort.CLASH
+    info = get_backend("ort-cuda").info()
+    assert ort.CLASH in info.reason and "\n" not in info.reason
+    monkeypatch.setattr(metadata, "version", real_version)
+    if "onnxruntime-gpu" not in {d.metadata["Name"] for d in metadata.distributions()}:
+        assert ort.distribution_clash() is None
+
+
+def test_no_extra_installs_a_second_onnxruntime_and_tensorrt_is_pinned_to_the_checked_major():
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert any(dep.startswith("onnxruntime") for dep in project["dependencies"])
+    for extra, deps in project["optional-dependencies"].items():
+        assert not any(dep.startswith("onnxruntime-gpu") for dep in deps), extra  # pip would install both
+    trt = [dep for deps in project["optional-dependencies"].values() for dep in deps if dep.startswith("tensorrt")]
+    assert trt and all("<11" in dep.replace(" ", "") for dep in trt if not dep.startswith("tensorrt-stubs")), trt

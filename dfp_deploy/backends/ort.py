@@ -9,6 +9,15 @@ Timing runners bind input and output once through IOBinding, so a timed call is 
 no feed-dict construction on CPU, and on CUDA the input stays resident on the device and the output is
 left there (no host copies in the figure). ORT synchronises the CUDA stream at the end of each Run, so
 the host wall time of a call covers the GPU work.
+
+ort-cuda: fp32 only. The CUDA provider's `use_tf32` defaults to on (TF32 convolutions and GEMMs on Ampere and
+later), so it is switched off: an "fp32" engine computes in IEEE fp32 like the reference. int8 is refused: the CUDA
+provider has no integer convolution kernels, so a Q/DQ graph would run as DequantizeLinear + float Conv, a slower
+float engine reported as int8; TensorRT is the int8 backend on NVIDIA GPUs.
+
+onnxruntime and onnxruntime-gpu install the same `onnxruntime` module; with both installed the one written last
+wins and the CUDA provider can vanish after an unrelated upgrade. `distribution_clash()` detects it and ort-cuda's
+listing says so in one line (the fix: uninstall both, install onnxruntime-gpu alone; it also has the CPU provider).
 """
 
 from __future__ import annotations
@@ -24,6 +33,25 @@ from dfp_deploy.core.errors import BackendUnavailable, InputError
 _INT8_NEEDS_QDQ = ("int8 on {name} needs a Q/DQ ONNX (dfp_deploy.export.passes.prepare_int8_onnx makes one; "
                    "`dfp-deploy build` does it for target.precision: int8)")
 _FP16_PLAN = "fp16 on {name} is not supported yet; use fp32"
+_CUDA_INT8_PLAN = ("int8 on ort-cuda is not supported: ONNX Runtime's CUDA provider has no integer convolution "
+                   "kernels, so the Q/DQ graph would run as dequantize + float conv; use target.backend: tensorrt "
+                   "for int8 on an NVIDIA GPU")
+CLASH = ("onnxruntime and onnxruntime-gpu are both installed and overwrite one `onnxruntime` module; run "
+         "`pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu`")
+
+
+def distribution_clash() -> str | None:
+    """CLASH when both ONNX Runtime distributions are installed (importlib.metadata; imports nothing), else None."""
+    from importlib import metadata
+
+    def installed(name: str) -> bool:
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return False
+        return True
+
+    return CLASH if installed("onnxruntime") and installed("onnxruntime-gpu") else None
 
 
 def _import_ort():
@@ -116,6 +144,8 @@ class _OrtBackend:
     name = ""
     provider = ""
     device_kind = ""
+    precisions = ("fp32", "int8")
+    precision_plans: dict = {}
 
     def _device(self) -> str:
         raise NotImplementedError
@@ -142,7 +172,8 @@ class _OrtBackend:
               torch_model=None) -> OrtEngine:
         """A session on `onnx_path`; `out_dir` and `torch_model` are unused (ORT keeps its engine in memory)."""
         check_threads(threads)
-        check_precision(self.name, precision, ("fp32", "int8"), {"fp16": _FP16_PLAN.format(name=self.name)})
+        check_precision(self.name, precision, self.precisions,
+                        {"fp16": _FP16_PLAN.format(name=self.name), **self.precision_plans})
         info = self.info()
         if not info.available:
             raise BackendUnavailable(f"{self.name}: {info.reason}")
@@ -218,9 +249,28 @@ class OrtCudaBackend(_OrtBackend):
         gpus = gpu_models()
         return gpus[0] if gpus else "cuda"
 
+    precisions = ("fp32",)
+    precision_plans = {"int8": _CUDA_INT8_PLAN}
+
     def _hint(self) -> str:
+        clash = distribution_clash()
+        if clash is not None:
+            return f"; {clash}"
         return "; install onnxruntime-gpu (in place of onnxruntime) on a machine with an NVIDIA GPU"
 
+    def info(self) -> BackendInfo:
+        info = super().info()
+        clash = distribution_clash()
+        if info.available and clash is not None:  # works today, breaks at the next reinstall of either one
+            return BackendInfo(info.name, True, info.version, f"{info.reason} (warning: {clash})", info.device)
+        return info
+
     def _providers(self) -> list:
-        # CPU stays listed for the rare node CUDA has no kernel for; the check above ensures CUDA is really active
-        return [(self.provider, {"device_id": 0}), "CPUExecutionProvider"]
+        # CPU stays listed for the rare node CUDA has no kernel for; the check above ensures CUDA is really active.
+        # use_tf32 defaults to 1 in the CUDA provider: an fp32 engine must compute in IEEE fp32
+        return [(self.provider, cuda_provider_options()), "CPUExecutionProvider"]
+
+
+def cuda_provider_options() -> dict:
+    """CUDA provider options: device 0, TF32 off (ORT's default is on)."""
+    return {"device_id": 0, "use_tf32": 0}

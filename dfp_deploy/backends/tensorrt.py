@@ -742,6 +742,8 @@ class TensorRTEngine:
         self.settings = settings
         self.timing_cache = timing_cache
         self.notes = notes
+        # TF32 convolutions in an fp32 plan only where the builder was allowed them (the parity rule reads this)
+        self.tf32 = precision == "fp32" and "TF32" not in settings["cleared_flags"]
         self.cuda_graph = cuda_graph  # requested; graph_used / graph_error say what the last prepare() got
         self.graph_used: bool | None = None
         self.graph_error: str | None = None

@@ -1,9 +1,15 @@
 """PyTorch engines: `torch-cpu` (eager, inference_mode; the reference) and `torch-cuda` (timed with CUDA events).
 
 These run the nn.Module itself, not the ONNX file, so they measure what eager PyTorch would deliver and serve
-as the baseline an exported engine should beat. CUDA is touched only inside TorchCudaBackend's methods, never at
-import, so `import dfp_deploy` and `list_backends()` stay free of CUDA initialisation on machines without a GPU
-(`torch.cuda.is_available()` queries the driver without creating a context).
+as the baseline an exported engine should beat. CUDA is touched only inside TorchCudaBackend's build and engines,
+never at import or listing: `info()` asks `torch.cuda.is_available()` (a driver query that creates no context and
+leaves `torch.cuda.is_initialized()` False) and takes the GPU's name from /proc/driver/nvidia (core/env.gpu_models),
+never from `torch.cuda.get_device_name`, which initialises CUDA in the listing process.
+
+fp32 means IEEE fp32: PyTorch lets cuDNN convolutions use TF32 by default (10-bit mantissa inputs on Ampere and
+later), which is neither the arithmetic of the TensorRT fp32 engine it is compared with (TF32 cleared) nor within
+the fp32 parity bound. fp32 engines switch cuDNN convolutions and CUDA matmuls to IEEE fp32 (`strict_fp32_math`);
+these are PyTorch's process-wide flags, re-asserted before every run and timing.
 
 GPU timing: a runner records a CUDA event before and after the forward pass on the current stream and waits
 for the second; `start.elapsed_time(end)` is the time between the two events on the device, in milliseconds. It includes no
@@ -26,7 +32,7 @@ import numpy as np
 import torch
 
 from dfp_deploy.backends.registry import BackendInfo, check_precision, check_threads
-from dfp_deploy.core.env import cpu_model, physical_cores
+from dfp_deploy.core.env import cpu_model, gpu_models, physical_cores
 from dfp_deploy.core.errors import BackendUnavailable, InputError
 
 
@@ -97,15 +103,22 @@ class TorchCudaEngine:
         self.cuda_graph = cuda_graph  # requested; graph_used says whether the last prepare() captured one
         self.graph_used: bool | None = None
         self.graph_error: str | None = None
+        self.tf32 = False  # fp32 runs IEEE fp32 (strict_fp32_math); the parity rule reads this
+
+    def _math(self) -> None:
+        if self.dtype == torch.float32:
+            strict_fp32_math()
 
     def _to_device(self, x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to("cuda").to(self.dtype)
 
     def run(self, x: np.ndarray) -> np.ndarray:
+        self._math()
         with torch.inference_mode():
             return self.model(self._to_device(x)).float().cpu().numpy()
 
     def prepare(self, x: np.ndarray):
+        self._math()  # before capture: a graph replays the kernels (and math mode) it captured
         resident = self._to_device(x)
         model = self.model
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -125,6 +138,18 @@ class TorchCudaEngine:
 
         run_once.graph, run_once.input = graph, resident  # the graph reads this memory on every replay
         return run_once
+
+
+def strict_fp32_math() -> None:
+    """cuDNN convolutions and CUDA matmuls in IEEE fp32, no TF32 (process-wide PyTorch flags)."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        # the per-operator API (torch >= 2.9); mixing it with the legacy allow_tf32 flags raises on read
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+    else:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def _precision_plans(name: str) -> dict[str, str]:
@@ -148,6 +173,10 @@ class TorchCpuBackend:
         return TorchCpuEngine(model, threads or physical_cores() or 1)
 
 
+def _to_cuda(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    return model.to(device="cuda", dtype=dtype)
+
+
 class TorchCudaBackend:
     name = "torch-cuda"
 
@@ -163,10 +192,11 @@ class TorchCudaBackend:
 
     def info(self) -> BackendInfo:
         reason = self._unavailable_reason()
+        gpus = gpu_models()
+        device = gpus[0] if gpus else "cuda"
         if reason is not None:
-            return BackendInfo(self.name, False, torch.__version__, reason, "cuda")
-        return BackendInfo(self.name, True, torch.__version__, f"eager PyTorch on CUDA {torch.version.cuda}",
-                           torch.cuda.get_device_name(0))
+            return BackendInfo(self.name, False, torch.__version__, reason, device)
+        return BackendInfo(self.name, True, torch.__version__, f"eager PyTorch on CUDA {torch.version.cuda}", device)
 
     def build(self, onnx_path: Path | None, *, precision: str, threads: int | None, out_dir: Path | None,
               torch_model=None) -> TorchCudaEngine:
@@ -177,7 +207,7 @@ class TorchCudaBackend:
         if reason is not None:
             raise BackendUnavailable(f"{self.name}: {reason}")
         dtype = torch.float16 if precision == "fp16" else torch.float32
-        model = copy.deepcopy(_require_module(self.name, torch_model)).eval().to(device="cuda", dtype=dtype)
+        model = _to_cuda(copy.deepcopy(_require_module(self.name, torch_model)).eval(), dtype)
         # let cuDNN pick the fastest algorithm per shape, as a deployment runtime would
         torch.backends.cudnn.benchmark = True
         return TorchCudaEngine(model, dtype, cuda_graph=self.cuda_graph)
