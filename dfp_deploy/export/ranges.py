@@ -15,12 +15,21 @@ and the tensor's range is the union over channels. The model is propagated throu
 - BatchNormalization in inference mode standardises its input per channel, so its output is N(beta_c, gamma_c^2)
   with no clip (a = -inf, b = inf);
 - Relu raises the clip floor to 0 (a -> max(a, 0), b -> max(b, 0)); Clip(lo, hi) (ReLU6) clips the bounds;
+- any other elementwise function of one variable (Sigmoid, HardSigmoid, HardSwish, Tanh, Erf, Softplus, Mish,
+  LeakyRelu, Elu, Gelu, and arithmetic with per-channel constants, which is how SiLU = x * Sigmoid(x) and GELU
+  = x * (1 + Erf(x / sqrt 2)) / 2 reach the graph) is tabulated on a fixed grid of the variable's standardised
+  values z (ChannelStats.values); its range is the image of the k-sigma interval [mu - k sigma, mu + k sigma]
+  (for ReLU exactly the rule above), its moments the trapezoid rule against the normal density (closed forms for
+  Hardswish and Hardsigmoid of a Gaussian). A binary op whose two inputs derive from one variable combines the
+  tabulated functions, so x * Sigmoid(x) is SiLU of x, not a product of two tensors;
 - Add of two tensors: the Gaussian of the sum gets mean m1 + m2 and standard deviation s1 + s2, where m, s are
-  the true mean and standard deviation of each clipped input (closed form below). s1 + s2 is the largest value
-  std(X + Y) can take (Cauchy-Schwarz; perfectly correlated inputs), so no independence is assumed; along a
-  residual stream the branches are indeed correlated, and the independent sqrt(s1^2 + s2^2) made deep nets'
-  ranges too narrow (needing k ~ 12 on ResNet-56 against k ~ 8 on ResNet-20). The hard bounds add: a = a1 + a2,
-  b = b1 + b2, so a sum of two ReLU outputs stays >= 0;
+  the true mean and standard deviation of each input (closed form below, or the quadrature). s1 + s2 is the
+  largest value std(X + Y) can take (Cauchy-Schwarz; perfectly correlated inputs), so no independence is
+  assumed; along a residual stream the branches are indeed correlated, and the independent sqrt(s1^2 + s2^2)
+  made deep nets' ranges too narrow (needing k ~ 12 on ResNet-56 against k ~ 8 on ResNet-20). The hard bounds
+  add: a = a1 + a2, b = b1 + b2, so a sum of two ReLU outputs stays >= 0 (Sub likewise, with m1 - m2);
+- Mul of two tensors of different variables (a squeeze-excitation gate times the features): independent
+  factors, mean m1 m2, variance (v1 + m1^2)(v2 + m2^2) - m1^2 m2^2, hard bounds the product of the intervals;
 - max/average pooling, ReduceMean over spatial axes, Identity, Flatten/Reshape that keep the channels: unchanged
   (the output stays within the input's range; averaging shrinks the spread, which we do not count on);
 - Pad with zeros adds all-zero channels on the channel axis and the value 0 elsewhere; Slice/Concat on the
@@ -29,6 +38,7 @@ and the tensor's range is the union over channels. The model is propagated throu
   inputs' moments, inputs treated as independent (a rough estimate; with a BN after the Conv the BN decides);
 - the model input: the preprocessing range (lo, hi), per channel or scalar, as a uniform distribution.
 Tensors behind any other op get no range; the Q/DQ pass then names them, and calibration is the way out.
+Derivations and their tests: docs/methods/data_free_ranges.md, tests/test_ranges.py.
 
 Moments of a clipped normal, alpha = (a - mu) / sigma, beta = (b - mu) / sigma, phi / Phi the standard normal
 density / distribution function:
@@ -180,26 +190,87 @@ def _session(model: onnx.ModelProto, threads: int | None):
 # ---------------------------------------------------------------- data-free
 
 
-@dataclass
+# The grid on which a function of a clipped Gaussian is tabulated: z in [-GRID_Z, GRID_Z] (the mass beyond 10
+# standard deviations is 1.5e-23) in steps of GRID_STEP; expectations are the trapezoid rule with normal weights.
+GRID_Z = 10.0
+GRID_STEP = 0.025
+GRID = np.linspace(-GRID_Z, GRID_Z, int(round(2 * GRID_Z / GRID_STEP)) + 1)
+_WEIGHTS = np.exp(-0.5 * GRID**2)
+_WEIGHTS /= _WEIGHTS.sum()
+
+
+@dataclass(eq=False)
 class ChannelStats:
-    """Per channel: X_c = clip(N(mean_c, std_c^2), lo_c, hi_c). Arrays of equal length (the channel count)."""
+    """Per channel: X_c = clip(N(mean_c, std_c^2), lo_c, hi_c) (arrays of the channel count), or, when `values` is
+    set, a function of it: values[c, g] = f_c(clip(mean_c + std_c GRID_g, lo_c, hi_c)). `base` is the plain
+    ChannelStats that function reads, so that x * sigmoid(x) is seen as one variable, not a product of two."""
 
     mean: np.ndarray
     std: np.ndarray
     lo: np.ndarray
     hi: np.ndarray
+    values: np.ndarray | None = None
+    base: ChannelStats | None = None
+    exact: tuple[np.ndarray, np.ndarray] | None = None  # closed-form (mean, variance) of the function, when known
 
     def range(self, k: float) -> tuple[float, float]:
-        low = np.clip(self.mean - k * self.std, self.lo, self.hi)
-        high = np.clip(self.mean + k * self.std, self.lo, self.hi)
-        return float(low.min()), float(high.max())
+        if self.values is None:
+            low = np.clip(self.mean - k * self.std, self.lo, self.hi)
+            high = np.clip(self.mean + k * self.std, self.lo, self.hi)
+            return float(low.min()), float(high.max())
+        # the image of the base's k-sigma interval: f at the grid points inside it and at its ends
+        inside = self.values[:, np.abs(GRID) <= k]
+        ends = np.concatenate([_interpolate(self.values, -k), _interpolate(self.values, k)])
+        return float(min(inside.min(), ends.min())), float(max(inside.max(), ends.max()))
 
     def moments(self) -> tuple[np.ndarray, np.ndarray]:
-        """True (mean, variance) of each clipped channel, from the closed form in the module docstring."""
-        return clipped_normal_moments(self.mean, self.std, self.lo, self.hi)
+        """True (mean, variance) of each channel: the clipped normal's closed form, or f's (closed form or grid)."""
+        if self.values is None:
+            return clipped_normal_moments(self.mean, self.std, self.lo, self.hi)
+        if self.exact is not None:
+            return self.exact
+        mean = self.values @ _WEIGHTS
+        return mean, np.maximum(np.square(self.values) @ _WEIGHTS - mean**2, 0.0)
+
+    def support(self) -> tuple[np.ndarray, np.ndarray]:
+        """Hard bounds of each channel (for a function: its extremes over the grid, i.e. within 10 sigma)."""
+        if self.values is None:
+            return self.lo, self.hi
+        return self.values.min(axis=1), self.values.max(axis=1)
+
+    def root(self) -> ChannelStats:
+        return self.base if self.base is not None else self
+
+    def as_function(self) -> ChannelStats:
+        """The same distribution tabulated on the grid (f = identity), based on self."""
+        if self.values is not None:
+            return self
+        grid = np.clip(self.mean[:, None] + self.std[:, None] * GRID, self.lo[:, None], self.hi[:, None])
+        return ChannelStats(self.mean, self.std, self.lo, self.hi, grid, base=self)
+
+    def mapped(self, values: np.ndarray, exact=None) -> ChannelStats:
+        """g(self) given g's values on the grid: same base, new function."""
+        f = self.as_function()
+        return ChannelStats(f.mean, f.std, f.lo, f.hi, values, base=f.root(), exact=exact)
+
+    def gaussian(self) -> ChannelStats:
+        """A plain clipped Gaussian with this tensor's true moments and hard bounds (drops the function's shape)."""
+        if self.values is None:
+            return self
+        (mean, var), (lo, hi) = self.moments(), self.support()
+        return ChannelStats(mean, np.sqrt(var), lo, hi)
 
     def take(self, index) -> ChannelStats:
-        return ChannelStats(self.mean[index], self.std[index], self.lo[index], self.hi[index])
+        values = None if self.values is None else self.values[index]
+        return ChannelStats(self.mean[index], self.std[index], self.lo[index], self.hi[index], values)
+
+
+def _interpolate(values: np.ndarray, z: float) -> np.ndarray:
+    """values at z (per channel) by linear interpolation between grid points; the grid's edge beyond it."""
+    position = np.clip((z + GRID_Z) / GRID_STEP, 0.0, len(GRID) - 1.0)
+    i = min(int(position), len(GRID) - 2)
+    t = position - i
+    return values[:, i] * (1.0 - t) + values[:, i + 1] * t
 
 
 _erf = np.vectorize(math.erf, otypes=[float])
@@ -237,6 +308,45 @@ def clipped_normal_moments(mu, sigma, a, b) -> tuple[np.ndarray, np.ndarray]:
     return mean, variance
 
 
+def normal_partial_moments(mu, sigma, a, b, order: int) -> list[np.ndarray]:
+    """[E[X^n 1{a < X < b}] for n = 0..order], X ~ N(mu, sigma^2), sigma > 0, a < b (a, b may be infinite).
+
+    With Z standard, alpha = (a - mu) / sigma, beta = (b - mu) / sigma and I_j = int_alpha^beta z^j phi(z) dz:
+    I_0 = Phi(beta) - Phi(alpha), I_1 = phi(alpha) - phi(beta),
+    I_j = (j - 1) I_{j-2} + alpha^{j-1} phi(alpha) - beta^{j-1} phi(beta)   (integration by parts),
+    and E[X^n 1{...}] = sum_j C(n, j) mu^{n-j} sigma^j I_j.
+    """
+    mu, sigma, a, b = (np.asarray(v, dtype=np.float64) for v in (mu, sigma, a, b))
+    alpha, beta = (a - mu) / sigma, (b - mu) / sigma
+    # z^j phi(z) -> 0 at an infinite bound: evaluate the boundary terms at 0 there and zero them
+    alpha0, beta0 = np.where(np.isfinite(alpha), alpha, 0.0), np.where(np.isfinite(beta), beta, 0.0)
+    pdf_a = np.where(np.isfinite(alpha), _pdf(alpha0), 0.0)
+    pdf_b = np.where(np.isfinite(beta), _pdf(beta0), 0.0)
+    standard = [_cdf(beta) - _cdf(alpha), pdf_a - pdf_b]
+    for j in range(2, order + 1):
+        standard.append((j - 1) * standard[j - 2] + alpha0 ** (j - 1) * pdf_a - beta0 ** (j - 1) * pdf_b)
+    return [sum(math.comb(n, j) * mu ** (n - j) * sigma**j * standard[j] for j in range(n + 1))
+            for n in range(order + 1)]
+
+
+def hardswish_moments(mu, sigma) -> tuple[np.ndarray, np.ndarray]:
+    """(E, Var) of hardswish(X) = X clip(X + 3, 0, 6) / 6, X ~ N(mu, sigma^2): 0 below -3, X(X + 3)/6 on
+    (-3, 3), X above 3, so E = (M2 + 3 M1)/6 + M1', E[h^2] = (M4 + 6 M3 + 9 M2)/36 + M2' with M the partial
+    moments on (-3, 3) and M' on (3, inf)."""
+    m = normal_partial_moments(mu, sigma, -3.0, 3.0, 4)
+    upper = normal_partial_moments(mu, sigma, 3.0, np.inf, 2)
+    mean = (m[2] + 3 * m[1]) / 6 + upper[1]
+    second = (m[4] + 6 * m[3] + 9 * m[2]) / 36 + upper[2]
+    return mean, np.maximum(second - mean**2, 0.0)
+
+
+def hardsigmoid_moments(mu, sigma, alpha: float = 0.2, beta: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """(E, Var) of clip(alpha X + beta, 0, 1), X ~ N(mu, sigma^2), alpha > 0: an affine map of X clipped to
+    [-beta / alpha, (1 - beta) / alpha], whose moments are the clipped normal's."""
+    mean, var = clipped_normal_moments(mu, sigma, -beta / alpha, (1.0 - beta) / alpha)
+    return alpha * mean + beta, alpha**2 * var
+
+
 def _gaussian(mean, variance, lo, hi) -> ChannelStats:
     mean = np.asarray(mean, np.float64)
     full = np.full_like(mean, 1.0)
@@ -262,15 +372,17 @@ def _broadcast(stats: ChannelStats, channels: int) -> ChannelStats:
         return stats
     if len(stats.mean) != 1:
         raise ValueError("channel count mismatch")
-    return ChannelStats(*(np.repeat(v, channels) for v in (stats.mean, stats.std, stats.lo, stats.hi)))
+    values = None if stats.values is None else np.repeat(stats.values, channels, axis=0)
+    return ChannelStats(*(np.repeat(v, channels) for v in (stats.mean, stats.std, stats.lo, stats.hi)), values)
 
 
 def _merge(stats: ChannelStats) -> ChannelStats:
     """One channel summarising all (a mixture): used when an op loses the channel axis."""
     mean, var = stats.moments()
+    lo, hi = stats.support()
     m = mean.mean()
     v = (var + mean**2).mean() - m**2
-    return _gaussian([m], v, stats.lo.min(), stats.hi.max())
+    return _gaussian([m], v, lo.min(), hi.max())
 
 
 def _bn(node, _stats) -> ChannelStats | None:
@@ -284,6 +396,8 @@ def _bn(node, _stats) -> ChannelStats | None:
 
 def _relu(_node, stats) -> ChannelStats:
     s = stats[0]
+    if s.values is not None:
+        return s.mapped(np.maximum(s.values, 0.0))
     return ChannelStats(s.mean, s.std, np.maximum(s.lo, 0.0), np.maximum(s.hi, 0.0))
 
 
@@ -297,25 +411,128 @@ def _clip(node, stats) -> ChannelStats | None:
         high = float(bounds[1]) if len(bounds) > 1 and bounds[1] is not None else np.inf
     else:
         low, high = float(node.attrs.get("min", -np.inf)), float(node.attrs.get("max", np.inf))
+    if s.values is not None:
+        return s.mapped(np.clip(s.values, low, high))
     lo = np.clip(s.lo, low, high)
     return ChannelStats(s.mean, s.std, lo, np.maximum(np.clip(s.hi, low, high), lo))
 
 
-def _add(node, stats) -> ChannelStats | None:
-    if any(s is None for s in stats):
-        constants = [_const(t) for t in node.inputs]
-        known = [s for s in stats if s is not None]
-        shift = [c for c in constants if c is not None]
-        if len(known) == 1 and len(shift) == 1 and shift[0].size == 1:
-            s, c = known[0], float(shift[0].reshape(()))
-            return ChannelStats(s.mean + c, s.std, s.lo + c, s.hi + c)
+def _sigmoid(v):
+    return 0.5 * (1.0 + np.tanh(0.5 * v))  # no overflow for large |v|
+
+
+def _erf_array(v):
+    import torch  # vectorised erf (numpy has none); torch is a dependency of the project anyway
+
+    return torch.special.erf(torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64))).numpy()
+
+
+def _gelu(v, attrs):
+    if _attr_text(attrs.get("approximate", "none")) == "tanh":
+        return 0.5 * v * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v**3)))
+    return 0.5 * v * (1.0 + _erf_array(v / math.sqrt(2.0)))
+
+
+def _attr_text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# elementwise activations g(v, attrs), applied to the tabulated function (ONNX defaults for the attributes)
+_UNARY = {
+    "Sigmoid": lambda v, a: _sigmoid(v),
+    "HardSigmoid": lambda v, a: np.clip(float(a.get("alpha", 0.2)) * v + float(a.get("beta", 0.5)), 0.0, 1.0),
+    "HardSwish": lambda v, a: v * np.clip(v / 6.0 + 0.5, 0.0, 1.0),
+    "Tanh": lambda v, a: np.tanh(v),
+    "Erf": lambda v, a: _erf_array(v),
+    "Softplus": lambda v, a: np.logaddexp(0.0, v),
+    "Mish": lambda v, a: v * np.tanh(np.logaddexp(0.0, v)),
+    "LeakyRelu": lambda v, a: np.where(v >= 0, v, float(a.get("alpha", 0.01)) * v),
+    "Elu": lambda v, a: np.where(v > 0, v, float(a.get("alpha", 1.0)) * np.expm1(np.minimum(v, 0.0))),
+    "Gelu": _gelu,
+    "Neg": lambda v, a: -v,
+}
+
+
+def _unary(node, stats) -> ChannelStats:
+    s = stats[0]
+    values = _UNARY[node.op](s.as_function().values, node.attrs)
+    return s.mapped(values, exact=_closed_form(node, s))
+
+
+def _closed_form(node, s: ChannelStats):
+    """(mean, variance) in closed form for Hardsigmoid / Hardswish of an unclipped Gaussian (None otherwise)."""
+    if s.values is not None or np.isfinite(s.lo).any() or np.isfinite(s.hi).any():
         return None
+    if node.op == "HardSwish":
+        return hardswish_moments(s.mean, s.std)
+    if node.op == "HardSigmoid" and float(node.attrs.get("alpha", 0.2)) > 0:
+        return hardsigmoid_moments(s.mean, s.std, float(node.attrs.get("alpha", 0.2)),
+                                   float(node.attrs.get("beta", 0.5)))
+    return None
+
+
+_APPLY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide, "Pow": np.power}
+
+
+def _per_channel(const: np.ndarray, tensor, channels: int) -> np.ndarray | None:
+    """A constant operand as a column (channels x 1, or 1 x 1) when it varies at most along the channel axis."""
+    c = np.asarray(const, np.float64)
+    if c.size == 1:
+        return c.reshape(1, 1)
+    rank = len(tensor.shape) if tensor.shape is not None else None
+    if rank is None or rank < 2 or c.ndim > rank:
+        return None
+    c = c.reshape((1,) * (rank - c.ndim) + c.shape)
+    if any(d != 1 for axis, d in enumerate(c.shape) if axis != 1) or c.shape[1] != channels:
+        return None
+    return c.reshape(-1, 1)
+
+
+def _interval_product(l1, h1, l2, h2) -> tuple[np.ndarray, np.ndarray]:
+    with np.errstate(invalid="ignore"):
+        corners = np.stack([l1 * l2, l1 * h2, h1 * l2, h1 * h2])
+    corners = np.where(np.isnan(corners), 0.0, corners)  # 0 * inf: the bound 0 is attained, the product is 0
+    return corners.min(axis=0), corners.max(axis=0)
+
+
+def _binary(node, stats) -> ChannelStats | None:
+    """Add/Sub/Mul/Div/Pow: with a constant (per tensor or per channel), of one variable, or of two variables."""
+    op = node.op
+    if len(stats) != 2 or all(s is None for s in stats):
+        return None
+    if any(s is None for s in stats):
+        side = 0 if stats[0] is None else 1  # the constant operand
+        known, const = stats[1 - side], _const(node.inputs[side])
+        if const is None or (side == 0 and op in ("Div", "Pow")):
+            return None
+        if op == "Add" and known.values is None and const.size == 1:
+            c = float(const.reshape(()))
+            return ChannelStats(known.mean + c, known.std, known.lo + c, known.hi + c)
+        column = _per_channel(const, node.inputs[1 - side], len(known.mean))
+        if column is None:
+            return None
+        f = known.as_function().values
+        return known.mapped(_APPLY[op](*((column, f) if side == 0 else (f, column))))
     channels = max(len(s.mean) for s in stats)
     first, second = (_broadcast(s, channels) for s in stats)
+    if first.root() is second.root():  # x * sigmoid(x), x + f(x): one variable, the function of it is tabulated
+        if op in ("Div", "Pow"):
+            return None
+        return first.mapped(_APPLY[op](first.as_function().values, second.as_function().values))
     (m1, v1), (m2, v2) = first.moments(), second.moments()
+    (l1, h1), (l2, h2) = first.support(), second.support()
     inf = np.full(channels, np.inf)
-    return ChannelStats(m1 + m2, np.sqrt(v1) + np.sqrt(v2), np.maximum(first.lo + second.lo, -inf),
-                        np.minimum(first.hi + second.hi, inf))
+    if op == "Add":
+        return ChannelStats(m1 + m2, np.sqrt(v1) + np.sqrt(v2), np.maximum(l1 + l2, -inf), np.minimum(h1 + h2, inf))
+    if op == "Sub":
+        return ChannelStats(m1 - m2, np.sqrt(v1) + np.sqrt(v2), np.maximum(l1 - h2, -inf), np.minimum(h1 - l2, inf))
+    if op == "Mul":
+        # independent factors (a squeeze-excitation gate and the features it scales):
+        # E[XY] = m1 m2, Var[XY] = (v1 + m1^2)(v2 + m2^2) - m1^2 m2^2
+        lo, hi = _interval_product(l1, h1, l2, h2)
+        variance = (v1 + m1**2) * (v2 + m2**2) - (m1 * m2) ** 2
+        return ChannelStats(m1 * m2, np.sqrt(np.maximum(variance, 0.0)), lo, hi)
+    return None
 
 
 def _keep(_node, stats) -> ChannelStats:
@@ -341,7 +558,7 @@ def _channel_preserving_reshape(node, stats) -> ChannelStats:
 
 
 def _pad(node, stats) -> ChannelStats | None:
-    s = stats[0]
+    s = stats[0].gaussian()  # padded zeros are not a function of the base variable: keep the moments and bounds
     mode = node.attrs.get("mode", "constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
     pads = _const(node.inputs[1]) if len(node.inputs) > 1 else np.asarray(node.attrs.get("pads"))
@@ -384,7 +601,12 @@ def _slice(node, stats) -> ChannelStats | None:
 def _concat(node, stats) -> ChannelStats | None:
     if any(s is None for s in stats):
         return None
-    joined = ChannelStats(*(np.concatenate(v) for v in zip(*[(s.mean, s.std, s.lo, s.hi) for s in stats])))
+    if any(s.values is not None for s in stats):
+        parts = [s.as_function() for s in stats]
+        joined = ChannelStats(*(np.concatenate(v) for v in zip(*[(s.mean, s.std, s.lo, s.hi) for s in parts])),
+                              np.concatenate([s.values for s in parts]))
+    else:
+        joined = ChannelStats(*(np.concatenate(v) for v in zip(*[(s.mean, s.std, s.lo, s.hi) for s in stats])))
     return joined if int(node.attrs.get("axis", 1)) == 1 else _merge(joined)
 
 
@@ -436,12 +658,13 @@ def _gemm(node, stats) -> ChannelStats | None:
 
 
 _RULES = {
-    "BatchNormalization": _bn, "Relu": _relu, "Clip": _clip, "Add": _add, "MaxPool": _keep, "AveragePool": _keep,
+    "BatchNormalization": _bn, "Relu": _relu, "Clip": _clip, "MaxPool": _keep, "AveragePool": _keep,
     "GlobalAveragePool": _keep, "GlobalMaxPool": _keep, "Identity": _keep, "Dropout": _keep,
     "ReduceMean": _reduce_mean, "Flatten": _channel_preserving_reshape, "Reshape": _channel_preserving_reshape,
     "Squeeze": _channel_preserving_reshape, "Pad": _pad, "Slice": _slice, "Concat": _concat, "Conv": _conv,
-    "Gemm": _gemm,
+    "Gemm": _gemm, **{op: _binary for op in _APPLY}, **{op: _unary for op in _UNARY},
 }
+_CONSTANT_FIRST = ("BatchNormalization", "Concat", *_APPLY)  # ops whose first input may be a constant
 
 
 def _propagate(graph, input_stats: ChannelStats) -> dict[str, ChannelStats]:
@@ -451,8 +674,9 @@ def _propagate(graph, input_stats: ChannelStats) -> dict[str, ChannelStats]:
         if rule is None or not node.outputs:
             continue
         stats = [known.get(t.name) for t in node.inputs]
-        # BN restarts from its own parameters; Add/Concat may have a constant operand; others need their data input
-        if node.op not in ("BatchNormalization", "Add", "Concat") and stats[0] is None:
+        # BN restarts from its own parameters; Add/Mul/Concat/... may have a constant operand; others need their
+        # data input
+        if node.op not in _CONSTANT_FIRST and stats[0] is None:
             continue
         if all(s is None for s in stats) and node.op != "BatchNormalization":
             continue
