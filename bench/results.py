@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -71,7 +72,8 @@ def commit() -> str:
     return head + ("+local changes" if dirty else "")
 
 
-def row_from_report(name: str, command: str, report: dict, wall_s: float | None, built_at: str) -> dict:
+def row_from_report(name: str, command: str, report: dict, wall_s: float | None, built_at: str,
+                    load: list[float] | None = None) -> dict:
     env, lat = report["environment"], report["latency"]
     row = {
         "recipe": name,
@@ -84,7 +86,8 @@ def row_from_report(name: str, command: str, report: dict, wall_s: float | None,
         "speedup_rounds": ([min(lat["speedup_rounds"]), max(lat["speedup_rounds"])]
                            if lat.get("speedup_rounds") else None),
         "engine": f"{lat['backend']} {lat['precision']}, batch {lat['batch']}, {lat.get('threads') or '?'} threads",
-        "hardware": f"{env.get('cpu', '?')} ({env.get('physical_cores') or env.get('cores')} cores)",
+        "hardware": f"{env.get('cpu', '?')} ({env.get('physical_cores') or env.get('cores')} cores)"
+                    + (f", load {load[0]:.1f} → {load[1]:.1f}" if load else ""),
         "versions": ", ".join(f"{k} {env[k]}" for k in ("torch", "onnxruntime", "tensorrt")
                               if env.get(k) not in (None, "unknown"))
                     + f", dfp-deploy {report.get('dfp_deploy_version', '?')}",
@@ -104,22 +107,27 @@ def build(name: str, data_root: Path, out_root: Path, *, reuse: bool = False) ->
     args = [f"recipes/{name}.yaml", *(a for s in sets for a in ("--set", s))]
     command = "dfp-deploy build " + " ".join(args)
     if reuse:
-        meta = out / "results-meta.json"
+        meta = out_root / f"{name}.meta.json"
         built_at = json.loads(meta.read_text())["commit"] if meta.exists() else "unknown"
-        return row_from_report(name, command, json.loads((out / "report.json").read_text()), None, built_at)
+        return row_from_report(name, command, json.loads((out / "report.json").read_text()), None, built_at,
+                               meta.exists() and json.loads(meta.read_text()).get("load") or None)
     built_at = commit()  # before the build: the code that the build ran
     cli = shutil.which("dfp-deploy") or str(Path(sys.executable).parent / "dfp-deploy")
     print(f"building {name} ...", file=sys.stderr, flush=True)
+    load = [os.getloadavg()[0]]  # 1-minute load average: how shared the machine was while it timed
     t0 = time.perf_counter()
     proc = subprocess.run([cli, "build", *args, "--out", str(out), "--quiet"], cwd=REPO, text=True,
                           capture_output=True)
     wall = time.perf_counter() - t0
+    load.append(os.getloadavg()[0])
     if proc.returncode != 0:
         raise SystemExit(f"{name}: dfp-deploy build failed ({proc.returncode}): {proc.stderr.strip()}")
     print(proc.stdout.strip(), file=sys.stderr, flush=True)
     report = json.loads((out / "report.json").read_text())
-    (out / "results-meta.json").write_text(json.dumps({"commit": built_at, "command": command}) + "\n")
-    return row_from_report(name, command, report, wall, built_at)
+    # beside the build folder, not in it: that folder belongs to dfp-deploy
+    meta = {"commit": built_at, "command": command, "load": load}
+    (out_root / f"{name}.meta.json").write_text(json.dumps(meta) + "\n")
+    return row_from_report(name, command, report, wall, built_at, load)
 
 
 def _pair(values, fmt: str) -> str:
@@ -178,8 +186,10 @@ def render(rows: dict[str, dict]) -> str:
         text += [""]
     text += ["Regenerate: `python bench/results.py` (every recipe, tens of CPU-minutes) or "
              "`python bench/results.py --recipes NAME ...` (those rows only). The latency of a shared machine moves "
-             "from run to run; compare speedups, which are measured interleaved, rather than raw p50 across rows; a wide "
-             "range of per-round speedups means the load changed during the timing. "
+             "from run to run; compare speedups, which are measured interleaved, rather than raw p50 across rows. The "
+             "hardware cell gives the 1-minute load average before → after the build: with a load well above the "
+             "core count the speedup is bound by noise (a wide range of per-round speedups says the same); the "
+             "quiet-machine measurements are in research/latency-cpu.md. "
              "Deeper measurements, by topic: [research/](research/).", ""]
     return "\n".join(text)
 
