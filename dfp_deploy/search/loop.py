@@ -4,7 +4,10 @@ Episode e: the agent (uniform random actions while e < warmup) walks the groups 
 `fill`, the budget floor: env.py); the finished
 plan is evaluated once (`evaluate(prune_ratios) -> {"proxy", "latency_ms"?, "macs"?}`, memoised by kept counts), the
 reward R (search/reward.py) is given to every transition of the episode, and after the warm-up the agent takes one
-gradient step per transition. The last episode (when past the warm-up and `greedy_last`) plays the policy's mean
+gradient step per transition. Episodes go in batches of `batch`: the agent proposes `batch` plans with its current
+policy, they are evaluated together (`evaluate_batch(list of ratios) -> list of results`, which may time them
+concurrently on several workers), then observed and learned from in proposal order. So the episodes depend on the
+seed and the batch size only, never on which worker finished first; batch 1 is the sequential search. The last episode (when past the warm-up and `greedy_last`) plays the policy's mean
 action instead of a sample, so the learned policy itself is evaluated once. A cost model with an
 `observe(keep_ratios, latency_ms)` method (LatencyModel) is corrected with each measured latency.
 
@@ -43,6 +46,7 @@ from dfp_deploy.search.reward import reward as episode_reward
 from dfp_deploy.search.space import SearchSpace
 
 Evaluate = Callable[[dict[str, float]], dict]
+EvaluateBatch = Callable[[list[dict[str, float]]], list[dict]]
 
 
 @dataclass(frozen=True)
@@ -80,24 +84,31 @@ def run_search(space: SearchSpace, evaluate: Evaluate, *, episodes: int, warmup:
                target_ms: float | None = None, penalty: float = 1.0, config: SacConfig = SacConfig(),
                plot_path: Path | None = None, progress: bool = True, greedy_last: bool = True,
                fill: bool = True, latency_reference_ms: float | None = None,
-               scoring: dict | None = None) -> SearchResult:
+               scoring: dict | None = None, batch: int = 1,
+               evaluate_batch: EvaluateBatch | None = None) -> SearchResult:
     """Search keep ratios for `space` under budget target · cost(1) (cost defaults to MACs); see module docstring.
     `latency_reference_ms`: the scale measured latencies are on (measure/relative.py: the original's reading); logged
     with every measured episode so that a resumed search puts the logged readings on its own new scale.
     `scoring`: what `evaluate` depends on (plain data: the compression settings, the proxy and its inputs); a resume
     whose scoring changed is refused like one whose budget changed, since the logged proxies would no longer compare
-    with the new ones."""
+    with the new ones.
+    `batch`, `evaluate_batch`: episodes per policy update, and how a batch's plans are evaluated (default: `evaluate`
+    on each in turn); see the module docstring."""
     _check_counts(episodes, warmup, seed)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise InputError(f"search.batch: {batch!r} must be an integer >= 1")
     log_path = Path(log_path)
     started = time.perf_counter()
     cost = cost if cost is not None else MacCost(space)
     env = PruneEnv(space, cost, target, fill=fill)
     env.check_reachable()
     agent = SacAgent(space.state_dim, 1, seed=seed, capacity=config.buffer_episodes * space.size, config=config)
-    state = _State(space=space, env=env, agent=agent, evaluate=evaluate, target_ms=target_ms, penalty=penalty,
-                   latency_reference_ms=latency_reference_ms)
+    state = _State(space=space, env=env, agent=agent,
+                   evaluate_batch=evaluate_batch or (lambda many: [evaluate(ratios) for ratios in many]),
+                   target_ms=target_ms, penalty=penalty, latency_reference_ms=latency_reference_ms)
     meta = {"groups": list(space.groups), "channels": list(space.channels), "seed": seed, "target": target,
-            "warmup": warmup, "config": config.__dict__, "fill": fill, "penalty": penalty, "scoring": scoring}
+            "warmup": warmup, "config": config.__dict__, "fill": fill, "penalty": penalty, "scoring": scoring,
+            "batch": batch}
     start = _resume(state, log_path, meta) if resume else 0
     if start == 0:
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,11 +116,13 @@ def run_search(space: SearchSpace, evaluate: Evaluate, *, episodes: int, warmup:
         write_text_atomic(log_path, "")
     bar = _progress(episodes, start, progress)
     try:
-        for e in range(start, episodes):
-            record = state.play(e, explore=e < warmup, greedy=greedy_last and e == episodes - 1 and e >= warmup)
-            _append_line(log_path, record)
-            _save_checkpoint(log_path, agent, e + 1, meta)
-            bar.update(1)
+        for e in range(start, episodes, batch):
+            numbers = range(e, min(e + batch, episodes))
+            for record in state.play([(n, n < warmup, greedy_last and n == episodes - 1 and n >= warmup)
+                                      for n in numbers]):
+                _append_line(log_path, record)
+            _save_checkpoint(log_path, agent, numbers[-1] + 1, meta)
+            bar.update(len(numbers))
             bar.set_postfix(best=f"{state.best_reward:.4g}", refresh=False)
     finally:
         bar.close()
@@ -128,7 +141,7 @@ class _State:
     space: SearchSpace
     env: PruneEnv
     agent: SacAgent
-    evaluate: Evaluate
+    evaluate_batch: EvaluateBatch
     target_ms: float | None
     penalty: float
     latency_reference_ms: float | None = None
@@ -139,17 +152,24 @@ class _State:
     evaluations: int = 0
     notes: list[str] = field(default_factory=list)
 
-    def play(self, e: int, *, explore: bool, greedy: bool = False) -> dict:
+    def play(self, batch: list[tuple[int, bool, bool]]) -> list[dict]:
+        """Episodes (number, explore, greedy) proposed with the current policy, evaluated together, then learned
+        from in proposal order; returns their records."""
+        episodes = []
         with _one_thread():
-            if explore:
-                episode = self.env.rollout(lambda s: float(self.agent.random_action()[0]))
-            else:
-                episode = self.env.rollout(lambda s: float(self.agent.act(s, deterministic=greedy)[0]))
-        result = self._evaluate(episode.kept)
-        record = self._record(e, episode, result, explore)
-        record["greedy"] = greedy
-        self.learn(episode, record, update=not explore)
-        return record
+            for _, explore, greedy in batch:
+                if explore:
+                    episodes.append(self.env.rollout(lambda s: float(self.agent.random_action()[0])))
+                else:
+                    episodes.append(self.env.rollout(lambda s: float(self.agent.act(s, deterministic=greedy)[0])))
+        results = self._evaluate([episode.kept for episode in episodes])
+        records = []
+        for (e, explore, greedy), episode, result in zip(batch, episodes, results):
+            record = self._record(e, episode, result, explore)
+            record["greedy"] = greedy
+            self.learn(episode, record, update=not explore)
+            records.append(record)
+        return records
 
     def learn(self, episode: Episode, record: dict, *, update: bool) -> None:
         """Store the episode's transitions, correct the cost model, track the best; train if `update`."""
@@ -168,14 +188,18 @@ class _State:
         if r > self.best_reward:
             self.best_reward, self.best_episode = r, record["episode"]
 
-    def _evaluate(self, kept: tuple[int, ...]) -> dict:
-        if kept not in self.memo:
-            result = self.evaluate(self.space.ratios(list(kept)))
-            if not isinstance(result, dict) or "proxy" not in result:
-                raise TypeError("evaluate(ratios) must return a dict with at least 'proxy'")
-            self.memo[kept] = dict(result)
-            self.evaluations += 1
-        return self.memo[kept]
+    def _evaluate(self, kepts: list[tuple[int, ...]]) -> list[dict]:
+        new = list(dict.fromkeys(k for k in kepts if k not in self.memo))  # each distinct plan once, in order
+        if new:
+            results = self.evaluate_batch([self.space.ratios(list(kept)) for kept in new])
+            if not isinstance(results, list) or len(results) != len(new):
+                raise TypeError(f"evaluate_batch must return one result per plan ({len(new)})")
+            for kept, result in zip(new, results):
+                if not isinstance(result, dict) or "proxy" not in result:
+                    raise TypeError("evaluate(ratios) must return a dict with at least 'proxy'")
+                self.memo[kept] = dict(result)
+            self.evaluations += len(new)
+        return [self.memo[kept] for kept in kepts]
 
     def _record(self, e: int, episode: Episode, result: dict, explore: bool) -> dict:
         proxy = float(result["proxy"])
@@ -199,6 +223,7 @@ def _resume(state: _State, log_path: Path, meta: dict) -> int:
             state.notes.append(f"{log_path.name} had no checkpoint next to it; the search started over")
         return 0
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    checkpoint["meta"] = {"batch": 1, **checkpoint["meta"]}  # written before batches existed: one at a time
     if checkpoint["meta"] != meta:
         changed = sorted(k for k in meta if checkpoint["meta"].get(k) != meta[k])
         raise InputError(f"search log {log_path} belongs to a different search ({', '.join(changed)} changed); "
