@@ -166,7 +166,7 @@ def _stand_in_build(recipe, recipe_path=None, *, quiet=False):
 
 
 def classify(line: str) -> str:
-    for pattern, label in [("not a finite number", "non-finite number"), ("is not in [[(]", "out of range"),
+    for pattern, label in [("not a finite number", "non-finite number"), (r"is not in [\[(]", "out of range"),
                            ("expected (an integer|a number|true or false|a string|a list|a mapping|a section|"
                             r"\d+ values)", "wrong type"),
                            ("must be set", "wrong type"), ("is not one of", "not a choice"),
