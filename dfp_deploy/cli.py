@@ -28,13 +28,11 @@ def one_line(message: str, limit: int = MAX_MESSAGE) -> str:
 
 def _quiet_libraries() -> None:
     """torch, onnxruntime and onnxscript warn about their own internals on stderr, which drowns our one-line
-    messages; `python -W ...` or PYTHONWARNINGS still win, for whoever debugs them."""
+    messages. All Python warnings go: dfp-deploy reports its own through report.json `warnings` and the CLI, never
+    the warnings module, and a library's warning is often attributed (stacklevel) to the caller's module, so a
+    per-module filter misses it. `python -W ...` or PYTHONWARNINGS still win, for whoever debugs them."""
     if not sys.warnoptions and not os.environ.get("PYTHONWARNINGS"):
-        for lib in ("torch", "onnxruntime", "onnxscript", "onnx", "numpy"):
-            warnings.filterwarnings("ignore", module=rf"{lib}(\.|$)")
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|onnx|onnxscript)")
+        warnings.simplefilter("ignore")
 
 
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())

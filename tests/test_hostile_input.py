@@ -249,16 +249,21 @@ def test_usage_errors_are_one_line(args):
     assert len(res.stderr.splitlines()) == 1 and res.stderr.startswith("error: "), res.stderr
 
 
-def test_library_warnings_are_silenced(monkeypatch):
+def test_library_warnings_are_silenced_unless_asked_for(monkeypatch):
     monkeypatch.delenv("PYTHONWARNINGS", raising=False)
     monkeypatch.setattr("sys.warnoptions", [])
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         _quiet_libraries()
-        for module in ("torch.onnx._internal.exporter", "onnxruntime.capi", "onnxscript.rewriter"):
+        for module in ("torch.onnx._internal.exporter", "onnxruntime.capi", "onnxscript.rewriter", "dfp_deploy.x"):
             warnings.warn_explicit("library noise", UserWarning, "lib.py", 1, module=module)
-        warnings.warn_explicit("ours", UserWarning, "ours.py", 1, module="dfp_deploy.pipeline")
-    assert [str(w.message) for w in seen] == ["ours"]
+    assert seen == []
+    monkeypatch.setenv("PYTHONWARNINGS", "default")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _quiet_libraries()
+        warnings.warn_explicit("wanted", UserWarning, "lib.py", 1, module="torch.onnx")
+    assert [str(w.message) for w in seen] == ["wanted"]
 
 
 def test_report_json_never_holds_a_bare_nan(tmp_path):
