@@ -563,31 +563,43 @@ def _search(recipe: Recipe, loaded, analysis, example, work: Path, backend, adap
     target_ms = S.budget * timer.reference_ms if timer is not None else None
     best_reward = [-math.inf]
 
-    def evaluate(ratios: dict) -> dict:
-        candidate = _compress(recipe, model, analysis, plan_for(ratios), adapt_inputs=adapt_inputs).eval()
-        with torch.inference_mode():
-            fid = fidelity(reference, candidate(x_proxy))
-        out = {"proxy": proxy(fid, S.proxy), **fid, "macs": count_macs(candidate, one)}
-        # search.measure "best": a candidate that could become the best (its proxy, the most its reward can be,
-        # beats the best reward so far) is timed on the target; the loop corrects the latency model with it and
-        # the reward penalises it if the real engine misses the target. So the plan the search returns was timed.
-        if timer is not None and S.measure == "best" and out["proxy"] > best_reward[0]:
-            out["latency_ms"] = timer.measure(candidate)
-            best_reward[0] = max(best_reward[0], reward(out["proxy"], out["latency_ms"], target_ms,
-                                                        penalty=S.latency_penalty))
-        return out
+    def evaluate_batch(many: list[dict]) -> list[dict]:
+        outs, to_time = [], []
+        for ratios in many:
+            candidate = _compress(recipe, model, analysis, plan_for(ratios), adapt_inputs=adapt_inputs).eval()
+            with torch.inference_mode():
+                fid = fidelity(reference, candidate(x_proxy))
+            out = {"proxy": proxy(fid, S.proxy), **fid, "macs": count_macs(candidate, one)}
+            # search.measure "best": a candidate that could become the best (its proxy, the most its reward can be,
+            # beats the best reward so far) is timed on the target; the loop corrects the latency model with it and
+            # the reward penalises it if the real engine misses the target. So the plan the search returns was timed.
+            # In a batch "so far" means before the batch, so which candidates are timed depends on the proposals
+            # only, never on the order the workers finish in.
+            if timer is not None and S.measure == "best" and out["proxy"] > best_reward[0]:
+                to_time.append((out, candidate))
+            outs.append(out)
+        if to_time:
+            for (out, _), ms in zip(to_time, timer.measure_many([c for _, c in to_time])):
+                out["latency_ms"] = ms
+                best_reward[0] = max(best_reward[0], reward(out["proxy"], ms, target_ms, penalty=S.latency_penalty))
+        return outs
 
     state = work.parent / f".{work.name.split('.building-')[0].lstrip('.')}.search"
     log = state / "search_log.jsonl"
-    result = run_search(space, evaluate, episodes=S.episodes, warmup=S.warmup if S.warmup is not None
-                        else S.episodes // 4, seed=recipe.seed, target=S.budget, log_path=log, resume=S.resume,
-                        cost=cost, target_ms=target_ms, penalty=S.latency_penalty,
-                        latency_reference_ms=timer.reference_ms if timer is not None else None,
-                        plot_path=state / "search_pareto.png", progress=not quiet,
-                        scoring=_search_scoring(recipe))
+    try:
+        result = run_search(space, lambda ratios: evaluate_batch([ratios])[0], episodes=S.episodes,
+                            warmup=S.warmup if S.warmup is not None else S.episodes // 4, seed=recipe.seed,
+                            target=S.budget, log_path=log, resume=S.resume, cost=cost, target_ms=target_ms,
+                            penalty=S.latency_penalty,
+                            latency_reference_ms=timer.reference_ms if timer is not None else None,
+                            plot_path=state / "search_pareto.png", progress=not quiet,
+                            scoring=_search_scoring(recipe), batch=S.batch, evaluate_batch=evaluate_batch)
+    finally:
+        if timer is not None:
+            timer.close()
     if timer is not None:
         fitted.update(engines_timed=1 + timer.timed, candidates_timed=timer.timed - 1, final_intercept_ms=cost.c0,
-                      final_scale_ms=cost.scale, target_ms=target_ms)
+                      final_scale_ms=cost.scale, target_ms=target_ms, measurement=timer.summary())
     for f in (log, result.plot_path):
         if f is not None and Path(f).is_file():
             shutil.copy2(f, work / Path(f).name)
@@ -596,7 +608,9 @@ def _search(recipe: Recipe, loaded, analysis, example, work: Path, backend, adap
                target=S.target, budget=S.budget, proxy_metric=S.proxy, proxy_data=S.proxy_data,
                proxy_samples=int(len(x_proxy)), state_dir=str(state),
                latency_penalty=S.latency_penalty if S.target == "latency" else None,
-               latency_model=fitted)
+               latency_model=fitted, batch=S.batch)
+    if timer is not None and timer.cache is not None:
+        rep["notes"] = rep["notes"] + timer.cache.notes
     return plan_for(result.best_ratios), rep
 
 
@@ -615,34 +629,47 @@ def _latency_model(recipe, model, analysis, space, example, work, backend, plan_
     extrapolates, and the reachability check compares the budget with a measured floor. (A plan at the budget
     fraction was the second point before: under load one noisy point tilted the line so far that a reachable
     latency budget of 0.5 on ResNet-56 was refused; docs/BENCHMARKS.md.) Returns the model, the timer that
-    measures later candidates on the same scale (measure/relative.py), and what was measured."""
+    measures later candidates on the same scale (measure/workers.py CandidateTimer: on measure.workers, through the
+    measurement cache, as measure/relative.py does), and what was measured."""
+    import itertools
+
     import numpy as _np
 
     from dfp_deploy.export.onnx_export import export_onnx
-    from dfp_deploy.measure.relative import RelativeTimer
+    from dfp_deploy.measure.cache import MeasurementCache
+    from dfp_deploy.measure.workers import Candidate, CandidateTimer, TargetSpec, make_measurer
 
-    t = recipe.target
+    t, M = recipe.target, recipe.measure
+    numbers = itertools.count()
 
-    def build(m, name: str):
-        path = work / f".search_{name}.onnx"
-        exp = export_onnx(m, example, path, opset=recipe.export.opset)
-        try:
-            return backend.build(exp.path, precision="fp32", threads=t.threads, out_dir=work,
-                                 torch_model=m).prepare(example.numpy())
-        finally:
-            for leftover in work.glob(f"{path.name}*"):  # the engine holds what it needs (as _unrounded_engine)
-                leftover.unlink()
+    def export(m) -> Candidate:
+        return Candidate(export_onnx(m, example, work / f".search_{next(numbers)}.onnx",
+                                     opset=recipe.export.opset).path, m)
 
-    timer = RelativeTimer(build, model, warmup=recipe.measure.warmup, runs=50, rounds=5, batch=t.batch,
-                          threads=t.threads)
+    spec = TargetSpec(t.backend, "fp32", t.batch, t.threads, example.numpy(), warmup=M.warmup, runs=50, rounds=5,
+                      options=_backend_options(recipe))
+    original, notes = export(model), []
+    try:
+        measurer = make_measurer(spec, original, workers=M.workers, local_workers=M.local_workers,
+                                 resource=M.target_resource, timeout_s=M.worker_timeout, backend=backend, notes=notes)
+        cache = MeasurementCache(Path(M.cache) if M.cache else cache_dir() / "measurements")
+        timer = CandidateTimer(measurer, original.onnx, spec, cache=cache, export=export)
+    finally:
+        for leftover in work.glob(f"{original.onnx.name}*"):  # the workers hold what they need
+            leftover.unlink()
     floor_kept = list(space.min_kept)
     floor_keep = _np.asarray(floor_kept, dtype=_np.float64) / _np.asarray(space.channels)
-    floor_ms = timer.measure(_compress(recipe, model, analysis, plan_for(space.ratios(floor_kept))).eval(), "floor")
+    try:
+        floor_ms = timer.measure(_compress(recipe, model, analysis, plan_for(space.ratios(floor_kept))).eval())
+    except BaseException:
+        timer.close()  # worker processes or actors must not outlive a failed search
+        raise
     cost = LatencyModel(space, block=default_round_to(t.backend, t.precision))
     cost.observe(_np.ones(space.size), timer.reference_ms)
     cost.observe(floor_keep, floor_ms, prior=True)
     return cost, timer, {"measured_ms": {"original": timer.reference_ms, "floor": floor_ms},
-                         "intercept_ms": cost.c0, "scale_ms": cost.scale, "channel_block": cost.block}
+                         "intercept_ms": cost.c0, "scale_ms": cost.scale, "channel_block": cost.block,
+                         "workers": measurer.where, "worker_notes": notes}
 
 
 def _latency_warnings(latency: dict) -> list[str]:

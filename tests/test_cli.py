@@ -389,30 +389,33 @@ def test_first_and_last_layers_keep_their_own_bits(recipe, tmp_path):
     assert "(8 in `conv1`, `linear`)" in (out / "report.md").read_text()
 
 
-class _SizeTimer:
-    """RelativeTimer with the real engine builds but a noise-free clock: 10 ms × (0.3 + 0.7 × parameter share).
-    (The tiny test net's real latency hardly depends on its widths: under load its floor plan measured up to 0.96
-    of the original, which made this test's 0.95 budget flaky.)"""
+def _size_measurer():
+    """The search's LocalMeasurer with the real engine builds but a noise-free clock: the candidate runs
+    10 ms × (0.3 + 0.7 × parameter share), the original 10 ms. (The tiny test net's real latency hardly depends on its
+    widths: under load its floor plan measured up to 0.96 of the original, which made this test's 0.95 budget
+    flaky.)"""
+    from dfp_deploy.measure.workers import LocalMeasurer
 
-    def __init__(self, build, original, **protocol):
-        self._build, self._params = build, self._count(original)
-        build(original, "original")
-        self.reference_ms, self.timed = 10.0, 0
+    class SizeMeasurer(LocalMeasurer):
+        def __init__(self, spec, original, **kw):
+            super().__init__(spec, original, **kw)
+            self._params = self._count(original.module)
 
-    @staticmethod
-    def _count(model) -> int:
-        return sum(p.numel() for p in model.parameters())
+        @staticmethod
+        def _count(model) -> int:
+            return sum(p.numel() for p in model.parameters())
 
-    def measure(self, model, name="candidate"):
-        assert callable(self._build(model, name))  # a real engine, prepared
-        self.timed += 1
-        return 10.0 * (0.3 + 0.7 * self._count(model) / self._params)
+        def measure(self, candidates):
+            assert all(callable(self._bench._engine(c.onnx, "candidate", c.module)) for c in candidates)  # real
+            return [(10.0 * (0.3 + 0.7 * self._count(c.module) / self._params), 10.0) for c in candidates]
+
+    return SizeMeasurer
 
 
 @pytest.mark.slow
 def test_latency_budget_search_fits_its_model_to_the_original_and_the_floor(recipe, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr("dfp_deploy.measure.relative.RelativeTimer", _SizeTimer)
+    monkeypatch.setattr("dfp_deploy.measure.workers.LocalMeasurer", _size_measurer())
     common = ["--set", "search.episodes=2", "--set", "search.warmup=1", "--set", "search.synthetic_samples=8",
               "--set", "search.synthetic_steps=2", "--set", "search.target=latency"]
     res = run("build", recipe, "--out", tmp_path / "lat", *FAST, *common, "--set", "search.budget=0.95")

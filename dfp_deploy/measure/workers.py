@@ -21,6 +21,7 @@ the measurement cache (measure/cache.py) around the measurer.
 
 from __future__ import annotations
 
+import glob
 import importlib
 import itertools
 import os
@@ -418,8 +419,9 @@ class CandidateTimer:
         finally:
             if self._export is not None:
                 for c, m in zip(candidates, models):
-                    if c is not m:
-                        Path(c.onnx).unlink(missing_ok=True)
+                    if c is not m:  # exported here: the file and anything the exporter wrote beside it
+                        for f in Path(c.onnx).parent.glob(glob.escape(Path(c.onnx).name) + "*"):
+                            f.unlink(missing_ok=True)
         out = []
         for c_ms, o_ms in pairs:
             if self.reference_ms is None:

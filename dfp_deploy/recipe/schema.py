@@ -13,7 +13,8 @@ from typing import Literal
 
 # Every integer key has a finite maximum: a value beyond it is a typo or an attack, and would otherwise surface as
 # an overflow deep inside a library (ONNX Runtime's int32 thread count) or as memory exhausted mid-build.
-MAX_COUNT = 1_000_000  # images, samples, steps, runs, episodes
+MAX_COUNT = 1_000_000  # images, steps, runs, episodes
+MAX_BATCHED = 4096  # inputs held in memory together (a one-batch pass, parity inputs): 2.5 GB at 3x224x224
 MAX_THREADS = 1024
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes 32 bits; the pipeline derives seed + 1, seed + 2
 MAX_CHANNELS = 65_536
@@ -106,7 +107,7 @@ class BnAdaptSection:
     data: str | None = spec(None, "re-estimate the compressed model's BatchNorm statistics on these inputs: "
                             "'synthetic' (BN-matched generated inputs, data-free) or an .npz of unlabeled images; "
                             "null: off (see dfp_deploy/compress/bn_adapt.py)", path=True)
-    samples: int = spec(256, "inputs used (all go through in one batch)", lo=2, hi=MAX_COUNT)
+    samples: int = spec(256, "inputs used (all go through in one batch)", lo=2, hi=MAX_BATCHED)
     synthetic_steps: int = spec(200, "optimisation steps for data: synthetic (cached per model)", lo=1,
                                 hi=MAX_COUNT)
 
@@ -153,12 +154,24 @@ class MeasureSection:
     rounds: int = spec(5, "before/after engines alternate over this many rounds", lo=1,
                         hi=1000)
     parity_tolerance: float = spec(1e-3, "largest allowed |engine - PyTorch| on the logits", lo=0.0, lo_open=True)
-    parity_samples: int = spec(64, "inputs used for the parity check", lo=1, hi=100_000)
+    parity_samples: int = spec(64, "inputs used for the parity check", lo=1, hi=MAX_BATCHED)
     int8_min_agreement: float = spec(0.9, "int8 engines: least top-1 agreement with PyTorch on real images",
                                      lo=0.0, hi=1.0)
     latency: bool = spec(True, "measure latency (off: build and check only)")
     rounding_cost: bool = spec(True, "also build and time the plan without the target's channel rounding "
                                "(report.json `rounding`: the MACs and latency that rounding cost or gained)")
+    workers: str = spec("local", "where the search times candidates: local (this machine, measure.local_workers "
+                        "processes), ray://host:port (a Ray cluster: one actor per unit of measure.target_resource) "
+                        "or auto (a running Ray cluster that offers the resource, else local)")
+    local_workers: int = spec(1, "processes timing candidates concurrently on this machine (1: in the search's own "
+                              "process); they share its cores, so give each engine target.threads", lo=1, hi=64)
+    target_resource: str | None = spec(None, "Ray custom resource naming the target device, one unit per device "
+                                       "(default target:<target.backend>)")
+    worker_timeout: float = spec(60.0, "seconds to wait for a worker holding the target before failing", lo=0.0,
+                                 lo_open=True)
+    cache: str | None = spec(None, "measurement cache folder, may be shared (default <user cache>/dfp-deploy/"
+                             "measurements); entries are keyed by the ONNX bytes, target, device and versions",
+                             path=True)
 
 
 @dataclass(frozen=True)
@@ -190,7 +203,7 @@ class SearchSection:
                            "not data-free; on ResNet-56 it found no better plans, docs/BENCHMARKS.md)", path=True)
     synthetic_samples: int = spec(256, "proxy inputs scoring each candidate, generated or drawn from proxy_data (64 "
                                   "synthetic ones rank equal-MAC plans poorly on ResNet-56: docs/BENCHMARKS.md)", lo=1,
-                                  hi=MAX_COUNT)
+                                  hi=MAX_BATCHED)
     synthetic_steps: int = spec(50, "optimisation steps generating them (cached per model)", lo=1, hi=MAX_COUNT)
     measure: Literal["best", "none"] = spec("best", "with target latency: time on the target (against the "
                                             "original) each candidate that could become the best, correct the "
@@ -199,6 +212,8 @@ class SearchSection:
         10.0, "with target latency: reward lost per unit of relative miss of a timed candidate (λ in "
         "search/reward.py; 10: missing the target by 10 % costs 1 nat of KL)", lo=0.0)
     resume: bool = spec(True, "continue an interrupted search from its log")
+    batch: int = spec(1, "episodes proposed per policy update and evaluated together (their candidates timed "
+                      "concurrently by measure.workers); episodes depend on the seed and batch only", lo=1, hi=1024)
 
 
 @dataclass(frozen=True)
