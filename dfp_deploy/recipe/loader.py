@@ -161,6 +161,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), *, out: str 
         _set_dotted(raw, key, value)
         overridden.add(key)
     if out is not None:
+        _check_path_text("--out", out)  # named as the user gave it
         _set_dotted(raw, "output.dir", out)
         overridden.add("output.dir")
     return _build(Recipe, raw, "", base, overridden)
