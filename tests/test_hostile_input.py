@@ -214,11 +214,12 @@ def test_round_to_that_prunes_nothing_is_refused(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("name, kwargs, why", [
-    ("os:system", "{command: 'touch MARK'}", "builtin"),
+    ("os:system", "{command: 'touch MARK'}", "standard library"),
     ("subprocess:run", "{args: 'touch MARK', shell: true}", "standard library"),
     ("shutil:copyfile", "{src: /dev/null, dst: MARK}", "standard library"),
     ("pathlib:Path.touch", "{self: MARK}", "standard library"),
-    ("collections:OrderedDict", "{MARK: 1}", "not a torch.nn.Module subclass"),
+    ("collections:OrderedDict", "{MARK: 1}", "standard library"),
+    ("numpy:ndarray", "{shape: [1]}", "not a torch.nn.Module subclass"),
     ("torch:zeros", "{size: [1]}", "builtin"),
 ])
 def test_factory_form_refuses_what_is_not_a_model_factory_before_calling_it(empty, tmp_path, name, kwargs, why):

@@ -411,9 +411,11 @@ def test_torchvision_missing_is_a_clean_error():
 def test_factory_form_takes_a_module_class_and_refuses_other_callables_before_calling():
     loaded = load_model(f"{__name__}:TinyNet", kwargs={"width": 3, "num_classes": 4}, input_shape=(3, 8, 8))
     assert isinstance(loaded.module, TinyNet) and loaded.num_classes == 4
-    for name, message in [("os:system", "builtin"), ("os:popen", "standard library"),
-                          ("subprocess:check_output", "standard library"), ("builtins:eval", "builtin"),
-                          ("collections:Counter", "not a torch.nn.Module subclass"), ("math:pi", "not callable")]:
+    for name, message in [("os:system", "standard library"), ("os:popen", "standard library"),
+                          ("antigravity:x", "standard library"),
+                          ("subprocess:check_output", "standard library"), ("builtins:eval", "standard library"),
+                          ("torch:zeros", "builtin"),
+                          ("numpy:ndarray", "not a torch.nn.Module subclass"), ("numpy:pi", "not callable")]:
         with pytest.raises(InputError, match=message):
             load_model(name, kwargs={"cmd": "true"})
 

@@ -1,9 +1,10 @@
 """Turn a model name (built-in, `torchvision:<name>` or `package.module:factory`) plus weights into a LoadedModel.
 
 The factory form executes code: it imports `package.module` (running its top level) and calls `factory(**kwargs)`
-with the recipe's model.kwargs, under `inspect` as under `build`. Only an nn.Module subclass or a plain Python
-function from outside the standard library is called, so a recipe cannot name `os:system` or `subprocess:run`;
-but any importable module can run what it likes on import, so a recipe from someone else is code from them.
+with the recipe's model.kwargs, under `inspect` as under `build`. Standard-library modules are refused before the
+import, and only an nn.Module subclass or a plain Python function is called, so a recipe cannot name `os:system`
+or `subprocess:run`; but any other importable module can run what it likes on import, so a recipe from someone
+else is code from them.
 """
 
 from __future__ import annotations
@@ -212,6 +213,10 @@ def _resolve_factory(spec: str) -> Callable:
     if not FACTORY_PATTERN.match(spec):
         raise InputError(f"model {spec!r} is not of the form 'package.module:factory': {_forms_hint()}")
     module_name, attr_path = spec.split(":")
+    if module_name.split(".")[0] in sys.stdlib_module_names:
+        # refused before the import: importing runs a module's top level (antigravity opens a browser)
+        raise InputError(f"model {spec}: {module_name} is Python's standard library, which holds no model "
+                         "factories; name your own package's module")
     try:
         target = importlib.import_module(module_name)
     except ImportError as exc:
