@@ -3,6 +3,8 @@
 Every problem is a RecipeError whose message starts with the key path and says what is allowed, e.g.
 `compress.prune.ratio: 1.3 is not in [0, 1)`. Relative paths written in the recipe file resolve against the
 file's folder; relative paths given with --set resolve against the current directory (where the user typed them).
+Recipes may come from someone else: YAML no recipe needs (aliases, deep nesting, duplicate keys, non-UTF-8, over
+1 MiB) is refused before it is expanded, floats must be finite, and values inside messages are bounded reprs.
 """
 
 from __future__ import annotations
