@@ -40,16 +40,35 @@ class InvertedResidual(nn.Module):
         return x + self.project(y)
 
 
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2's unit: split the channels, transform one half, concatenate, shuffle the two groups."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        half = channels // 2
+        self.branch = nn.Sequential(nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(),
+                                    nn.Conv2d(half, half, 3, padding=1, groups=half, bias=False), nn.BatchNorm2d(half))
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        x = torch.cat([a, self.branch(b)], 1)
+        n, c, h, w = x.shape
+        return x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
 class TinyMobileNet(nn.Module):
     """Stem, two inverted-residual blocks, head conv, pool, linear: the EfficientNet/MobileNet pattern in small.
 
-    `blocks`: (activation, squeeze-excitation gate or None) per block; the stem and head use `head_act`."""
+    `blocks`: (activation, squeeze-excitation gate or None) per block; the stem and head use `head_act`;
+    `shuffle` adds a ShuffleNetV2 unit after the blocks."""
 
-    def __init__(self, blocks=((nn.ReLU6, None), (nn.ReLU6, None)), head_act: type[nn.Module] = nn.ReLU6):
+    def __init__(self, blocks=((nn.ReLU6, None), (nn.ReLU6, None)), head_act: type[nn.Module] = nn.ReLU6,
+                 shuffle: bool = False):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8),
                                   head_act())
-        self.blocks = nn.Sequential(*(InvertedResidual(8, act, gate) for act, gate in blocks))
+        self.blocks = nn.Sequential(*(InvertedResidual(8, act, gate) for act, gate in blocks),
+                                    *([ShuffleUnit(8)] if shuffle else []))
         self.head = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), head_act())
         self.fc = nn.Linear(16, 10)
 
@@ -91,9 +110,10 @@ def _run(path, x: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("kwargs", [
     {},  # EfficientNet-Lite (ReLU6): a static export names the sums add, add_1, ..., a dynamic one add_130, ...
-    # EfficientNet (SiLU = x * Sigmoid(x), squeeze-excitation), MobileNetV3 (Hardswish, Hardsigmoid gate), GELU
-    {"blocks": ((nn.SiLU, nn.Sigmoid), (nn.Hardswish, nn.Hardsigmoid)), "head_act": nn.GELU},
-], ids=["relu6", "silu-hardswish-gelu-se"])
+    # EfficientNet (SiLU = x * Sigmoid(x), squeeze-excitation), MobileNetV3 (Hardswish, Hardsigmoid gate), GELU,
+    # ShuffleNetV2 (the optimizer renames the channel split's outputs: recomputed on the fp32 graph)
+    {"blocks": ((nn.SiLU, nn.Sigmoid), (nn.Hardswish, nn.Hardsigmoid)), "head_act": nn.GELU, "shuffle": True},
+], ids=["relu6", "silu-hardswish-gelu-se-shuffle"])
 def test_inverted_residual_int8_builds_data_free_from_a_static_batch_export(tmp_path, kwargs):
     model = _model(**kwargs)
     example = torch.zeros(2, 3, 16, 16)

@@ -34,9 +34,11 @@ def int8_onnx(model: nn.Module, example: torch.Tensor, fp32_onnx: Path, out_path
 
     With calibration_inputs, activation ranges are min/max over them (ORT runs the fp32 graph); without, they come
     from BatchNorm statistics (export/ranges.py), read from a second export that keeps the BN nodes and is deleted
-    afterwards. The ranges are looked up by tensor name, so that export must trace the model exactly as the fp32
-    one did: a dynamic batch adds symbolic-size nodes that shift the exporter's name counters (a static export
-    names a residual sum `add`, a dynamic one `add_130`), so the BN-kept copy takes the fp32 file's batch mode.
+    afterwards. The BN statistics reach the fp32 graph by tensor name (a folded Conv's output keeps its BN's
+    name), so that export must trace the model exactly as the fp32 one did: a dynamic batch adds symbolic-size
+    nodes that shift the exporter's name counters (a static export names a residual sum `add`, a dynamic one
+    `add_130`), so the BN-kept copy takes the fp32 file's batch mode. Tensors the exporter's optimizer renamed
+    (Split outputs) are recomputed on the fp32 graph itself (`data_free_ranges(..., target=)`).
     """
     from dfp_deploy.export.onnx_export import export_onnx
     from dfp_deploy.export.passes.prepare import prepare_int8_onnx
@@ -50,7 +52,7 @@ def int8_onnx(model: nn.Module, example: torch.Tensor, fp32_onnx: Path, out_path
         try:
             export_onnx(model, example, bn_kept, dynamic_batch=has_dynamic_batch(fp32_onnx), opset=opset,
                         optimize=False)
-            ranges = data_free_ranges(bn_kept, input_range(preprocess), k=range_k)
+            ranges = data_free_ranges(bn_kept, input_range(preprocess), k=range_k, target=fp32_onnx)
         finally:
             bn_kept.unlink(missing_ok=True)
     return prepare_int8_onnx(fp32_onnx, out_path, style=style, ranges=ranges)

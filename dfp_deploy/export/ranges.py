@@ -32,8 +32,9 @@ and the tensor's range is the union over channels. The model is propagated throu
   factors, mean m1 m2, variance (v1 + m1^2)(v2 + m2^2) - m1^2 m2^2, hard bounds the product of the intervals;
 - max/average pooling, ReduceMean over spatial axes, Identity, Flatten/Reshape that keep the channels: unchanged
   (the output stays within the input's range; averaging shrinks the spread, which we do not count on);
-- Pad with zeros adds all-zero channels on the channel axis and the value 0 elsewhere; Slice/Concat on the
-  channel axis select/concatenate channels;
+- Pad with zeros adds all-zero channels on the channel axis and the value 0 elsewhere; Slice/Split/Concat on the
+  channel axis select/concatenate channels; a Transpose or Reshape that moves the channel axis (a channel
+  shuffle) leaves one channel, the mixture of all, which holds the same values;
 - Conv/Gemm without a BN after them (e.g. the classifier head): mean W.m + b and variance (W^2).v of the clipped
   inputs' moments, inputs treated as independent (a rough estimate; with a BN after the Conv the BN decides);
 - the model input: the preprocessing range (lo, hi), per channel or scalar, as a uniform distribution.
@@ -601,6 +602,9 @@ def _slice(node, stats) -> ChannelStats | None:
 def _concat(node, stats) -> ChannelStats | None:
     if any(s is None for s in stats):
         return None
+    if int(node.attrs.get("axis", 1)) == 1:  # an input summarised as one channel stands for all of its channels
+        stats = [_broadcast(s, t.shape[1]) if len(s.mean) == 1 and t.shape is not None and len(t.shape) > 1
+                 and isinstance(t.shape[1], int) else s for s, t in zip(stats, node.inputs)]
     if any(s.values is not None for s in stats):
         parts = [s.as_function() for s in stats]
         joined = ChannelStats(*(np.concatenate(v) for v in zip(*[(s.mean, s.std, s.lo, s.hi) for s in parts])),
@@ -608,6 +612,34 @@ def _concat(node, stats) -> ChannelStats | None:
     else:
         joined = ChannelStats(*(np.concatenate(v) for v in zip(*[(s.mean, s.std, s.lo, s.hi) for s in stats])))
     return joined if int(node.attrs.get("axis", 1)) == 1 else _merge(joined)
+
+
+def _split(node, stats) -> list[ChannelStats] | None:
+    """One ChannelStats per output: the channel slices when splitting the channel axis, else the input's."""
+    s, outputs = stats[0], node.outputs
+    axis = int(node.attrs.get("axis", 0))
+    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+    if axis < 0 and rank:
+        axis += rank
+    if axis != 1:
+        return [s] * len(outputs)
+    channels = len(s.mean)
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        sizes = _const(node.inputs[1])
+    else:
+        sizes = node.attrs.get("split")
+    if sizes is None:  # opset 18 num_outputs: equal parts of ceil(C / n), the last one smaller
+        part = -(-channels // len(outputs))
+        sizes = [min(part, channels - i * part) for i in range(len(outputs))]
+    ends = np.cumsum([int(v) for v in np.asarray(sizes).reshape(-1)])
+    if len(ends) != len(outputs) or ends[-1] != channels:
+        return None
+    return [s.take(np.arange(end - size, end)) for end, size in zip(ends, np.diff(ends, prepend=0))]
+
+
+def _transpose(node, stats) -> ChannelStats:
+    perm = node.attrs.get("perm")
+    return stats[0] if perm is not None and len(perm) > 1 and int(perm[1]) == 1 else _merge(stats[0])
 
 
 def _linear(weight_kc: np.ndarray, bias: np.ndarray, stats: ChannelStats) -> ChannelStats:
@@ -662,14 +694,22 @@ _RULES = {
     "GlobalAveragePool": _keep, "GlobalMaxPool": _keep, "Identity": _keep, "Dropout": _keep,
     "ReduceMean": _reduce_mean, "Flatten": _channel_preserving_reshape, "Reshape": _channel_preserving_reshape,
     "Squeeze": _channel_preserving_reshape, "Pad": _pad, "Slice": _slice, "Concat": _concat, "Conv": _conv,
-    "Gemm": _gemm, **{op: _binary for op in _APPLY}, **{op: _unary for op in _UNARY},
+    "Gemm": _gemm, "Split": _split, "Transpose": _transpose, **{op: _binary for op in _APPLY},
+    **{op: _unary for op in _UNARY},
 }
 _CONSTANT_FIRST = ("BatchNormalization", "Concat", *_APPLY)  # ops whose first input may be a constant
 
 
-def _propagate(graph, input_stats: ChannelStats) -> dict[str, ChannelStats]:
+_SEEDED_OPS = ("Conv", "Gemm")  # their outputs' statistics come from the BN that the target graph folded into them
+
+
+def _propagate(graph, input_stats: ChannelStats, seeds: Mapping[str, ChannelStats] | None = None
+               ) -> dict[str, ChannelStats]:
     known = {t.name: input_stats for t in graph.inputs}
     for node in graph.nodes:
+        if seeds and node.op in _SEEDED_OPS and node.outputs and node.outputs[0].name in seeds:
+            known[node.outputs[0].name] = seeds[node.outputs[0].name]
+            continue
         rule = _RULES.get(node.op)
         if rule is None or not node.outputs:
             continue
@@ -684,31 +724,47 @@ def _propagate(graph, input_stats: ChannelStats) -> dict[str, ChannelStats]:
             result = rule(node, stats)
         except (ValueError, IndexError, TypeError):
             result = None  # shapes we cannot reason about: no range, and the Q/DQ pass will say so
-        if result is not None:
+        if isinstance(result, list):  # one per output (Split)
+            known.update((t.name, r) for t, r in zip(node.outputs, result))
+        elif result is not None:
             known[node.outputs[0].name] = result
     return known
 
 
-def data_free_ranges(model_or_path, input_range, *, k: float = DEFAULT_K) -> dict[str, tuple[float, float]]:
-    """Ranges from the BN statistics of an fp32 graph (BN not yet folded); see the module docstring.
-
-    `input_range`: (lo, hi) of the preprocessed model input, scalars or one per input channel.
-    """
+def _prepared_graph(model_or_path):
     from dfp_deploy.export.passes._graph import to_graph
     from dfp_deploy.export.passes.cleanup import pass_cleanup
 
-    if not k > 0:
-        raise InputError(f"data-free range width k={k} must be positive")
-    if not isinstance(input_range, (tuple, list)) or len(input_range) != 2:
-        raise InputError("input_range must be a pair (lo, hi)")
     # shapes and types first: folding CastLike needs the type of its second input, Flatten/Reshape need shapes
     model = onnx.shape_inference.infer_shapes(_load(model_or_path))
     model, _ = pass_cleanup(model, fold_constants=True)
     graph = to_graph(onnx.shape_inference.infer_shapes(model))
     if len(graph.inputs) != 1:
         raise InputError(f"data-free ranges need a single-input model; this one has {len(graph.inputs)} inputs")
+    return graph
+
+
+def data_free_ranges(model_or_path, input_range, *, k: float = DEFAULT_K, target=None
+                     ) -> dict[str, tuple[float, float]]:
+    """Ranges from the BN statistics of an fp32 graph (BN not yet folded); see the module docstring.
+
+    `input_range`: (lo, hi) of the preprocessed model input, scalars or one per input channel.
+    `target`: the graph the ranges are for (an export of the same model with BN folded), when the exporter's
+    optimizer may have renamed some of its tensors (it turns SplitToSequence + SequenceAt into a Split with new
+    output names). Its graph is propagated again, each Conv/Gemm output taking the statistics of the tensor of the
+    same name in `model_or_path` (which knows the BN folded into it), every other tensor recomputed from its
+    inputs; the result holds the ranges of both graphs.
+    """
+    if not k > 0:
+        raise InputError(f"data-free range width k={k} must be positive")
+    if not isinstance(input_range, (tuple, list)) or len(input_range) != 2:
+        raise InputError("input_range must be a pair (lo, hi)")
+    graph = _prepared_graph(model_or_path)
     if not any(node.op == "BatchNormalization" for node in graph.nodes):
         raise ExportError("data-free ranges need the BatchNormalization nodes, but this graph has none (BN was "
                           "folded at export); export with BN kept or use calibration ranges")
-    stats = _propagate(graph, _input_stats(*input_range))
+    inputs = _input_stats(*input_range)
+    stats = _propagate(graph, inputs)
+    if target is not None:
+        stats.update(_propagate(_prepared_graph(target), inputs, seeds=stats))
     return {name: s.range(k) for name, s in stats.items()}
