@@ -56,6 +56,7 @@ k = 10: 0.0034 / 0.0035); no test images were used to choose it.
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -703,32 +704,47 @@ _CONSTANT_FIRST = ("BatchNormalization", "Concat", *_APPLY)  # ops whose first i
 _SEEDED_OPS = ("Conv", "Gemm")  # their outputs' statistics come from the BN that the target graph folded into them
 
 
-def _propagate(graph, input_stats: ChannelStats, seeds: Mapping[str, ChannelStats] | None = None
-               ) -> dict[str, ChannelStats]:
+def _propagate(graph, input_stats: ChannelStats, k: float, seeds: Mapping[str, ChannelStats] | None = None
+               ) -> tuple[dict[str, tuple[float, float]], dict[str, ChannelStats]]:
+    """(range, statistics) of every tensor the rules reach. A tabulated function's table (channels x 801 floats) is
+    dropped once its last reader has run, so a wide SiLU network does not hold hundreds of megabytes."""
     known = {t.name: input_stats for t in graph.inputs}
+    ranges = {name: s.range(k) for name, s in known.items()}
+    readers = collections.Counter(t.name for node in graph.nodes for t in node.inputs)
     for node in graph.nodes:
-        if seeds and node.op in _SEEDED_OPS and node.outputs and node.outputs[0].name in seeds:
-            known[node.outputs[0].name] = seeds[node.outputs[0].name]
-            continue
-        rule = _RULES.get(node.op)
-        if rule is None or not node.outputs:
-            continue
-        stats = [known.get(t.name) for t in node.inputs]
-        # BN restarts from its own parameters; Add/Mul/Concat/... may have a constant operand; others need their
-        # data input
-        if node.op not in _CONSTANT_FIRST and stats[0] is None:
-            continue
-        if all(s is None for s in stats) and node.op != "BatchNormalization":
-            continue
-        try:
-            result = rule(node, stats)
-        except (ValueError, IndexError, TypeError):
-            result = None  # shapes we cannot reason about: no range, and the Q/DQ pass will say so
-        if isinstance(result, list):  # one per output (Split)
-            known.update((t.name, r) for t, r in zip(node.outputs, result))
-        elif result is not None:
-            known[node.outputs[0].name] = result
-    return known
+        produced = _apply_rule(node, known, seeds)
+        for name, result in produced.items():
+            known[name] = result
+            ranges[name] = result.range(k)
+        for t in node.inputs:
+            readers[t.name] -= 1
+            if readers[t.name] == 0 and t.name in known and known[t.name].values is not None:
+                del known[t.name]
+    return ranges, known
+
+
+def _apply_rule(node, known: Mapping[str, ChannelStats], seeds) -> dict[str, ChannelStats]:
+    if not node.outputs:
+        return {}
+    if seeds and node.op in _SEEDED_OPS and node.outputs[0].name in seeds:
+        return {node.outputs[0].name: seeds[node.outputs[0].name]}
+    rule = _RULES.get(node.op)
+    if rule is None:
+        return {}
+    stats = [known.get(t.name) for t in node.inputs]
+    # BN restarts from its own parameters; Add/Mul/Concat/... may have a constant operand; others need their
+    # data input
+    if node.op not in _CONSTANT_FIRST and stats[0] is None:
+        return {}
+    if all(s is None for s in stats) and node.op != "BatchNormalization":
+        return {}
+    try:
+        result = rule(node, stats)
+    except (ValueError, IndexError, TypeError):
+        return {}  # shapes we cannot reason about: no range, and the Q/DQ pass will say so
+    if isinstance(result, list):  # one per output (Split)
+        return {t.name: r for t, r in zip(node.outputs, result) if r is not None}
+    return {} if result is None else {node.outputs[0].name: result}
 
 
 def _prepared_graph(model_or_path):
@@ -764,7 +780,7 @@ def data_free_ranges(model_or_path, input_range, *, k: float = DEFAULT_K, target
         raise ExportError("data-free ranges need the BatchNormalization nodes, but this graph has none (BN was "
                           "folded at export); export with BN kept or use calibration ranges")
     inputs = _input_stats(*input_range)
-    stats = _propagate(graph, inputs)
+    ranges, stats = _propagate(graph, inputs, k)
     if target is not None:
-        stats.update(_propagate(_prepared_graph(target), inputs, seeds=stats))
-    return {name: s.range(k) for name, s in stats.items()}
+        ranges.update(_propagate(_prepared_graph(target), inputs, k, seeds=stats)[0])
+    return ranges
