@@ -777,8 +777,10 @@ def data_free_ranges(model_or_path, input_range, *, k: float = DEFAULT_K, target
         raise InputError("input_range must be a pair (lo, hi)")
     graph = _prepared_graph(model_or_path)
     if not any(node.op == "BatchNormalization" for node in graph.nodes):
-        raise ExportError("data-free ranges need the BatchNormalization nodes, but this graph has none (BN was "
-                          "folded at export); export with BN kept or use calibration ranges")
+        raise ExportError("data-free ranges need BatchNormalization nodes, but this graph has none (a model "
+                          "without BatchNorm, e.g. LayerNorm-only, or BN folded at export); export with BN kept, or "
+                          "use calibration ranges (compress.quantize.activations=calibration with "
+                          "compress.calibration.data)")
     inputs = _input_stats(*input_range)
     ranges, stats = _propagate(graph, inputs, k)
     if target is not None:
