@@ -6,7 +6,8 @@ added as a graph output (on a copy). `minmax` keeps the running minimum and maxi
 batch size, which ignores rare outliers at the price of clipping them.
 
 Data-free (`data_free_ranges`), from the parameters of the fp32 graph with its BatchNormalization nodes still in
-place (compute before BN folding, then look the ranges up by name: pass_fold_bn keeps the BN's output name). Each
+place (compute before BN folding, then look the ranges up by name: pass_fold_bn keeps the BN's output name; with
+`target=`, the BN-folded graph is propagated too, so tensors its exporter renamed get ranges as well). Each
 channel c of a tensor is modelled as a clipped Gaussian X_c = clip(N(mu_c, sigma_c^2), a_c, b_c), whose range is
 
     [clip(mu_c - k sigma_c, a_c, b_c), clip(mu_c + k sigma_c, a_c, b_c)],   k = DEFAULT_K unless given,
