@@ -225,3 +225,15 @@ def test_a_symlinked_out_stays_a_link_to_the_rebuilt_folder(fake_build, tmp_path
     assert link.is_symlink() and Path(os.readlink(link)) == real
     assert (link / "model.onnx").read_text() == "second" and report["artifacts"]["dir"] == str(link)
     assert _leftovers(tmp_path, "link") == [] and _leftovers(tmp_path, "real") == []
+
+
+def test_a_finished_staging_folder_killed_before_its_swap_is_removed(fake_build, tmp_path):
+    out = tmp_path / "out"
+    dead = _dead_pid()
+    stage = output.staging_path(out, dead)
+    stage.mkdir()
+    (stage / "model.onnx").write_text("finished")
+    marker = output.write_marker(stage)
+    write_json_atomic(stage / output.MARKER, {**marker, "pid": dead})
+    fake_build(out)
+    assert not stage.exists() and (out / "model.onnx").read_text() == "onnx"

@@ -293,10 +293,12 @@ def _remove_stale(path: Path, out: Path, pid: int) -> None:
             return  # another host's build (its pid means nothing here), or a marker copied from elsewhere
         if marker["state"] == "staging":
             shutil.rmtree(path, ignore_errors=True)  # everything in a staging folder was written by its build
-            return
-    elif marker["state"] != "output":
+        elif not _remove_owned(path, marker):  # finished, killed before its swap: only the listed files go
+            _warn(f"kept {path}: it holds files dfp-deploy did not write")
         return
-    elif not os.path.lexists(out):
+    if marker["state"] != "output":
+        return
+    if not os.path.lexists(out):
         os.replace(path, out)  # killed between the two renames of a swap: the previous output goes back
         return
     found = survey(path, marker)
