@@ -218,7 +218,7 @@ RESOURCE = "target:fake"
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'dfp-deploy[ray]')")
-    ray.init(num_cpus=2, resources={RESOURCE: 2}, include_dashboard=False, logging_level="ERROR",
+    ray.init(address="local", num_cpus=2, resources={RESOURCE: 2}, include_dashboard=False, logging_level="ERROR",
              log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": TESTS}})
     try:
         yield ray
