@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -28,6 +27,11 @@ from pathlib import Path, PurePosixPath
 from dfp_deploy.core import interrupts
 from dfp_deploy.core.atomic import write_json_atomic
 from dfp_deploy.core.errors import InputError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the swap runs unlocked there
+    fcntl = None
 
 MARKER = ".dfp-deploy-output"
 TOOL = "dfp-deploy"
@@ -206,6 +210,9 @@ def check_replaceable(out: Path) -> Survey | None:
 def locked(out: Path) -> Iterator[None]:
     """Hold the exclusive lock of `out`'s swap. The lock file is removed on release: a waiter that then locks the
     unlinked file sees that the path no longer names it and locks the new one."""
+    if fcntl is None:
+        yield
+        return
     path = lock_path(out)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -234,6 +241,8 @@ def locked(out: Path) -> Iterator[None]:
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return False  # asked about a folder named with our pid before we made one: a dead build's
+    if os.name != "posix":
+        return True  # os.kill(pid, 0) would terminate the process on Windows: never call a folder stale there
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
