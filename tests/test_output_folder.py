@@ -237,3 +237,14 @@ def test_a_finished_staging_folder_killed_before_its_swap_is_removed(fake_build,
     write_json_atomic(stage / output.MARKER, {**marker, "pid": dead})
     fake_build(out)
     assert not stage.exists() and (out / "model.onnx").read_text() == "onnx"
+
+
+def test_a_users_file_that_cannot_move_keeps_the_parked_folder_and_says_so(fake_build, tmp_path, capsys):
+    out = tmp_path / "out"
+    fake_build(out, {"model.onnx": "first", "engines/a.plan": "a"})
+    (out / "engines" / "tuning.log").write_text("mine")
+    fake_build(out, {"model.onnx": "second", "engines": "now a file"})
+    parked = [p for p in tmp_path.iterdir() if p.name.startswith(".out.old-")]
+    assert (out / "engines").read_text() == "now a file" and len(parked) == 1
+    assert _tree(parked[0]) == {"engines/tuning.log": b"mine"}  # the user's file, and nothing of ours
+    assert "engines/tuning.log" in capsys.readouterr().err

@@ -281,8 +281,11 @@ def _carry_over(old: Path, out: Path, foreign) -> list[str]:
         if os.path.lexists(dst):
             stuck.append(rel)
             continue
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(src, dst)
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst)
+        except OSError:  # e.g. its folder is a file in the new output: it stays, and the caller says where
+            stuck.append(rel)
     return stuck
 
 
@@ -358,7 +361,7 @@ def commit(stage: Path, out: Path) -> None:
                 os.replace(out, parked)
                 os.replace(stage, out)
                 stuck = _carry_over(parked, out, previous.foreign)
-                # a file the user added during the swap: still not ours, so it stays where it is
+                # entries added since the survey above are not ours either: they move too
                 late = [rel for rel in survey(parked, previous.marker, verify=False).foreign if rel not in stuck]
                 stuck += _carry_over(parked, out, late)
                 if not _remove_owned(parked, previous.marker):
