@@ -1,5 +1,46 @@
-"""Test-suite settings: one torch thread (2-core shared machines; the first multi-threaded forward costs seconds)."""
+"""Test-suite settings: one torch thread (2-core shared machines; the first multi-threaded forward costs seconds), and
+the golden builds started in the background as soon as they are collected (tests/_golden.py)."""
+
+import os
 
 import torch
 
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    # golden tests last: their builds run in the background meanwhile, and they only read the results
+    items.sort(key=lambda item: bool(item.get_closest_marker("golden")))
+
+
+def pytest_collection_finish(session):
+    items = session.items  # after -k / -m selection
+    names = sorted({item.callspec.params["golden"] for item in items
+                    if item.get_closest_marker("golden") and "golden" in getattr(getattr(item, "callspec", None),
+                                                                                 "params", {})})
+    if names:
+        import _golden
+
+        # the rest of the suite keeps one core busy; the golden builds take the others
+        only_golden = all(item.get_closest_marker("golden") for item in items)
+        cores = os.cpu_count() or 2
+        _golden.start(names, workers=max(1, cores if only_golden else cores - 1))
+
+
+def pytest_terminal_summary(terminalreporter):
+    import sys
+
+    golden = sys.modules.get("_golden")
+    runner = golden and golden._runner
+    if not runner or not runner.finished():
+        return
+    rows = sorted(runner.finished(), key=lambda d: d.name)
+    terminalreporter.write_line("golden builds (own process each): " + ", ".join(
+        f"{d.name} {d.cpu_s if d.cpu_s is not None else '?'} s CPU / {d.wall_s:.0f} s wall" for d in rows))
+
+
+def pytest_unconfigure(config):
+    import sys
+
+    if "_golden" in sys.modules:
+        sys.modules["_golden"].stop()
