@@ -1,8 +1,8 @@
 """The golden builds (tests/test_golden.py): what each one builds, and a runner that builds them in the background.
 
 Each build is a `dfp-deploy build` in its own process with one torch thread, as the test process runs (conftest.py),
-started as soon as pytest has collected the golden tests (conftest.py): the rest of the suite runs on one core at a
-time, so the builds mostly use the other one. One build at a time per spare core.
+started as soon as pytest has collected the golden tests (conftest.py), so that they run beside the rest of the suite
+(which uses one core at a time), one per core.
 """
 
 from __future__ import annotations
@@ -113,20 +113,12 @@ class Runner:
         self._procs: set[subprocess.Popen] = set()
         self._lock = threading.Lock()
         self._closed = False
-        # `workers` builds at a time while the other tests run; one more once a test waits for a build (the test
-        # process then idles)
-        self._slots = threading.Semaphore(workers)
-        self._waiting = False
-        self._pool = ThreadPoolExecutor(max_workers=workers + 1, thread_name_prefix="golden")
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="golden")
         # in BUILDS order, the longest first
         self._futures: dict[str, Future] = {n: self._pool.submit(self._build, n) for n in BUILDS
                                             if n in names and available(n)}
 
     def _build(self, name: str) -> Done:
-        with self._slots:
-            return self._run(name)
-
-    def _run(self, name: str) -> Done:
         build, work = BUILDS[name], self.dir / name
         work.mkdir()
         args = ["build", str(ROOT / "recipes" / build.recipe), "--out", str(work / "out"), "--quiet",
@@ -157,10 +149,6 @@ class Runner:
                     float(cpu.read_text()) if cpu.is_file() else None)
 
     def result(self, name: str) -> Done:
-        with self._lock:
-            if not self._waiting:
-                self._waiting = True
-                self._slots.release()
         if name not in self._futures:  # not collected at start (e.g. a rerun of one test): build it now
             self._futures[name] = self._pool.submit(self._build, name)
         return self._futures[name].result()

@@ -21,10 +21,9 @@ def pytest_collection_finish(session):
     if names:
         import _golden
 
-        # the rest of the suite keeps one core busy; the golden builds take the others
-        only_golden = all(item.get_closest_marker("golden") for item in items)
-        cores = os.cpu_count() or 2
-        _golden.start(names, workers=max(1, cores if only_golden else cores - 1))
+        # one build per core, beside the rest of the suite: the builds are most of the suite's work, so sharing the
+        # cores with the other tests ends soonest (at most 4 at a time: an EfficientNet build holds 2 GB)
+        _golden.start(names, workers=max(1, min(os.cpu_count() or 2, 4)))
 
 
 def pytest_terminal_summary(terminalreporter):
