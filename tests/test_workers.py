@@ -83,6 +83,33 @@ def test_bad_worker_settings_are_input_errors(probes):
         LocalMeasurer(torch_spec, probes[32], workers=2)
 
 
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_auto_without_a_reachable_cluster_times_locally_and_says_why(probes, monkeypatch):
+    """A stopped cluster leaves its address recorded; Ray itself would retry connecting to it for minutes."""
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{closed_port()}")
+    notes = []
+    m = make_measurer(spec(), probes[32], workers="auto", notes=notes)
+    try:
+        assert m.where == "local" and len(notes) == 1 and "timed locally" in notes[0]
+    finally:
+        m.close()
+
+
+def test_an_unreachable_ray_address_fails_in_one_line(probes):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'dfp-deploy[ray]')")
+    port = closed_port()
+    with pytest.raises(NoTargetWorker, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}") as e:
+        make_measurer(spec(), probes[32], workers=f"ray://127.0.0.1:{port}", timeout_s=2.0)
+    assert "\n" not in str(e.value)
+
+
 # --- batched search --------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

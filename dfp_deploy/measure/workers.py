@@ -231,6 +231,36 @@ def _target_worker_class(ray):
     return TargetWorker
 
 
+def _ray_endpoint(address: str | None) -> tuple[str, int] | None:
+    """host, port that `ray.init(address)` will connect to: ray://host:port, host:port, or for "auto" the RAY_ADDRESS
+    variable or the address the last `ray start` on this machine recorded; None when there is nothing to connect to."""
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS")
+        if not address:
+            recorded = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+            address = recorded.read_text().strip() if recorded.is_file() else None
+    if not address:
+        return None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    return (host, int(port)) if host and port.isdigit() else None
+
+
+def _check_reachable(address: str | None, timeout_s: float) -> None:
+    """Fail in timeout_s, not after Ray's own minutes of retries, when nothing listens at the cluster's address (a
+    stopped cluster leaves its address recorded on the machine)."""
+    import socket
+
+    endpoint = _ray_endpoint(address)
+    if endpoint is None:
+        raise NoTargetWorker(f"measure.workers: no Ray cluster to connect to at {address!r} (none running here: "
+                             "start one with ray start --head, or give ray://host:port)")
+    try:
+        socket.create_connection(endpoint, timeout=timeout_s).close()
+    except OSError as e:
+        raise NoTargetWorker(f"measure.workers: cannot reach the Ray cluster at {endpoint[0]}:{endpoint[1]} "
+                             f"({e.strerror or type(e).__name__}); is it running?") from None
+
+
 class RayMeasurer:
     """Timing on Ray actors, one per unit of `resource` in the cluster (module docstring)."""
 
@@ -246,6 +276,7 @@ class RayMeasurer:
                              "cannot receive as ONNX; use measure.workers=local")
         self._ray, self.resource, self.timeout_s, self.task_timeout_s = ray, resource, timeout_s, task_timeout_s
         if not ray.is_initialized():
+            _check_reachable(address, timeout_s)
             try:
                 ray.init(address=address, logging_level="ERROR", log_to_driver=False)
             except Exception as e:  # ConnectionError, or Ray's own errors for a bad address
