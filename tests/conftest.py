@@ -2,10 +2,18 @@
 the golden builds started in the background as soon as they are collected (tests/_golden.py)."""
 
 import os
+import sys
+from pathlib import Path
 
 import torch
 
 torch.set_num_threads(1)
+
+# plain `pytest` puts tests/ on sys.path but not the checkout, as `python -m pytest` does: without it, imports of
+# `bench.*` and `tests.*` work one way and not the other
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -14,6 +22,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
     items = session.items  # after -k / -m selection
     names = sorted({item.callspec.params["golden"] for item in items
                     if item.get_closest_marker("golden") and "golden" in getattr(getattr(item, "callspec", None),
@@ -27,8 +37,6 @@ def pytest_collection_finish(session):
 
 
 def pytest_terminal_summary(terminalreporter):
-    import sys
-
     golden = sys.modules.get("_golden")
     runner = golden and golden._runner
     if not runner or not runner.finished():
@@ -39,7 +47,5 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_unconfigure(config):
-    import sys
-
     if "_golden" in sys.modules:
         sys.modules["_golden"].stop()
