@@ -37,7 +37,7 @@ applies it) and the constant Σ_c W'_c d_c goes into the consumer's bias (or the
        s'* = (⟨ŵ_c, Q(ŵ_c)⟩ + α' b̂_c²) / (‖Q(ŵ_c)‖² + α' b̂_c²).
    Joint: the kept filters are quantized first, pruned channels merge into the QUANTIZED partners (Q(ŵ_q) replaces
    ŵ_q in s*), M[q,q] = s'_q, and the consumers' updated weights are quantized last (so their own quantization sees
-   the final weights). α, α': DEFAULT_ALPHA / DEFAULT_ALPHA_Q, chosen by measurement (tools/bench_reconstruct.py
+   the final weights). α, α': DEFAULT_ALPHA / DEFAULT_ALPHA_Q, chosen by measurement (bench/bench_reconstruct.py
    --sections tune, ResNet-56, tuning images only: 1000 exact train + 3000 JPEG test images 5000..7999): α = 0.01
    (α ≤ 0.01 ties at −30% MACs, 0.01 best at −50%; ≥ 0.1 loses 1-4 points); α' = 1 (w3: 90.5 / 67.1 train / JPEG
    top-1 against 85.6 / 62.2 at the paper's 0.01; w4 flat within noise for α' from 0.001 to 10); the NM threshold
@@ -55,7 +55,7 @@ applies it) and the constant Σ_c W'_c d_c goes into the consumer's bias (or the
    chosen on tuning images only (ResNet-56 train-1000 / JPEG-3000; Lite0: label-free agreement with the original
    on 300 sample1000 images): at g ≥ 1 every ResNet-56 cell (r 0.3 / 0.5, l2 / lmmse-macs, w4 / w6) equals g = ∞,
    while g ≤ 0.5 loses up to 4.5 points there; on Lite0 (lmmse-macs, r 0.1) g = 1 lifts w6 agreement from 22.3 to
-   73.7 (plain pruning 73.3) and w8 from 80.3 to 84.3 (tools/bench_reconstruct.py numbers in docs/BENCHMARKS.md).
+   73.7 (plain pruning 73.3) and w8 from 80.3 to 84.3 (bench/bench_reconstruct.py numbers in docs/BENCHMARKS.md).
    Neuron Merging stays as published (unguarded): the guard was tuned for UDFC only, and on NM it was mixed.
 
 3. "lmmse" (ours): the linear minimum-mean-square-error estimate of every channel's activation from the kept
@@ -660,7 +660,7 @@ def _lmmse_site(st: _SiteTensors, keep: list[int], activation: str) -> tuple[tor
     """(M [C, K], d [C], E[â_K], Cov[â_K]): pruned rows of M are the lmmse estimate from the deployed kept activations; a kept
     channel keeps its own column (M[k,k] = 1) and only gets the mean offset d_k = E[a_k] − E[â_k]. Measured: letting
     kept channels also mix (full lmmse) or rescale themselves (s' from the model) costs accuracy at 3 bits, because
-    the cosine correlations are too rough to improve on a channel that is still present (tools/bench_reconstruct.py)."""
+    the cosine correlations are too rough to improve on a channel that is still present (bench/bench_reconstruct.py)."""
     mom = _site_moments(st, keep, activation, lmmse_only=True)
     c = mom.channels
     dep = torch.as_tensor(mom.deployed, dtype=torch.long)

@@ -15,7 +15,7 @@ Budget floor (`fill`, default on). Symmetrically, with the rest of the groups ke
 so a plan never leaves budget unused that it could have spent: the finished plan costs B up to the snapping of the
 last groups (when F_t > W_t the wall wins and the plan ends a little under B). Measured on ResNet-56 at 50% MACs:
 without the floor, random and early SAC episodes often ended at 40-46% of the MACs, wasting accuracy on a budget
-nobody asked to undercut (tools/bench_search.py). The recorded action is the one actually taken (κ of the clipped k_t mapped
+nobody asked to undercut (bench/bench_search.py). The recorded action is the one actually taken (κ of the clipped k_t mapped
 back to [−1, 1]), so the critic learns about what happened, not about what was asked for.
 
 Cost models, both of the form cost(r) with r the keep ratios of the searched groups:

@@ -33,7 +33,7 @@ def default_reduce_range(style: str) -> bool:
     """7-bit weights for ort-cpu on x86 without VNNI, where u8 x s8 products saturate (see qparams.py); else 8-bit.
 
     Measured on this project's AVX2 machine: CIFAR ResNet-56 int8 agreed with fp32 on 97.9% of test images with
-    8-bit weights and 99.6% with 7-bit ones (tools/bench_int8_cpu.py).
+    8-bit weights and 99.6% with 7-bit ones (bench/bench_int8_cpu.py).
     """
     return check_style(style) == "ort-cpu" and cpu_lacks_vnni()
 

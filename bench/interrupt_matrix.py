@@ -7,7 +7,7 @@ output is byte-identical (or, if the build finished first, whether the new outpu
 was left next to the output folder, and for SIGKILL (which nothing can handle) whether the next build's stale
 cleanup removes the leftovers.
 
-    .venv/bin/python tools/interrupt_matrix.py [--recipe recipes/quickstart.yaml] [--jobs 2] [--json out.json]
+    .venv/bin/python bench/interrupt_matrix.py [--recipe recipes/quickstart.yaml] [--jobs 2] [--json out.json]
 """
 
 from __future__ import annotations
