@@ -153,7 +153,9 @@ class MeasureSection:
     runs: int = spec(100, "timed runs per engine (at least 50)", lo=50, hi=MAX_COUNT)
     rounds: int = spec(5, "before/after engines alternate over this many rounds", lo=1,
                         hi=1000)
-    parity_tolerance: float = spec(1e-3, "largest allowed |engine - PyTorch| on the logits", lo=0.0, lo_open=True)
+    parity_tolerance: float = spec(1e-3, "absolute floor of the parity tolerance on the outputs; the rule scales it "
+                                   "with their magnitude and the precision (docs/methods/parity_tolerance.md)",
+                                   lo=0.0, lo_open=True)
     parity_samples: int = spec(64, "inputs used for the parity check", lo=1, hi=MAX_BATCHED)
     int8_min_agreement: float = spec(0.9, "int8 engines: least top-1 agreement with PyTorch on real images",
                                      lo=0.0, hi=1.0)
