@@ -63,8 +63,8 @@ class SimulatedTargets:
                     return ms
                 return run
 
-            stats = time_interleaved({"original": runner(self.latency(None)), "candidate": runner(self.latency(c.module))},
-                                     **self.protocol)
+            runners = {"original": runner(self.latency(None)), "candidate": runner(self.latency(c.module))}
+            stats = time_interleaved(runners, **self.protocol)
             free[w] += self.build_s + spent[0] / 1e3
             self.device_s += self.build_s + spent[0] / 1e3
             out.append((stats["candidate"].p50_ms, stats["original"].p50_ms))

@@ -69,7 +69,8 @@ def test_file_digest_is_the_sha256_of_the_bytes(tmp_path):
 
 
 class CountingMeasurer:
-    """Stands in for a Measurer (workers.py): (candidate, original) p50 pairs from the file's first byte; counts calls."""
+    """Stands in for a Measurer (workers.py): (candidate, original) p50 pairs, the candidate's from its file's first
+    byte; counts what it timed."""
 
     where = "stub"
 

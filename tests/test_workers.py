@@ -5,7 +5,6 @@ measurement cache across searches; and episodes that depend on the seed and the 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np

@@ -7,7 +7,8 @@ reward R (search/reward.py) is given to every transition of the episode, and aft
 gradient step per transition. Episodes go in batches of `batch`: the agent proposes `batch` plans with its current
 policy, they are evaluated together (`evaluate_batch(list of ratios) -> list of results`, which may time them
 concurrently on several workers), then observed and learned from in proposal order. So the episodes depend on the
-seed and the batch size only, never on which worker finished first; batch 1 is the sequential search. The last episode (when past the warm-up and `greedy_last`) plays the policy's mean
+seed and the batch size only, never on which worker finished first; batch 1 is the sequential search. The last
+episode (when past the warm-up and `greedy_last`) plays the policy's mean
 action instead of a sample, so the learned policy itself is evaluated once. A cost model with an
 `observe(keep_ratios, latency_ms)` method (LatencyModel) is corrected with each measured latency.
 
