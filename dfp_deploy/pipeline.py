@@ -86,13 +86,13 @@ def _load(recipe: Recipe):
                         input_shape=tuple(shape) if shape else None)
     from dfp_deploy.measure.dataset import check_file, check_labels
 
-        check_labels(recipe.eval.data, loaded.num_classes, recipe.eval.limit)
     c = recipe.compress
     for key, path in (("eval.data", recipe.eval.data), ("compress.calibration.data", c.calibration.data),
                       ("compress.bn_adapt.data", c.bn_adapt.data), ("search.proxy_data", recipe.search.proxy_data)):
         if path and path != "synthetic":
             check_file(path, key)
     if recipe.eval.data:
+        check_labels(recipe.eval.data, loaded.num_classes, recipe.eval.limit)
     return loaded
 
 
