@@ -382,8 +382,11 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
 
     stage("exporting ONNX")
     dyn = recipe.export.dynamic_batch
-    exp_before = export_onnx(model, example, work / "original.onnx", dynamic_batch=dyn, opset=recipe.export.opset)
-    exp_after = export_onnx(compressed, example, work / "model.onnx", dynamic_batch=dyn, opset=recipe.export.opset)
+    exports = cache_dir() / "onnx"  # the unchanged original is exported once per machine, not once per build
+    exp_before = export_onnx(model, example, work / "original.onnx", dynamic_batch=dyn, opset=recipe.export.opset,
+                             cache=exports)
+    exp_after = export_onnx(compressed, example, work / "model.onnx", dynamic_batch=dyn, opset=recipe.export.opset,
+                            cache=exports)
 
     stage(f"building {t.backend} engines: original fp32, compressed {t.precision} (batch {t.batch})")
     engine_onnx = exp_after.path
@@ -819,7 +822,7 @@ def _unrounded_engine(recipe: Recipe, loaded, analysis, plan: PrunePlan, example
     t = recipe.target
     model = _compress(recipe, loaded.module, analysis, plan, adapt_inputs=adapt_inputs).eval()
     path = export_onnx(model, example, work / ".unrounded.onnx", dynamic_batch=recipe.export.dynamic_batch,
-                       opset=recipe.export.opset).path
+                       opset=recipe.export.opset, cache=cache_dir() / "onnx").path
     if t.precision == "int8":
         path = _int8_onnx(recipe, loaded, model, example, path, work / ".unrounded.int8.onnx", calib_images)
     engine = backend.build(path, precision=t.precision, threads=t.threads, out_dir=work, torch_model=model)

@@ -39,6 +39,7 @@ from dfp_deploy.core import interrupts
 from dfp_deploy.core.atomic import atomic_path
 from dfp_deploy.core.errors import ExportError, InputError
 from dfp_deploy.core.modes import eval_mode
+from dfp_deploy.export import export_cache
 from dfp_deploy.export.validate import one_line, validate_onnx
 
 MIN_OPSET = 17  # project floor; per-channel Q/DQ (the axis attribute) itself needs only 13
@@ -160,20 +161,31 @@ def _summarise(temp: Path, final: Path, opset: int, dynamic_batch: bool, exporte
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, *, dynamic_batch: bool = False,
-                opset: int = 18, optimize: bool = True) -> ExportResult:
+                opset: int = 18, optimize: bool = True, cache: Path | None = None) -> ExportResult:
     """Export `model` at `example_input`'s shape (batch fixed unless dynamic_batch) to `path`, validated.
 
     optimize=False skips the onnxscript optimizer, so BatchNormalization nodes stay in the graph (with the same
-    tensor names as the optimized export): the data-free activation ranges are read from them.
+    tensor names as the optimized export): the data-free activation ranges are read from them. With `cache` (a
+    folder), an export of the same computation and settings is reused (export_cache.py); it is validated anew.
     """
     _check_arguments(model, example_input, opset)
     path = Path(path)
     with eval_mode(model), atomic_path(path) as temp:
-        exporter = _run_exporter(model, example_input, temp, dynamic_batch, opset, optimize)
-        # an interrupt lost inside the exporter (raised in a destructor, so only printed) still stops here
-        interrupts.raise_if_received()
-        if not temp.is_file():
-            raise ExportError(f"ONNX export of {type(model).__name__} wrote no file")
-        validate_onnx(temp)
+        key = exporter = None
+        if cache is not None:
+            key = export_cache.export_key(model, example_input, opset=opset, dynamic_batch=dynamic_batch,
+                                          optimize=optimize, exporter_source=Path(__file__))
+            exporter = export_cache.fetch(cache, key, temp)
+        if exporter is None:
+            exporter = _run_exporter(model, example_input, temp, dynamic_batch, opset, optimize)
+            # an interrupt lost inside the exporter (raised in a destructor, so only printed) still stops here
+            interrupts.raise_if_received()
+            if not temp.is_file():
+                raise ExportError(f"ONNX export of {type(model).__name__} wrote no file")
+            validate_onnx(temp)
+            if key is not None:
+                export_cache.store(cache, key, temp, exporter)
+        else:
+            validate_onnx(temp)
         result = _summarise(temp, path, opset, dynamic_batch, exporter)
     return result
