@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -123,22 +124,33 @@ def test_real_signals_keep_the_previous_output(tmp_path):
         out = tmp_path / sig.name / "out"
         out.parent.mkdir()
         before = _previous_output(out)
+        # an empty cache of its own: the export really runs (a cached export would be over before the signal)
+        env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / f"cache-{sig.name}")}
         proc = subprocess.Popen([sys.executable, "-m", "dfp_deploy.cli", "build", str(QUICKSTART), "--out", str(out),
                                  "--set", "measure.latency=false", "--set", "compress.reconstruct=none",
                                  "--set", "compress.prune.importance=l2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, cwd=tmp_path)
+                                text=True, cwd=tmp_path, env=env)
         runs.append((sig, line, delay, out, before, proc))
+
+    def interrupt(sig, line, delay, proc) -> list[str]:
+        # each build is watched by its own thread: read one after the other, a later build could finish before
+        # its turn and the signal would land after the build
+        seen = []
+        while not any(s.startswith(line) for s in seen):
+            text = proc.stderr.readline()
+            if not text:
+                return seen + [f"(the build ended before {line!r})"]
+            seen.append(text)
+        time.sleep(delay)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        return seen + err.splitlines(keepends=True)
+
     try:
-        for sig, line, delay, out, before, proc in runs:
-            seen = []
-            while not any(s.startswith(line) for s in seen):
-                text = proc.stderr.readline()
-                assert text, f"{sig.name}: the build ended before {line!r}: {seen}"
-                seen.append(text)
-            time.sleep(delay)
-            proc.send_signal(sig)
-            _, err = proc.communicate(timeout=120)
-            messages = [s for s in seen + err.splitlines(keepends=True) if not s.startswith("[")]
+        with ThreadPoolExecutor(max_workers=len(runs)) as pool:
+            lines = list(pool.map(lambda run: interrupt(run[0], run[1], run[2], run[5]), runs))
+        for (sig, line, delay, out, before, proc), printed in zip(runs, lines):
+            messages = [s for s in printed if not s.startswith("[")]
             assert proc.returncode == 128 + sig, (sig.name, proc.returncode, messages)
             assert [m.strip() for m in messages] == [f"interrupted ({sig.name}): the output folder was left as it "
                                                      "was, no staging folder left"], messages
