@@ -102,7 +102,43 @@ def _example_input(loaded, batch: int, seed: int) -> torch.Tensor:
 
 
 def _round_to(recipe: Recipe) -> int:
-    return recipe.compress.prune.round_to or default_round_to(recipe.target.backend, recipe.target.precision)
+    return _round_to_source(recipe)[0]
+
+
+def _round_to_source(recipe: Recipe) -> tuple[int, str]:
+    """The channel multiple and where it came from: the recipe, else the target's stored latency fingerprint
+    (`dfp-deploy fingerprint`, measured), else the table of default_round_to (assumed)."""
+    if recipe.compress.prune.round_to:
+        return recipe.compress.prune.round_to, "recipe"
+    t = recipe.target
+    stored = _stored_fingerprint(t.backend, t.precision, t.batch, t.threads)
+    if stored is not None:
+        fingerprint, path = stored
+        return fingerprint.multiple, f"fingerprint {path}"
+    return default_round_to(t.backend, t.precision), "table (no fingerprint stored for this target)"
+
+
+def _fingerprint_key(backend, backend_name: str, precision: str, batch: int, size: int, threads: int | None):
+    from dfp_deploy.export.probe import PROBE_OPSET
+    from dfp_deploy.measure import fingerprint as fp
+
+    info = backend.info()
+    return fp.make_key(device=info.device, backend=backend_name, precision=precision, batch=batch, size=size,
+                       threads=threads, versions={backend_name: info.version, "probe-opset": str(PROBE_OPSET)})
+
+
+def _stored_fingerprint(backend_name: str, precision: str, batch: int, threads: int | None, size: int = 14):
+    """(Fingerprint, path) stored for exactly this target, or None (also when the backend cannot run here)."""
+    from dfp_deploy.backends.registry import get_backend
+    from dfp_deploy.measure import fingerprint as fp
+
+    backend = get_backend(backend_name)
+    if not backend.info().available:
+        return None
+    key = _fingerprint_key(backend, backend_name, precision, batch, size, threads)
+    folder = cache_dir() / "fingerprints"
+    stored = fp.load(key, folder)
+    return (stored, folder / key.file_name()) if stored is not None else None
 
 
 def _planner(recipe: Recipe, model, analysis, *, round_to: int | None = None, allocation: str | None = None,
@@ -456,7 +492,8 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": {"name": loaded.name, "weights": loaded.weights, "input_shape": list(loaded.input_shape)},
         **sizes,
-        "prune": {**_prune_summary(analysis, plan), "selection": _selection_report(recipe, search_report)},
+        "prune": {**_prune_summary(analysis, plan), "selection": _selection_report(recipe, search_report),
+                  "round_to": dict(zip(("value", "source"), _round_to_source(recipe)))},
         "compress": {"reconstruct": recipe.compress.reconstruct,
                      "udfc_form": recipe.compress.udfc_form if recipe.compress.reconstruct == "udfc" else None,
                      "weight_bits": recipe.compress.quantize.weight_bits,
@@ -667,7 +704,9 @@ def _latency_model(recipe, model, analysis, space, example, work, backend, plan_
     except BaseException:
         timer.close()  # worker processes or actors must not outlive a failed search
         raise
-    cost = LatencyModel(space, block=default_round_to(t.backend, t.precision))
+    # the block a partly filled channel group is charged as: measured when the target has a fingerprint
+    stored = _stored_fingerprint(t.backend, t.precision, t.batch, t.threads)
+    cost = LatencyModel(space, block=stored[0].multiple if stored else default_round_to(t.backend, t.precision))
     cost.observe(_np.ones(space.size), timer.reference_ms)
     cost.observe(floor_keep, floor_ms, prior=True)
     return cost, timer, {"measured_ms": {"original": timer.reference_ms, "floor": floor_ms},
@@ -941,7 +980,7 @@ def fingerprint(backend_name: str, precision: str, batch: int, *, size: int = 14
 
     from dfp_deploy.backends.registry import get_backend
     from dfp_deploy.core.errors import BackendUnavailable
-    from dfp_deploy.export.probe import PROBE_OPSET, write_conv_probe
+    from dfp_deploy.export.probe import write_conv_probe
     from dfp_deploy.measure import fingerprint as fp
 
     backend = get_backend(backend_name)
@@ -949,8 +988,7 @@ def fingerprint(backend_name: str, precision: str, batch: int, *, size: int = 14
     if not info.available:
         raise BackendUnavailable(f"--backend: {backend_name} is unavailable here: {info.reason}")
     folder = Path(folder) if folder is not None else cache_dir() / "fingerprints"
-    key = fp.make_key(device=info.device, backend=backend_name, precision=precision, batch=batch, size=size,
-                      threads=threads, versions={backend_name: info.version, "probe-opset": str(PROBE_OPSET)})
+    key = _fingerprint_key(backend, backend_name, precision, batch, size, threads)
     if not refresh:
         stored = fp.load(key, folder)
         if stored is not None:

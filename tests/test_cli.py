@@ -65,6 +65,7 @@ def test_build_writes_the_report_contract(built):
     assert r["parity"]["max_abs_err"] <= 1e-3
     assert 0 <= r["accuracy"]["before"] <= 100 and r["accuracy"]["n"] == 24
     assert r["recipe"]["compress"]["prune"]["ratio"] == 0.4
+    assert r["prune"]["round_to"]["value"] >= 1 and r["prune"]["round_to"]["source"]
     assert "torch" in r["environment"]
     for name in ("model.onnx", "original.onnx", "model.pt", "plan.json", "report.md"):
         assert (out / name).is_file(), name

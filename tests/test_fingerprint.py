@@ -96,3 +96,26 @@ def test_cli_measures_a_real_ort_target_once_then_reuses_it(tmp_path, monkeypatc
     assert data["multiple"] in fp.CANDIDATES
     second = CliRunner().invoke(main, args)
     assert second.exit_code == 0 and "reused" in second.output
+
+
+def test_a_stored_fingerprint_sets_the_default_channel_multiple(tmp_path, monkeypatch):
+    from dfp_deploy import pipeline
+    from dfp_deploy.recipe import load_recipe
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {name: cifar_resnet20}\ntarget: {backend: ort-cpu, batch: 2, threads: 1}\n")
+    recipe = load_recipe(path, [])
+    value, source = pipeline._round_to_source(recipe)
+    assert source.startswith("table") and value == pipeline.default_round_to("ort-cpu", "fp32")
+
+    # a fingerprint of exactly this target (device, backend, precision, batch, threads, versions) says 4
+    backend = __import__("dfp_deploy.backends.registry", fromlist=["get_backend"]).get_backend("ort-cpu")
+    key = pipeline._fingerprint_key(backend, "ort-cpu", "fp32", 2, 14, 1)
+    truth = dict(zip(CHANNELS, [0.05 + 1e-4 * _up(c, 4) ** 2 for c in CHANNELS]))
+    stored = fp.save(fp.measure(key, lambda c: (lambda: float(truth[c])), warmup=1, runs=50, rounds=5),
+                     tmp_path / "dfp-deploy" / "fingerprints")
+    assert pipeline._round_to_source(recipe) == (4, f"fingerprint {stored}")
+    # another batch is another target: back to the table; a recipe value always wins
+    assert pipeline._round_to_source(load_recipe(path, ["target.batch=8"]))[1].startswith("table")
+    assert pipeline._round_to_source(load_recipe(path, ["compress.prune.round_to=2"])) == (2, "recipe")

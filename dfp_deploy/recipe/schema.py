@@ -62,7 +62,8 @@ class PruneSection:
     statistics: Literal["model", "calibration"] = spec(
         "model", "where the lmmse selection gets the activations' covariance: model (data-free, from weights and "
         "BatchNorm statistics) or calibration (measured on compress.calibration.data)")
-    round_to: int | None = spec(None, "kept channel counts snap to this multiple (default: what the target likes)",
+    round_to: int | None = spec(None, "kept channel counts snap to this multiple (default: the multiple measured "
+                                "by the target's stored `dfp-deploy fingerprint`, else a per-target table)",
                                 lo=1, hi=MAX_CHANNELS)
     min_channels: int = spec(1, "never keep fewer channels than this in a group", lo=1, hi=MAX_CHANNELS)
     include_residual: bool = spec(False, "also prune channel groups tied across residual adds")
