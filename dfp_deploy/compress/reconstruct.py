@@ -1,98 +1,20 @@
 """Data-free closed-form reconstruction: re-express pruned or quantized channels through the kept ones, in the next layer.
 
-Setting. A compensable group ("site") is: producer P (conv/linear) → BN → activation f → [depthwise conv → BN → f]
-→ consumers (conv/linear). Channel c's BN output is y_c = ŵ_c·x + b̂_c with the BN-folded filter ŵ_c = (γ_c/σ_c)·W_c
-and bias b̂_c = β_c − γ_c μ_c/σ_c, σ_c = sqrt(var_c + eps) (bnfold.py); its activation is a_c = f(y_c). A consumer
-computes Z = Σ_c W'_c ⊛ a_c. If a_c ≈ Σ_k M[c,k]·a_k + d_c over the kept channels k, then
-Z ≈ Σ_k (Σ_c W'_c M[c,k]) ⊛ a_k + Σ_c W'_c d_c: the consumer's new input column k is Σ_c W'_c M[c,k] (prune.py
-applies it) and the constant Σ_c W'_c d_c goes into the consumer's bias (or the BN after it). M is the "mixing"
-(C × K); plain pruning is the selection matrix, d = 0. Every method below only chooses M (and d).
+A compensable site is producer conv/linear → BN → activation f → [depthwise conv → BN → f] → consumers. If a pruned
+channel's activation a_c ≈ Σ_k M[c,k]·a_k + d_c over the kept channels k, each consumer's new input column k is
+Σ_c W'_c M[c,k] and Σ_c W'_c d_c goes into its bias; every method only chooses the mixing M (C × K) and d:
+1. Neuron Merging: a_p = z·a_q exactly when the BN-folded filters are proportional; q by cosine and bias distance.
+2. UDFC: s* = (⟨ŵ_p,ŵ_q⟩ + α b̂_p b̂_q)/(‖ŵ_q‖² + α b̂_q²) minimises the data-free bound ‖ŵ_p − s ŵ_q‖² + α(b̂_p − s b̂_q)²;
+   the vector form takes s ≥ 0 over several partners by NNLS; a quantized kept channel gets its own rescale s'*;
+   merges into quantized consumers are guarded against widening their rounding grid (`guard_merges`).
+3. lmmse: M = C_{a,â_K} C_{â_K â_K}^{-1}, d = E[a] − M E[â_K] under a Gaussian model from weights and BN statistics
+   (moments by 1-D quadrature); quantized convs are bias-corrected.
+Channel selection (`select_plan`) eliminates greedily the channel whose loss raises the consumers' lmmse error
+E(K) = tr(G·(C − C_{:,K} C_KK^{-1} C_{K,:})) least. `find_site` decides where compensation is valid (residual
+groups never; ReLU6 merges approximate; depthwise sites through both stages).
 
-1. Neuron Merging (Kim et al. 2020). If ŵ_p = z·ŵ_q and b̂_p = z·b̂_q with z > 0, then y_p = z·y_q and, since ReLU
-   is positively homogeneous, a_p = f(z·y_q) = z·a_q EXACTLY, so M[p,q] = z restores Z exactly. In raw terms,
-   W_p = s·W_q gives ŵ_p = s·(γ_p/σ_p)(σ_q/γ_q)·ŵ_q, i.e. z = s·γ_p·σ_q / (γ_q·σ_p) — with σ, the standard deviation;
-   using running_var in place of σ (PAPERS.md §4 pitfall 1) is wrong whenever var_p ≠ var_q (tested). In general we
-   take q = the kept channel minimising λ·(1 − cos(ŵ_p, ŵ_q)) + (1 − λ)·(min-max normalised |b̂_p − z b̂_q|) among
-   those with cos ≥ t, and z = ‖ŵ_p‖/‖ŵ_q‖ (the exact scale when cos = 1); no candidate → plain drop.
-
-2. UDFC (Bai et al. 2023), our derivation. ReLU is 1-Lipschitz and positively homogeneous, so for s ≥ 0
-       |a_p − s·a_q| = |f(y_p) − f(s·y_q)| ≤ |(ŵ_p − s ŵ_q)·x + (b̂_p − s b̂_q)|.
-   With the unknown input statistics collapsed into one weight α (x isotropic, E x x^T ∝ I), the data-free bound is
-       ℓ_p(s) = ‖ŵ_p − s ŵ_q‖² + α (b̂_p − s b̂_q)²,   minimised by   s* = (⟨ŵ_p,ŵ_q⟩ + α b̂_p b̂_q)/(‖ŵ_q‖² + α b̂_q²),
-   with ℓ_p(s*) = ℓ_p(0) − (⟨ŵ_p,ŵ_q⟩ + α b̂_p b̂_q)²/(‖ŵ_q‖² + α b̂_q²) ≤ ℓ_p(0) (plain pruning), always. q = argmin
-   over kept channels of ℓ_p(s*), s* ≤ 0 → plain drop (the bound needs s ≥ 0). The vector form a_p ≈ Σ_k s_k a_k
-   over several kept channels, s ≥ 0 (recipe `compress.udfc_form: vector`, `multi` here), takes s by non-negative
-   least squares over the rows [ŵ, √α b̂], i.e. it minimises the same surrogate for |y_p − u|, u = Σ_k s_k y_k. Its
-   bound has one more term. ReLU is positively homogeneous and subadditive, so f(u) ≤ Σ s_k f(y_k); and f(u) ≥ u =
-   Σ s_k (f(y_k) − f(−y_k)). Hence 0 ≤ Σ s_k f(y_k) − f(u) ≤ Σ s_k f(−y_k), and with the 1-Lipschitz step above
-       |a_p − Σ_k s_k a_k| ≤ |y_p − Σ_k s_k y_k| + Σ_k s_k f(−y_k)
-   (tight: y_p = 1, y = (2, −1), s = (1, 1) gives 1 ≤ 0 + 1). The extra term is the part of a partner's input that
-   its ReLU cut off; it vanishes wherever every partner is active, and for a single partner (f(s y_q) = s f(y_q)
-   exactly), which is why the merge's bound needs no such term. NNLS does not minimise that term: the vector form
-   has a bound, but not a minimised one. Measured better than single merges at −50 % MACs on ResNet-56
-   (docs/BENCHMARKS.md), so it is a recipe option; merge stays the default (the published form). Depthwise sites
-   always merge (the vector form has no second-stage term for the dw kernels).
-   Quantization of a kept channel, compensated by its own next-layer column (M[c,c] = s'): the deployed activation is
-   â_c = f(Q(ŵ_c)·x + b̂_c) and a_c ≈ s'·â_c with error bounded by ‖ŵ_c − s' Q(ŵ_c)‖² + α' b̂_c² (1 − s')², minimised by
-       s'* = (⟨ŵ_c, Q(ŵ_c)⟩ + α' b̂_c²) / (‖Q(ŵ_c)‖² + α' b̂_c²).
-   Joint: the kept filters are quantized first, pruned channels merge into the QUANTIZED partners (Q(ŵ_q) replaces
-   ŵ_q in s*), M[q,q] = s'_q, and the consumers' updated weights are quantized last (so their own quantization sees
-   the final weights). α, α': DEFAULT_ALPHA / DEFAULT_ALPHA_Q, chosen by measurement (bench/bench_reconstruct.py
-   --sections tune, ResNet-56, tuning images only: 1000 exact train + 3000 JPEG test images 5000..7999): α = 0.01
-   (α ≤ 0.01 ties at −30% MACs, 0.01 best at −50%; ≥ 0.1 loses 1-4 points); α' = 1 (w3: 90.5 / 67.1 train / JPEG
-   top-1 against 85.6 / 62.2 at the paper's 0.01; w4 flat within noise for α' from 0.001 to 10); the NM threshold
-   t = 0.1 (0.3 and 0.5 lose 2-19 points). The NNLS vector form (multi) measured better than single merges there
-   (+1.6 / +7.6 at −30%, +6.0 / +5.8 at −50%) but has no bound; it stays an option.
-2b. UDFC merges into QUANTIZED consumers (`guard_merges`). Merging p into q adds s·W'_p to the consumer's
-   column q. Per-channel rounding puts each consumer row o on the grid max_j |W'[o, j]| / qmax, so when several
-   pruned channels pile onto one "hub" column, the row's grid widens and every other weight of the row is rounded
-   more coarsely (EfficientNet-Lite0: one kept expand channel took 7 merges; 6-bit rounding error of the project
-   convs rose from ~3% to 8-24% and top-1 fell from 69 to 20; docs/BENCHMARKS.md). The bound of 2. says nothing
-   about this: it is computed before the consumer is rounded. So, when the consumer is quantized, merges are
-   taken greedily in order of the energy the pruned channel fed the consumers (Σ‖W'_p‖²·E[y_p²]) and a merge is
-   kept only if no row of any quantized consumer then exceeds (1 + g) × its maximum without merges; otherwise p
-   is dropped plainly. g = MERGE_GRID_GROWTH (∞ = no guard); unquantized consumers are never guarded. g = 1 was
-   chosen on tuning images only (ResNet-56 train-1000 / JPEG-3000; Lite0: label-free agreement with the original
-   on 300 sample1000 images): at g ≥ 1 every ResNet-56 cell (r 0.3 / 0.5, l2 / lmmse-macs, w4 / w6) equals g = ∞,
-   while g ≤ 0.5 loses up to 4.5 points there; on Lite0 (lmmse-macs, r 0.1) g = 1 lifts w6 agreement from 22.3 to
-   73.7 (plain pruning 73.3) and w8 from 80.3 to 84.3 (bench/bench_reconstruct.py numbers in docs/BENCHMARKS.md).
-   Neuron Merging stays as published (unguarded): the guard was tuned for UDFC only, and on NM it was mixed.
-
-3. "lmmse" (ours): the linear minimum-mean-square-error estimate of every channel's activation from the kept
-   channels' deployed activations, under a Gaussian model built only from weights and BN statistics:
-   y_c ~ N(β_c, γ_c²) (exactly the BN output's mean and variance over the training data) with correlation
-   ρ_cd = cos(ŵ_c, ŵ_d) (the correlation if the input were isotropic). Quantized deployed channels ŷ_k get
-   std |γ_k|·‖Q(ŵ_k)‖/‖ŵ_k‖, correlation cos(ŵ_c, Q(ŵ_k)) and mean β_k (their BN mean is bias-corrected, below).
-   E[f(y)] and E[f(y_c) f(y_d)] follow by 1-D quadrature (y_d | y_c is Gaussian; E[f] of a Gaussian is closed form).
-   Then, with C_xy the covariances of the activations,
-       M = C_{a,â_K} C_{â_K â_K}^{-1},   d = E[a] − M E[â_K]
-   minimises E‖a − M â_K − d‖² (hence E‖W'(a − M â_K − d)‖² for every consumer W' at once). Unlike 1. and 2. it
-   uses the BN means (a channel that is nearly constant is replaced by its mean, the main loss of plain pruning),
-   needs no hyper-parameter, and allows negative coefficients (they act after the activation, no homogeneity needed).
-   Quantized convs are also bias-corrected (DFQ): δ = (Q(W) − W)·E[x] is removed from their output, with E[x]
-   the known activation means for a site's consumers, and otherwise estimated from the layer's own BN running mean
-   (Σ_taps W)·m = μ − bias, solved for m ≥ 0 (non-negative least squares; inputs are post-ReLU in our models).
-
-Channel selection (`select_plan`): for a site, the mean-square error left in the consumers' BN-normalised outputs
-after lmmse reconstruction is E(K) = tr(G·(C − C_{:,K} C_KK^{-1} C_{K,:})), G = Σ_consumers Σ_taps W'_t^T W'_t
-(rows scaled by the consumer's BN γ/σ). Greedy backward elimination removes the channel whose loss raises E least;
-with budget="macs" the groups compete for one MAC budget on ΔE/(tr(G C)·MACs saved).
-
-Validity (`find_site`): compensation needs the group's only path to its consumers to be per-channel: one dense
-producer, a BN after it, then relu / relu6 / nothing, optionally one depthwise conv + BN + the same activation,
-spatial pooling/flatten/pad. Everything else gets plain selection (M = selection, d = 0):
-- residual (add-coupled) groups: a pruned stream channel also vanishes from the skip path and from every later block,
-  none of which a consumer-side column can repair; its producers are several convs, so there is no single filter to
-  merge. Plain selection (make_plan skips these groups by default).
-- ReLU6: homogeneous only below the clip, so NM/UDFC merges are exact only while z·a_q < 6; we merge anyway
-  (approximation). lmmse integrates the clipped Gaussian exactly.
-- depthwise sites (EfficientNet expand → dw → project): channel p's information reaches the projection through its
-  own dw kernel κ_p, BN and activation. A merge p→q is exact iff the first stage is proportional (a_p = z a_q) AND the
-  second is: κ̂_p·z = t·κ̂_q and h_p = t·h_q (κ̂ = BN-folded dw kernel, h its folded bias); then u_p = t·u_q. NM merges
-  only when both cosines pass the threshold, with t = z‖κ̂_p‖/‖κ̂_q‖; UDFC adds the stage-2 bound
-  ‖z κ̂_p − t κ̂_q‖² + α(h_p − t h_q)² to ℓ_p and uses its minimiser t*. UDFC's s' rescale is not valid there (the dw
-  BN adds a bias after the rescaled activation), so quantized dw sites get no s'. lmmse propagates the moments:
-  dw outputs are correlated as corr(a_c, a_d)·cos(κ_c, κ_d) (spatially white activations), mean/std from the dw BN.
+The derivations, error bounds, validity conditions and the measurements that chose α, α', the merge threshold and
+the grid guard are in docs/methods/reconstruction.md.
 """
 
 from __future__ import annotations
