@@ -5,8 +5,9 @@ channel's activation a_c ≈ Σ_k M[c,k]·a_k + d_c over the kept channels k, ea
 Σ_c W'_c M[c,k] and Σ_c W'_c d_c goes into its bias; every method only chooses the mixing M (C × K) and d:
 1. Neuron Merging: a_p = z·a_q exactly when the BN-folded filters are proportional; q by cosine and bias distance.
 2. UDFC: s* = (⟨ŵ_p,ŵ_q⟩ + α b̂_p b̂_q)/(‖ŵ_q‖² + α b̂_q²) minimises the data-free bound
-   ‖ŵ_p − s ŵ_q‖² + α(b̂_p − s b̂_q)²; the vector form takes s ≥ 0 over several partners by NNLS; a quantized kept channel gets its own rescale s'*;
-   merges into quantized consumers are guarded against widening their rounding grid (`guard_merges`).
+   ‖ŵ_p − s ŵ_q‖² + α(b̂_p − s b̂_q)²; the vector form takes s ≥ 0 over several partners by NNLS; a quantized
+   kept channel gets its own rescale s'*; merges into quantized consumers are guarded against widening their
+   rounding grid (`guard_merges`).
 3. lmmse: M = C_{a,â_K} C_{â_K â_K}^{-1}, d = E[a] − M E[â_K] under a Gaussian model from weights and BN statistics
    (moments by 1-D quadrature); quantized convs are bias-corrected.
 Channel selection (`select_plan`) eliminates greedily the channel whose loss raises the consumers' lmmse error
