@@ -39,7 +39,7 @@ _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 class _Cli(click.Group):
-    """Turns expected failures into one line on stderr and the documented exit code (DESIGN.md)."""
+    """Turns expected failures into one line on stderr and the documented exit code (docs/ARCHITECTURE.md)."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:

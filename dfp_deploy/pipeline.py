@@ -28,7 +28,7 @@ REPORT_NAME = "report.json"
 
 
 def default_round_to(backend: str, precision: str) -> int:
-    """Channel multiple a target likes (DESIGN.md): TensorRT int8 tensor cores want 32, fp16 8; CPUs the block of
+    """Channel multiple a target likes (docs/ARCHITECTURE.md): TensorRT int8 tensor cores want 32, fp16 8; CPUs the block of
     their NCHWc conv layout (core/env.cpu_channel_block: 8 with AVX2, 16 with AVX-512)."""
     if backend in ("tensorrt", "ort-cuda", "torch-cuda"):
         return 32 if precision == "int8" else 8

@@ -1,4 +1,4 @@
-"""Frozen artifacts that stages hand to each other (DESIGN.md: stages never reach into each other's internals)."""
+"""Frozen artifacts that stages hand to each other (docs/ARCHITECTURE.md: stages never reach into each other's internals)."""
 
 from __future__ import annotations
 

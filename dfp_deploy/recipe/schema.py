@@ -1,6 +1,6 @@
 """The recipe schema: one frozen dataclass per section; field metadata carries the allowed range and help text.
 
-Keys marked "contract" in DESIGN.md (model.weights, eval.data, compress.prune.ratio, compress.reconstruct,
+The stable keys listed in the README (model.weights, eval.data, compress.prune.ratio, compress.reconstruct,
 compress.quantize.weight_bits, compress.calibration.*, target.backend, target.precision, target.batch,
 search.episodes) keep their names and meanings forever; add keys freely, rename never.
 """
