@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dfp_deploy.measure.cache import MeasurementCache, file_digest, make_key
+from dfp_deploy.core.digest import file_sha256
+from dfp_deploy.measure.cache import MeasurementCache, make_key
 from dfp_deploy.measure.workers import Candidate, CandidateTimer, TargetSpec
 
 PROTOCOL = {"warmup": 1, "runs": 50, "rounds": 5}
@@ -61,11 +62,11 @@ def test_a_damaged_entry_is_refused_not_raised(tmp_path):
     assert cache.refused == 1 and "not a measurement entry" in cache.notes[0]
 
 
-def test_file_digest_is_the_sha256_of_the_bytes(tmp_path):
+def test_file_sha256_is_the_sha256_of_the_bytes(tmp_path):
     import hashlib
 
     (tmp_path / "a.onnx").write_bytes(b"abc" * 1000)
-    assert file_digest(tmp_path / "a.onnx") == hashlib.sha256(b"abc" * 1000).hexdigest()
+    assert file_sha256(tmp_path / "a.onnx") == hashlib.sha256(b"abc" * 1000).hexdigest()
 
 
 class CountingMeasurer:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
-import hashlib
 import json
 import os
 import re
@@ -26,6 +25,7 @@ from pathlib import Path, PurePosixPath
 
 from dfp_deploy.core import interrupts
 from dfp_deploy.core.atomic import write_json_atomic
+from dfp_deploy.core.digest import file_sha256
 from dfp_deploy.core.errors import InputError
 
 try:
@@ -56,14 +56,6 @@ def resolve(out: Path) -> Path:
     """The folder to replace: a symlinked --out is followed to its target, so the link stays a link."""
     out = Path(out)
     return Path(os.path.realpath(out)) if out.is_symlink() else out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _header(state: str) -> dict:
@@ -102,7 +94,7 @@ def write_marker(folder: Path) -> dict:
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
         if rel != MARKER and path.is_file() and not path.is_symlink():
-            files[rel] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+            files[rel] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
     marker = {**_header("output"), "files": files}
     write_json_atomic(folder / MARKER, marker)
     return marker
@@ -173,7 +165,7 @@ def survey(folder: Path, marker: dict, *, verify: bool = True) -> Survey:
             if entry.is_dir(follow_symlinks=False) and rel in dirs:
                 walk(Path(entry.path), rel + "/")
             elif entry.is_file(follow_symlinks=False) and rel in files:
-                same = not verify or _sha256(Path(entry.path)) == files[rel]["sha256"]
+                same = not verify or file_sha256(Path(entry.path)) == files[rel]["sha256"]
                 (owned if same else changed).append(rel)
             else:
                 foreign.append(rel)

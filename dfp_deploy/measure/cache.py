@@ -22,15 +22,6 @@ from dfp_deploy.core.atomic import write_json_atomic
 FORMAT = 1  # bumped when an entry's meaning changes; an entry of another format is refused like another device's
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes (an exported ONNX file: its graph, plan and weights)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @dataclass(frozen=True)
 class MeasurementKey:
     candidate: str  # sha256 of the candidate's ONNX bytes

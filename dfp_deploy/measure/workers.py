@@ -34,8 +34,9 @@ from typing import Protocol
 
 import numpy as np
 
+from dfp_deploy.core.digest import file_sha256
 from dfp_deploy.core.errors import BackendUnavailable, InputError
-from dfp_deploy.measure.cache import MeasurementCache, file_digest, make_key
+from dfp_deploy.measure.cache import MeasurementCache, make_key
 from dfp_deploy.measure.latency import time_interleaved
 
 MAX_ATTEMPTS = 3  # a candidate that took down this many workers is reported, not retried forever
@@ -414,7 +415,7 @@ class CandidateTimer:
     def __init__(self, measurer: Measurer, original_onnx: Path, spec: TargetSpec, *,
                  cache: MeasurementCache | None = None, export: Callable[[object], Candidate] | None = None) -> None:
         self.measurer, self.spec, self.cache, self._export = measurer, spec, cache, export
-        self._original = file_digest(original_onnx)
+        self._original = file_sha256(original_onnx)
         self._target = measurer.describe()
         self.reference_ms: float | None = None
         self.timed = 0  # candidates given a latency (fresh or cached)
@@ -422,7 +423,7 @@ class CandidateTimer:
 
     def key(self, onnx: Path):
         s = self.spec
-        return make_key(candidate=file_digest(onnx), original=self._original, backend=s.backend, precision=s.precision,
+        return make_key(candidate=file_sha256(onnx), original=self._original, backend=s.backend, precision=s.precision,
                         batch=s.batch, threads=s.threads, device=self._target["device"],
                         versions=self._target["versions"])
 
