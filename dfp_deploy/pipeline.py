@@ -670,7 +670,7 @@ def _latency_model(recipe, model, analysis, space, example, work, backend, plan_
     fraction was the second point before: under load one noisy point tilted the line so far that a reachable
     latency budget of 0.5 on ResNet-56 was refused; docs/BENCHMARKS.md.) Returns the model, the timer that
     measures later candidates on the same scale (measure/workers.py CandidateTimer: on measure.workers, through the
-    measurement cache, as measure/relative.py does), and what was measured."""
+    measurement cache), and what was measured."""
     import itertools
 
     import numpy as _np

@@ -115,6 +115,18 @@ def test_a_second_timer_reuses_every_measurement_and_keeps_the_scale(tmp_path, f
     assert cache.hits == 2
 
 
+def test_a_load_change_between_candidates_cancels_out(files):
+    # run 1: original 10 ms, candidate a 5 ms; run 2 under double load: original 20 ms, candidate b 16 ms (0.8 of
+    # the original): 8 ms on the first run's scale, not the 16 ms measured under load
+    measurer = CountingMeasurer(original_ms=10.0)
+    timer = CandidateTimer(measurer, files["original"], spec())
+    assert timer.measure(Candidate(files["a"])) == 5.0 and timer.reference_ms == 10.0
+    measurer.original_ms = 20.0
+    measurer.measure = lambda cands: [(2 * float(Path(c.onnx).read_bytes()[0]), 20.0) for c in cands]
+    assert timer.measure(Candidate(files["b"])) == pytest.approx(8.0)
+    assert timer.timed == 2 and timer.reference_ms == 10.0
+
+
 def test_another_device_never_reads_this_devices_timings(tmp_path, files):
     cache = MeasurementCache(tmp_path / "cache")
     CandidateTimer(CountingMeasurer(), files["original"], spec(), cache=cache).measure(Candidate(files["a"]))

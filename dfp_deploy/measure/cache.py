@@ -1,6 +1,6 @@
 """Content-addressed store of candidate timings on a target, so a second search or build reuses what was measured.
 
-An entry is one interleaved run of a candidate against the original (measure/relative.py): the candidate's p50,
+An entry is one interleaved run of a candidate against the original (measure/workers.py): the candidate's p50,
 the original's p50 in that run and their ratio. It is filed under the sha256 of its key: the candidate's ONNX bytes
 (plan and weights alike), the original's ONNX bytes, backend, precision, batch, threads, the device that timed it and
 the runtime versions there. A cached ratio is only valid under exactly that key, so an entry whose recorded key

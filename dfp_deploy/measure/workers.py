@@ -3,7 +3,8 @@ actors that each hold one target device.
 
 Every implementation of `Measurer` returns, per candidate, the pair (p50 of the candidate, p50 of the original)
 from ONE interleaved run on one warm worker (measure/latency.py), so a worker's load or clock cancels out of the
-ratio; `CandidateTimer` puts the pairs on the original's scale as measure/relative.py does,
+ratio. A search times candidates minutes apart on shared machines, where load drifts by tens of percent between
+runs (docs/research/search.md); timing each candidate alone would compare them across those drifts. `CandidateTimer` therefore puts the pairs on the original's scale,
     ℓ(c) = ℓ_ref · p50(c) / p50(original, in c's run),   ℓ_ref = the original's p50 in the first candidate's run,
 where "first" is the order candidates were asked for, never the order workers finished in, and it reads and fills
 the measurement cache (measure/cache.py) around the measurer.

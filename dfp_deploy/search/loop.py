@@ -88,7 +88,7 @@ def run_search(space: SearchSpace, evaluate: Evaluate, *, episodes: int, warmup:
                scoring: dict | None = None, batch: int = 1,
                evaluate_batch: EvaluateBatch | None = None) -> SearchResult:
     """Search keep ratios for `space` under budget target · cost(1) (cost defaults to MACs); see module docstring.
-    `latency_reference_ms`: the scale measured latencies are on (measure/relative.py: the original's reading); logged
+    `latency_reference_ms`: the scale measured latencies are on (measure/workers.py CandidateTimer: the original's reading); logged
     with every measured episode so that a resumed search puts the logged readings on its own new scale.
     `scoring`: what `evaluate` depends on (plain data: the compression settings, the proxy and its inputs); a resume
     whose scoring changed is refused like one whose budget changed, since the logged proxies would no longer compare
