@@ -18,6 +18,7 @@ import onnx
 from dfp_deploy.backends.registry import BackendInfo
 
 MS_PER_CHANNEL = 0.25
+RAY_RESOURCE = "target:fake"  # the Ray custom resource the tests' cluster offers for this target
 
 
 def probe_channels(onnx_path: Path) -> int:

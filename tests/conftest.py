@@ -5,6 +5,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 torch.set_num_threads(1)
@@ -49,3 +50,18 @@ def pytest_terminal_summary(terminalreporter):
 def pytest_unconfigure(config):
     if "_golden" in sys.modules:
         sys.modules["_golden"].stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real local Ray cluster for the whole run (its start is most of the Ray tests' cost) offering two units of
+    the fake target's resource; its workers import the fake target from tests/."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'dfp-deploy[ray]')")
+    from _fake_target import RAY_RESOURCE
+    ray.init(address="local", num_cpus=2, resources={RAY_RESOURCE: 2}, include_dashboard=False,
+             logging_level="ERROR", log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -20,12 +20,11 @@ from dfp_deploy.search.agent import SacConfig
 from dfp_deploy.search.loop import run_search
 from dfp_deploy.search.space import build_space
 
-from _fake_target import MS_PER_CHANNEL
+from _fake_target import MS_PER_CHANNEL, RAY_RESOURCE
 from _helpers import Deep, example
 
 FAKE = "_fake_target:FakeTarget"
 SMALL = SacConfig(batch=16)
-TESTS = str(Path(__file__).parent)
 
 
 def spec(**options) -> TargetSpec:
@@ -238,18 +237,7 @@ def test_a_timed_batched_search_reads_known_latencies_and_its_second_run_times_n
 
 # --- Ray -------------------------------------------------------------------------------------------------------
 
-RESOURCE = "target:fake"
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'dfp-deploy[ray]')")
-    ray.init(address="local", num_cpus=2, resources={RESOURCE: 2}, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": TESTS}})
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+RESOURCE = RAY_RESOURCE  # offered twice by the session's cluster (conftest.ray_cluster)
 
 
 def ray_measurer(original, **kw):
