@@ -2,7 +2,7 @@
 
 For every prune ratio, the same plan (make_plan with --importance, or with --importance lmmse the lmmse channel
 selection, ChannelPlanner(importance="lmmse", allocation="uniform"), same kept counts) is scored as: plain pruning,
-UDFC and lmmse (dfp_deploy.compress.reconstruct.compress_model, data-free), then calibrate() with each calibration
+UDFC and lmmse (dfp_deploy.compress.repair.apply.compress_model, data-free), then calibrate() with each calibration
 source × size. One line of JSON per calibrated configuration is appended to --out, and a Markdown row is printed, e.g.
 
   python bench/bench_calibrate.py --model cifar_resnet56 --weights ../shared/models/resnet56-4bfd9763.th \\
@@ -18,9 +18,9 @@ Single-threaded by default (--threads 1). The lmmse selection of Lite0 takes min
 the plans (JSON, keyed by model, weights, importance and ratio) so later runs reuse them. --plan-json FILE ...
 calibrates given plans instead of uniform ratios: the plan.json of a build (e.g. the plan a `search:` recipe found),
 labelled by the file's folder name. --allocation macs / macs-abs (with --importance lmmse) spends the ratio's MAC cut
-across groups (selection.py); --statistics calibration chooses the channels from activations measured on each
-calibration input set in the original model (activation_stats.py; recipe key compress.prune.statistics), so the
-plan, and its data-free columns, are made per input set; --round-to snaps kept counts (the recipes use 4).
+across groups (compress/select/planner.py); --statistics calibration chooses the channels from activations measured
+on each calibration input set in the original model (compress/select/measured.py; recipe key
+compress.prune.statistics), so the plan, and its data-free columns, are made per input set; --round-to snaps kept counts (the recipes use 4).
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ import time
 import torch
 
 from dfp_deploy.analysis import analyze, count_macs
-from dfp_deploy.compress.activation_stats import measured_group_statistics
-from dfp_deploy.compress.calibrate import CalibrationLog, auto_batch, calibrate, load_calibration_inputs
-from dfp_deploy.compress.plan import make_plan
+from dfp_deploy.compress.calibrate.two_phase import CalibrationLog, auto_batch, calibrate, load_calibration_inputs
 from dfp_deploy.compress.prune import prune_model
-from dfp_deploy.compress.reconstruct import compress_model
-from dfp_deploy.compress.selection import ALLOCATIONS, RANKINGS, ChannelPlanner
+from dfp_deploy.compress.repair.apply import compress_model
+from dfp_deploy.compress.select.measured import measured_group_statistics
+from dfp_deploy.compress.select.plan import make_plan
+from dfp_deploy.compress.select.planner import ALLOCATIONS, ChannelPlanner, RANKINGS
 from dfp_deploy.core.types import PrunePlan
 from dfp_deploy.measure.dataset import load_images, to_tensor
 from dfp_deploy.models import load_model

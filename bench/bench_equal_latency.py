@@ -30,8 +30,8 @@ import torch
 
 from dfp_deploy.analysis import analyze, count_macs
 from dfp_deploy.backends.registry import get_backend
-from dfp_deploy.compress.reconstruct import compress_model
-from dfp_deploy.compress.selection import ChannelPlanner
+from dfp_deploy.compress.repair.apply import compress_model
+from dfp_deploy.compress.select.planner import ChannelPlanner
 from dfp_deploy.export.onnx_export import export_onnx
 from dfp_deploy.measure.accuracy import top1
 from dfp_deploy.measure.dataset import load_images, to_tensor

@@ -23,7 +23,7 @@ import torch
 
 from dfp_deploy.analysis import analyze, count_macs
 from dfp_deploy.backends.registry import get_backend
-from dfp_deploy.compress.selection import ChannelPlanner
+from dfp_deploy.compress.select.planner import ChannelPlanner
 from dfp_deploy.export.int8 import int8_onnx
 from dfp_deploy.export.onnx_export import export_onnx
 from dfp_deploy.measure.accuracy import top1
@@ -34,7 +34,7 @@ from dfp_deploy.models import load_model
 
 def variants(model, analysis, ratios: list[float], round_tos: list[int], importance: str, allocation: str,
              reconstruct: str, residual: bool):
-    from dfp_deploy.compress.reconstruct import compress_model
+    from dfp_deploy.compress.repair.apply import compress_model
 
     yield "original", model
     for include_residual in (False, True) if residual else (False,):

@@ -6,7 +6,7 @@ Sections (--sections, comma separated):
           [--jpeg-start, --jpeg-start + --tune-jpeg) (relative numbers only; disjoint from the exact test images)
   select  lmmse-macs allocation knobs (select_plan max_ratio × normalise) at --ratios, lmmse fp32, on the TUNING
           images of `tune` (never the test images)
-  guard   merge_grid_growth sweep (UDFC merges into quantized consumers, compress/reconstruct.py 2b): plain and
+  guard   merge_grid_growth sweep (UDFC merges into quantized consumers, compress/repair/udfc.guard_merges): plain and
           UDFC per growth (--growths) at --ratios × --full-selections × quantized --bits, on the tuning images of
           `tune` (CIFAR) or, for models without labelled tuning images, agreement with the original model on the
           first --guard-images of --calib (label-free)
@@ -53,9 +53,10 @@ import numpy as np
 import torch
 
 from dfp_deploy.analysis import analyze, count_macs
-from dfp_deploy.compress import reconstruct as R
-from dfp_deploy.compress.plan import make_plan
-from dfp_deploy.compress.quantize import edge_layers
+from dfp_deploy.compress.quantize.weights import edge_layers
+from dfp_deploy.compress.repair.apply import METHODS, compress_model
+from dfp_deploy.compress.select.lmmse import select_plan
+from dfp_deploy.compress.select.plan import make_plan
 from dfp_deploy.core.types import PrunePlan
 from dfp_deploy.measure.dataset import to_tensor
 from dfp_deploy.models import load_model
@@ -66,7 +67,7 @@ from data_root import add_data_root, fill  # noqa: E402
 from mdtable import markdown  # noqa: E402
 
 # prune table columns: --prune-methods name -> (label, compress_model method, its options). "udfc-multi" is UDFC's
-# non-negative least-squares vector form over several kept channels (reconstruct.py §2: no error bound)
+# non-negative least-squares vector form over several kept channels (docs/methods/reconstruction.md §2: no error bound)
 PRUNE_VARIANTS = {"none": ("plain", "none", {}), "neuron_merging": ("NM", "neuron_merging", {}),
                   "udfc": ("UDFC", "udfc", {}), "lmmse": ("lmmse", "lmmse", {}),
                   "udfc-multi": ("UDFC multi", "udfc", {"multi": True})}
@@ -91,7 +92,7 @@ def parse_args(argv=None):
                     help="channel selections of the prune table")
     ap.add_argument("--full-selections", default="l2,lmmse-macs",
                     help="selections that get every weight bit width (the others fp32 only)")
-    ap.add_argument("--prune-methods", default=",".join(R.METHODS),
+    ap.add_argument("--prune-methods", default=",".join(METHODS),
                     help="columns of the prune table: " + ", ".join(PRUNE_VARIANTS))
     ap.add_argument("--quant-methods", default="all",
                     help="comma-separated row labels of the quant table (default all), e.g. RTN,UDFC")
@@ -203,11 +204,11 @@ class Bench:
                 # lmmse-macs-abs: groups compete on ΔE itself, each keeping ≥ 30% (chosen by --sections select on
                 # the tuning images at r=0.5, ResNet-56)
                 extra = {"normalise": False, "max_ratio": 0.7} if selection == "lmmse-macs-abs" else {}
-                self._plans[key], _ = R.select_plan(self.model, self.analysis, ratio=ratio, budget=budget, **extra)
+                self._plans[key], _ = select_plan(self.model, self.analysis, ratio=ratio, budget=budget, **extra)
         return self._plans[key]
 
     def run(self, evaluate, plan, method, bits, **kw) -> tuple[dict, float]:
-        model = R.compress_model(self.model, self.analysis, plan, method=method,
+        model = compress_model(self.model, self.analysis, plan, method=method,
                                  weight_bits=None if bits == 32 else bits, **kw)
         return evaluate(model), self.macs_cut(model)
 
@@ -262,7 +263,7 @@ class Bench:
         for ratio in [float(r) for r in a.ratios.split(",")]:
             for normalise in (True, False):
                 for max_ratio in (0.6, 0.7, 0.8, 0.9):
-                    plan, _ = R.select_plan(self.model, self.analysis, ratio=ratio, budget="macs",
+                    plan, _ = select_plan(self.model, self.analysis, ratio=ratio, budget="macs",
                                             max_ratio=max_ratio, normalise=normalise)
                     acc, cut = self.run(ev, plan, "lmmse", 32)
                     label = f"r={ratio} lmmse-macs max_ratio={max_ratio} normalise={normalise}"
@@ -286,7 +287,7 @@ class Bench:
         return {"agreement": (x, agree)}
 
     def guard(self):
-        """MERGE_GRID_GROWTH sweep (reconstruct.py docstring 2b): plain vs UDFC with growths, quantized weights."""
+        """MERGE_GRID_GROWTH sweep (repair/udfc.guard_merges): plain vs UDFC with growths, quantized weights."""
         a = self.args
         sets = self.tuning_sets()
         ev = self.evaluator(sets)
@@ -425,7 +426,7 @@ class Bench:
             print(f"  {label}: {acc['test']:.2f} ({time.time() - t:.0f}s)", flush=True)
             for label, method, bits in (("ours int8 Q/DQ, data-free ranges, fp32 weights", "none", None),
                                         ("ours int8 Q/DQ, data-free ranges, lmmse w8 weights", "lmmse", 8)):
-                model = R.compress_model(self.model, self.analysis, PrunePlan(), method=method, weight_bits=bits)
+                model = compress_model(self.model, self.analysis, PrunePlan(), method=method, weight_bits=bits)
                 src = work / f"{method}.onnx"
                 export_onnx(model, self.example, src, dynamic_batch=True)
                 out = int8_onnx(model, self.example, src, work / f"{method}.int8.onnx", style="ort-cpu",

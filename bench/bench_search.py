@@ -6,7 +6,7 @@ Sections (--sections, comma separated):
           budgets and some all at one budget; for every plan and every channel selection the candidate is
           compressed with --method exactly as the search does, then scored by the search's proxy (KL / top-1
           agreement to the original on the SAME cached BN-matched synthetic inputs the pipeline uses), by the
-          analytical lmmse error Σ_g e_g(k_g) (search/selection.py), optionally on more synthetic samples
+          analytical lmmse error Σ_g e_g(k_g) (compress/select/paths.py), optionally on more synthetic samples
           (--extra-synthetic), and by real top-1 (and KL to the original on the real images, a diagnostic the
           search can never see). Prints Spearman rank correlations with real top-1, over all plans and at fixed MACs.
   replay  real top-1 of the best plan in finished search logs (--replay-logs), with --search-selections' first
@@ -39,12 +39,12 @@ import numpy as np
 import torch
 
 from dfp_deploy.analysis import analyze, count_macs
-from dfp_deploy.compress.plan import make_plan
+from dfp_deploy.compress.select.paths import LmmseSelector
+from dfp_deploy.compress.select.plan import make_plan
 from dfp_deploy.core.types import PrunePlan
 from dfp_deploy.models import load_model
 from dfp_deploy.search.env import MacCost, PruneEnv
 from dfp_deploy.search.reward import fidelity
-from dfp_deploy.search.selection import LmmseSelector
 from dfp_deploy.search.space import build_space
 from dfp_deploy.search.synthetic import bn_matched_inputs
 from data_root import add_data_root, fill  # bench/data_root.py (the script's folder is on sys.path)
@@ -149,7 +149,8 @@ class Bench:
             self.ref_eval = self.logits(self.model, self.x_eval)
         self.base_top1 = self.top1(self.ref_eval)
         t = time.perf_counter()
-        self.lmmse = LmmseSelector(self.model, self.analysis, self.space) if args.lmmse_paths else None
+        choices = {name: self.space.choices(g) for g, name in enumerate(self.space.groups)}
+        self.lmmse = LmmseSelector(self.model, self.analysis, choices) if args.lmmse_paths else None
         self.selector_s = time.perf_counter() - t
         self.cost = MacCost(self.space)
         print(f"# {args.model}: {self.space.size} searched groups, {self.base_macs / 1e6:.2f} M MACs, top-1 "
@@ -175,7 +176,7 @@ class Bench:
 
     def compress(self, plan: PrunePlan):
         from dfp_deploy.compress.prune import prune_model
-        from dfp_deploy.compress.reconstruct import compress_model
+        from dfp_deploy.compress.repair.apply import compress_model
 
         if self.args.method == "none":
             return prune_model(self.model, self.analysis, plan).eval()
@@ -282,7 +283,7 @@ def proxy_table(rows: list[dict], bench: Bench) -> str:
 # --- search section ------------------------------------------------------------------------------------------
 
 def section_search(bench: Bench, results: dict) -> None:
-    from dfp_deploy.compress.reconstruct import select_plan
+    from dfp_deploy.compress.select.lmmse import select_plan
     from dfp_deploy.search.loop import run_search
 
     args = bench.args

@@ -143,7 +143,7 @@ def _stored_fingerprint(backend_name: str, precision: str, batch: int, threads: 
 
 def _planner(recipe: Recipe, model, analysis, *, round_to: int | None = None, allocation: str | None = None,
              include_residual: bool | None = None, progress: bool = False, measured: dict | None = None):
-    from dfp_deploy.compress.selection import ChannelPlanner
+    from dfp_deploy.compress.select.planner import ChannelPlanner
 
     p = recipe.compress.prune
     return ChannelPlanner(model, analysis, importance=p.importance, allocation=allocation or p.allocation,
@@ -178,12 +178,12 @@ def _check_prunable(recipe: Recipe, analysis) -> None:
 
 def _measured_statistics(recipe: Recipe, loaded, analysis, inputs: torch.Tensor | None = None) -> dict | None:
     """compress.prune.statistics: calibration — the activation statistics of every compensable group, measured on
-    the calibration inputs (loaded here unless given) in the original model (compress/activation_stats.py); None for
+    the calibration inputs (loaded here unless given) in the original model (compress/select/measured.py); None for
     the data-free model."""
     if recipe.compress.prune.statistics != "calibration":
         return None
-    from dfp_deploy.compress.activation_stats import measured_group_statistics
-    from dfp_deploy.compress.calibrate import auto_batch
+    from dfp_deploy.compress.calibrate.two_phase import auto_batch
+    from dfp_deploy.compress.select.measured import measured_group_statistics
 
     if inputs is None:
         inputs = torch.from_numpy(_calibration_images(recipe, loaded))
@@ -246,7 +246,7 @@ def _layer_bits(recipe: Recipe, model, analysis) -> dict[str, int] | None:
     q = recipe.compress.quantize
     if q.weight_bits is None or q.first_last_bits is None:
         return None
-    from dfp_deploy.compress.quantize import edge_layers
+    from dfp_deploy.compress.quantize.weights import edge_layers
 
     return {name: q.first_last_bits for name in edge_layers(model, analysis.module_order)}
 
@@ -260,19 +260,19 @@ def _compress(recipe: Recipe, model, analysis, plan: PrunePlan, calib_inputs=Non
     bits = recipe.compress.quantize.weight_bits
     layer_bits = _layer_bits(recipe, model, analysis)
     if calib_inputs is not None:
-        from dfp_deploy.compress.calibrate import calibrate
+        from dfp_deploy.compress.calibrate.two_phase import calibrate
 
         c = recipe.compress.calibration
         out = calibrate(model, analysis, plan, calib_inputs, squeeze_epochs=c.squeeze_epochs,
                         calib_epochs=c.calib_epochs, lr=c.lr, seed=recipe.seed, progress=sys.stderr.isatty())
         if bits is not None:
-            from dfp_deploy.compress.quantize import quantize_model_weights
+            from dfp_deploy.compress.quantize.weights import quantize_model_weights
 
             out = quantize_model_weights(out, bits, layer_bits=layer_bits)
         return out
     if adapt_inputs is not None:
         from dfp_deploy.analysis import analyze
-        from dfp_deploy.compress.bn_adapt import adapt_batchnorm
+        from dfp_deploy.compress.calibrate.bn_adapt import adapt_batchnorm
 
         repaired = _repair(recipe, model, analysis, plan, bits=None, layer_bits=None)
         adapt_batchnorm(repaired, adapt_inputs)
@@ -290,7 +290,7 @@ def _repair(recipe: Recipe, model, analysis, plan: PrunePlan, *, bits, layer_bit
         from dfp_deploy.compress.prune import prune_model
 
         return prune_model(model, analysis, plan)
-    from dfp_deploy.compress.reconstruct import compress_model
+    from dfp_deploy.compress.repair.apply import compress_model
     from dfp_deploy.core.threads import torch_threads
 
     with torch_threads(1):  # closed-form math on small matrices (core/threads.py)
@@ -387,7 +387,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
     adapt_inputs = _bn_adapt_inputs(recipe, loaded)
     adapt_trust = None
     if adapt_inputs is not None:
-        from dfp_deploy.compress.bn_adapt import self_agreement
+        from dfp_deploy.compress.calibrate.bn_adapt import self_agreement
 
         adapt_trust = self_agreement(model, adapt_inputs)
     # loaded once for every use: two-phase calibration, channels chosen on their activations, int8 ranges
@@ -570,7 +570,7 @@ def _search(recipe: Recipe, loaded, analysis, example, work: Path, backend, adap
         x_proxy = bn_matched_inputs(model, loaded.input_shape, S.synthetic_samples, steps=S.synthetic_steps,
                                     seed=recipe.seed, cache_dir=cache_dir() / "synthetic")
     else:  # real unlabeled images: a seeded subset, as for compress.calibration (no longer data-free)
-        from dfp_deploy.compress.calibrate import load_calibration_inputs
+        from dfp_deploy.compress.calibrate.two_phase import load_calibration_inputs
         x_proxy = load_calibration_inputs(S.proxy_data, S.synthetic_samples, model=model,
                                           preprocess=loaded.preprocess, input_shape=loaded.input_shape,
                                           seed=recipe.seed, what="search", samples_key="synthetic_samples")
@@ -578,12 +578,13 @@ def _search(recipe: Recipe, loaded, analysis, example, work: Path, backend, adap
         reference = model(x_proxy)
 
     if p.importance == "lmmse":
+        from dfp_deploy.compress.select.paths import LmmseSelector
         from dfp_deploy.core.threads import torch_threads
-        from dfp_deploy.search.selection import LmmseSelector
 
         # one elimination path per group gives the kept set of every count the agent may pick
         with torch_threads(1):
-            selector = LmmseSelector(model, analysis, space)
+            choices = {name: space.choices(g) for g, name in enumerate(space.groups)}
+            selector = LmmseSelector(model, analysis, choices)
 
         def plan_for(ratios: dict) -> PrunePlan:
             return selector.plan(ratios) if ratios else PrunePlan()
@@ -748,7 +749,7 @@ def _search_budget_warnings(recipe: Recipe, macs: dict, search_report: dict | No
 
 
 def _bn_adapt_warnings(recipe: Recipe, agreement: float | None) -> list[str]:
-    from dfp_deploy.compress.bn_adapt import SELF_AGREEMENT_WARN
+    from dfp_deploy.compress.calibrate.bn_adapt import SELF_AGREEMENT_WARN
 
     if agreement is None or agreement >= SELF_AGREEMENT_WARN:
         return []
@@ -881,7 +882,7 @@ def _bn_adapt_inputs(recipe: Recipe, loaded) -> torch.Tensor | None:
 
 def _section_inputs(section, loaded, *, seed: int, what: str) -> torch.Tensor:
     """The inputs a recipe section names (its data, samples and synthetic_steps), normalised for the model."""
-    from dfp_deploy.compress.calibrate import load_calibration_inputs
+    from dfp_deploy.compress.calibrate.two_phase import load_calibration_inputs
 
     return load_calibration_inputs(section.data, section.samples, model=loaded.module, preprocess=loaded.preprocess,
                                    input_shape=loaded.input_shape, seed=seed, synthetic_steps=section.synthetic_steps,

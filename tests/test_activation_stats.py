@@ -1,4 +1,4 @@
-"""Measured activation statistics (compress/activation_stats.py) and the lmmse selection that reads them."""
+"""Measured activation statistics (compress/select/measured.py) and the lmmse selection that reads them."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import torch
 from torch import nn
 
 from dfp_deploy.analysis import analyze, count_macs
-from dfp_deploy.compress.activation_stats import measured_group_statistics, site_activation_moments
 from dfp_deploy.compress.prune import prune_model
-from dfp_deploy.compress.reconstruct import find_site, site_error_path
-from dfp_deploy.compress.selection import ChannelPlanner
+from dfp_deploy.compress.repair.sites import find_site
+from dfp_deploy.compress.select.lmmse import site_error_path
+from dfp_deploy.compress.select.measured import measured_group_statistics, site_activation_moments
+from dfp_deploy.compress.select.planner import ChannelPlanner
 from dfp_deploy.core.errors import InputError
 from dfp_deploy.models import load_model
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from dfp_deploy.compress.bn_adapt import adapt_batchnorm, self_agreement
+from dfp_deploy.compress.calibrate.bn_adapt import adapt_batchnorm, self_agreement
 from dfp_deploy.core.errors import DataError
 
 

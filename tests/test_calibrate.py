@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from dfp_deploy.analysis import analyze
-from dfp_deploy.compress.calibrate import (CalibrationLog, auto_batch, calibrate, kept_output_positions,
-                                           layer_output_error, load_calibration_inputs)
-from dfp_deploy.compress.plan import make_plan
+from dfp_deploy.compress.calibrate.two_phase import (CalibrationLog, auto_batch, calibrate, kept_output_positions,
+                                                     layer_output_error, load_calibration_inputs)
 from dfp_deploy.compress.prune import prune_model
+from dfp_deploy.compress.select.plan import make_plan
 from dfp_deploy.core.errors import DataError, InputError
 from dfp_deploy.core.types import PrunePlan
 
@@ -215,14 +215,14 @@ def test_auto_batch_bounds_the_activation_memory_and_leaves_bn_statistics_alone(
 
 
 def _fold_statistics(patches, target, folds=4):
-    from dfp_deploy.compress.calibrate import _FoldStatistics
+    from dfp_deploy.compress.calibrate.two_phase import _FoldStatistics
     stats = _FoldStatistics(folds)
     stats.add(patches.double(), target.double(), first_image=0, images=len(patches))
     return stats
 
 
 def test_cross_validation_picks_the_smallest_ridge_when_the_data_determine_the_fit():
-    from dfp_deploy.compress.calibrate import RIDGE_GRID, choose_ridge
+    from dfp_deploy.compress.calibrate.two_phase import RIDGE_GRID, choose_ridge
     g = torch.Generator().manual_seed(0)
     p, w_true = torch.randn(400, 10, generator=g), torch.randn(3, 10, generator=g)
     stats = _fold_statistics(p, p @ w_true.T)  # exactly reachable, 40 rows per unknown
@@ -232,7 +232,7 @@ def test_cross_validation_picks_the_smallest_ridge_when_the_data_determine_the_f
 def test_cross_validation_keeps_the_weights_when_the_target_is_unrelated_noise():
     """N < d and a target independent of the inputs: any fit is pure over-fitting, so the held-out error of what
     cross-validation picks must beat the fixed small ridge on fresh rows."""
-    from dfp_deploy.compress.calibrate import _held_out_error, _ridge_solution, choose_ridge
+    from dfp_deploy.compress.calibrate.two_phase import _held_out_error, _ridge_solution, choose_ridge
     g = torch.Generator().manual_seed(1)
     d, n = 60, 40
     p, t = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, 3, generator=g, dtype=torch.float64)
@@ -250,7 +250,7 @@ def test_cross_validation_keeps_the_weights_when_the_target_is_unrelated_noise()
 
 
 def test_held_out_error_from_statistics_equals_the_direct_residual():
-    from dfp_deploy.compress.calibrate import _held_out_error
+    from dfp_deploy.compress.calibrate.two_phase import _held_out_error
     g = torch.Generator().manual_seed(2)
     p, t = torch.randn(30, 7, generator=g, dtype=torch.float64), torch.randn(30, 4, generator=g, dtype=torch.float64)
     w = torch.randn(4, 7, generator=g, dtype=torch.float64)
@@ -260,7 +260,7 @@ def test_held_out_error_from_statistics_equals_the_direct_residual():
 
 def test_folds_take_whole_images():
     """Rows of one image (its patches) must land in one fold: image j goes to fold (first_image + j) mod K."""
-    from dfp_deploy.compress.calibrate import _FoldStatistics
+    from dfp_deploy.compress.calibrate.two_phase import _FoldStatistics
     stats = _FoldStatistics(3)
     rows = torch.arange(5, dtype=torch.float64).repeat_interleave(4)[:, None]  # 5 images x 4 rows, value = image
     stats.add(rows, rows, first_image=1, images=5)  # images 1..5 -> folds 1, 2, 0, 1, 2
@@ -268,7 +268,7 @@ def test_folds_take_whole_images():
 
 
 def test_default_calibration_records_a_cross_validated_ridge_per_layer():
-    from dfp_deploy.compress.calibrate import RIDGE_GRID
+    from dfp_deploy.compress.calibrate.two_phase import RIDGE_GRID
     model, analysis, plan = setup()
     log = CalibrationLog()
     calibrate(model, analysis, plan, images(48, seed=1), squeeze_epochs=0, calib_epochs=0, progress=False, log=log)

@@ -324,9 +324,9 @@ def test_channels_chosen_on_calibration_activations(calibrated):
     """statistics: calibration plans with the activations measured on the calibration inputs (the same plan a
     ChannelPlanner gets from those statistics), then calibrates; the report says how channels were chosen."""
     from dfp_deploy.analysis import analyze
-    from dfp_deploy.compress.activation_stats import measured_group_statistics
-    from dfp_deploy.compress.calibrate import load_calibration_inputs
-    from dfp_deploy.compress.selection import ChannelPlanner
+    from dfp_deploy.compress.calibrate.two_phase import load_calibration_inputs
+    from dfp_deploy.compress.select.measured import measured_group_statistics
+    from dfp_deploy.compress.select.planner import ChannelPlanner
     from dfp_deploy.models import load_model
 
     data, out, _ = calibrated
@@ -596,7 +596,7 @@ def test_udfc_vector_form_reaches_the_build(recipe, tmp_path):
     """compress.udfc_form: vector builds exactly what the library's UDFC vector (NNLS) form gives for the plan, which
     is not what the default single merges give; the report names the form."""
     from dfp_deploy.analysis import analyze
-    from dfp_deploy.compress.reconstruct import compress_model
+    from dfp_deploy.compress.repair.apply import compress_model
     from dfp_deploy.core.types import PrunePlan
     from dfp_deploy.models import load_model
 

@@ -11,9 +11,9 @@ import torch.fx as fx
 from torch import nn
 
 from dfp_deploy.analysis import analyze, count_macs, count_params
-from dfp_deploy.compress.importance import IMPORTANCE, channel_importance
-from dfp_deploy.compress.plan import kept_count, make_plan, top_channels
 from dfp_deploy.compress.prune import prune_model
+from dfp_deploy.compress.select.importance import IMPORTANCE, channel_importance
+from dfp_deploy.compress.select.plan import kept_count, make_plan, top_channels
 from dfp_deploy.core.errors import InputError
 from dfp_deploy.core.types import PrunePlan
 

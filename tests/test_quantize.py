@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from dfp_deploy.compress.quantize import (activation_ranges_from_bn, quantize_model_weights, quantize_weight,
-                                          weight_scale)
+from dfp_deploy.compress.quantize.weights import (activation_ranges_from_bn, quantize_model_weights, quantize_weight,
+                                                  weight_scale)
 from dfp_deploy.core.errors import InputError
 
 
@@ -64,7 +64,7 @@ def test_quantize_model_weights_copies_and_respects_skip():
 
 def test_edge_layers_follow_execution_order_not_definition_order():
     from dfp_deploy.analysis import analyze
-    from dfp_deploy.compress.quantize import edge_layers
+    from dfp_deploy.compress.quantize.weights import edge_layers
 
     class HeadFirst(nn.Module):
         def __init__(self):
@@ -126,7 +126,7 @@ def test_activation_ranges_from_bn_known_answer():
 
 
 def test_hessian_rounding_is_nearest_for_identity_and_better_in_its_metric():
-    from dfp_deploy.compress.quantize import quantize_weight_hessian
+    from dfp_deploy.compress.quantize.rounding import quantize_weight_hessian
 
     w = _weights(3)
     assert torch.equal(quantize_weight_hessian(w, 3, torch.eye(36)), quantize_weight(w, 3))
@@ -150,7 +150,7 @@ def test_hessian_rounding_is_nearest_for_identity_and_better_in_its_metric():
 
 
 def test_hessian_rounding_survives_an_indefinite_input_model():
-    from dfp_deploy.compress.quantize import quantize_weight_hessian
+    from dfp_deploy.compress.quantize.rounding import quantize_weight_hessian
 
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(4, 6, generator=gen)

@@ -102,7 +102,7 @@ def test_resolved_recipe_round_trips_to_a_dict():
 def test_importance_choices_match_the_implementation():
     import typing
 
-    from dfp_deploy.compress.selection import ALLOCATIONS, RANKINGS
+    from dfp_deploy.compress.select.planner import ALLOCATIONS, RANKINGS
     from dfp_deploy.recipe.schema import PruneSection
 
     hints = typing.get_type_hints(PruneSection)

@@ -9,10 +9,18 @@ import torch
 from torch import nn
 
 from dfp_deploy.analysis import analyze
-from dfp_deploy.compress import reconstruct as R
 from dfp_deploy.compress.bnfold import folded_filters
-from dfp_deploy.compress.plan import kept_count
 from dfp_deploy.compress.prune import prune_model
+from dfp_deploy.compress.quantize.bias_correction import remove_output_shift
+from dfp_deploy.compress.quantize.weights import quantize_weight
+from dfp_deploy.compress.repair.apply import METHODS, build_mixing, compress_model
+from dfp_deploy.compress.repair.moments import activation_moments, cosine_gram
+from dfp_deploy.compress.repair.nm import cosine_matrix, nm_scale_from_raw
+from dfp_deploy.compress.repair.sites import find_site
+from dfp_deploy.compress.repair.udfc import (guard_merges, nnls_rows, udfc_prune_partners, udfc_quant_scales,
+                                             udfc_vectors)
+from dfp_deploy.compress.select.lmmse import greedy_elimination, select_plan
+from dfp_deploy.compress.select.plan import kept_count
 from dfp_deploy.core.errors import InputError
 from dfp_deploy.core.types import PrunePlan
 
@@ -131,18 +139,18 @@ def _max_err(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
 def test_merging_an_exact_multiple_restores_the_output_exactly(method, options):
     model, analysis = _toy()
     plain = prune_model(model, analysis, _without(P))
-    merged = R.compress_model(model, analysis, _without(P), method=method, **options)
+    merged = compress_model(model, analysis, _without(P), method=method, **options)
     x = _inputs()
     assert _max_err(model, plain, x) > 1e-2  # pruning alone does hurt
     assert _max_err(model, merged, x) < 1e-5
-    mixing = R.build_mixing(model, analysis, _without(P), method=method, **options)["conv1"]
+    mixing = build_mixing(model, analysis, _without(P), method=method, **options)["conv1"]
     assert mixing[P, Q - 1].item() == pytest.approx(BN_RATIO, rel=1e-6)  # column of q among kept (0,2,3,4,5)
 
 
 def test_lmmse_recovers_an_exact_multiple_from_bn_statistics_alone():
     model, analysis = _toy()
-    merged = R.compress_model(model, analysis, _without(P), method="lmmse")
-    mixing = R.build_mixing(model, analysis, _without(P), method="lmmse")["conv1"]
+    merged = compress_model(model, analysis, _without(P), method="lmmse")
+    mixing = build_mixing(model, analysis, _without(P), method="lmmse")["conv1"]
     assert mixing[P, Q - 1].item() == pytest.approx(BN_RATIO, rel=1e-3)
     assert _max_err(model, merged, _inputs()) < 5e-3
 
@@ -152,8 +160,8 @@ def test_neuron_merging_scale_needs_sigma_not_variance():
     bn = model.bn1
     sigma = torch.sqrt(bn.running_var + bn.eps)
     g = bn.weight.detach()
-    right = R.nm_scale_from_raw(RAW_RATIO, g[P].item(), sigma[P].item(), g[Q].item(), sigma[Q].item())
-    wrong = R.nm_scale_from_raw(RAW_RATIO, g[P].item(), (sigma[P] ** 2).item(), g[Q].item(), (sigma[Q] ** 2).item())
+    right = nm_scale_from_raw(RAW_RATIO, g[P].item(), sigma[P].item(), g[Q].item(), sigma[Q].item())
+    wrong = nm_scale_from_raw(RAW_RATIO, g[P].item(), (sigma[P] ** 2).item(), g[Q].item(), (sigma[Q] ** 2).item())
     assert right == pytest.approx(BN_RATIO, rel=1e-6)
     assert abs(wrong - right) > 0.5
     plan = _without(P)
@@ -178,15 +186,15 @@ def test_depthwise_site_merges_exactly_when_both_stages_are_proportional():
         model.bn2.weight[p] = t * model.bn2.weight[q]
         model.bn2.bias[p] = t * model.bn2.bias[q]
     analysis = analyze(model, torch.zeros(1, 4, 6, 6))
-    site, why = R.find_site(model, analysis, "expand")
+    site, why = find_site(model, analysis, "expand")
     assert site is not None and site.depthwise == "dw", why
     plan = PrunePlan(keep={"expand": tuple(c for c in range(8) if c != p)})
     x = _inputs(c=4, hw=6)
     assert _max_err(model, prune_model(model, analysis, plan), x) > 1e-2
     for method in ("neuron_merging", "udfc"):
-        merged = R.compress_model(model, analysis, plan, method=method)
+        merged = compress_model(model, analysis, plan, method=method)
         assert _max_err(model, merged, x) < 1e-4, method  # float32 round-off through two stages
-    mixing = R.build_mixing(model, analysis, plan, method="udfc")["expand"]
+    mixing = build_mixing(model, analysis, plan, method="udfc")["expand"]
     assert mixing[p, q - 1].item() == pytest.approx(t, rel=1e-6)
 
 
@@ -198,9 +206,9 @@ def test_udfc_merge_never_raises_the_bound_above_plain_pruning(seed):
     w = torch.randn(12, 27, generator=gen, dtype=torch.float64)
     b = torch.randn(12, generator=gen, dtype=torch.float64)
     alpha = [0.0, 0.01, 1.0][seed % 3]
-    v = R.udfc_vectors(w, b, alpha)
+    v = udfc_vectors(w, b, alpha)
     v_p, v_k = v[:5], v[5:]
-    partner, scale, loss = R.udfc_prune_partners(v_p, v_k)
+    partner, scale, loss = udfc_prune_partners(v_p, v_k)
     plain = (v_p ** 2).sum(dim=1)
     assert bool((loss <= plain + 1e-12).all())
     for i in range(5):
@@ -209,14 +217,14 @@ def test_udfc_merge_never_raises_the_bound_above_plain_pruning(seed):
             direct = ((v_p[i] - scale[i] * v_k[partner[i]]) ** 2).sum()
             assert loss[i].item() == pytest.approx(direct.item(), rel=1e-9, abs=1e-12)
     # the non-negative multi-channel form contains every single-partner merge, so it can only do better
-    coeffs = R.nnls_rows(v_k @ v_k.T, v_p @ v_k.T)
+    coeffs = nnls_rows(v_k @ v_k.T, v_p @ v_k.T)
     multi = ((v_p - coeffs @ v_k) ** 2).sum(dim=1)
     assert bool((coeffs >= 0).all())
     assert bool((multi <= loss + 1e-9).all())
 
 
 def test_udfc_vector_form_bound_holds_and_is_tight():
-    """|a_p − Σ s_k a_k| ≤ |y_p − Σ s_k y_k| + Σ s_k relu(−y_k) for s ≥ 0 (reconstruct.py, 2): on random
+    """|a_p − Σ s_k a_k| ≤ |y_p − Σ s_k y_k| + Σ s_k relu(−y_k) for s ≥ 0 (docs/methods/reconstruction.md, 2): on random
     pre-activations, and with equality on the docstring's case."""
     relu = torch.relu
     gen = torch.Generator().manual_seed(0)
@@ -233,19 +241,30 @@ def test_udfc_vector_form_bound_holds_and_is_tight():
     assert ((one - two @ ones).abs() + relu(-two) @ ones).item() == 1.0
 
 
+def residual_error(cov: torch.Tensor, gram: torch.Tensor, keep: list[int], jitter: float = 1e-9) -> float:
+    """E(K) = tr(G (C − C_{:,K} C_KK^{-1} C_{K,:})) computed directly: the oracle for greedy_elimination's downdates."""
+    if not keep:
+        return float((gram * cov).sum())
+    idx = torch.as_tensor(keep, dtype=torch.long)
+    ckk = cov[idx][:, idx]
+    ckk = ckk + jitter * ckk.diagonal().mean().clamp_min(1e-300) * torch.eye(len(keep), dtype=cov.dtype)
+    explained = cov[:, idx] @ torch.linalg.solve(ckk, cov[idx, :])
+    return float((gram * (cov - explained)).sum())
+
+
 @pytest.mark.parametrize("seed", range(10))
 def test_lmmse_error_never_exceeds_mean_only_or_plain_pruning(seed):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(10, 18, generator=gen, dtype=torch.float64)
-    corr = R.cosine_matrix(w, w)
+    corr = cosine_matrix(w, w)
     mean = torch.randn(10, generator=gen, dtype=torch.float64)
     std = 0.5 + torch.rand(10, generator=gen, dtype=torch.float64)
-    expect, cov = R.activation_moments(mean, std, corr, "relu")
+    expect, cov = activation_moments(mean, std, corr, "relu")
     consumer = torch.randn(7, 10, generator=gen, dtype=torch.float64)
     gram = consumer.T @ consumer
     keep = [0, 2, 3, 5, 7, 8]
     pruned = [1, 4, 6, 9]
-    lmmse = R.residual_error(cov, gram, keep)
+    lmmse = residual_error(cov, gram, keep)
     mean_only = float((gram[pruned][:, pruned] * cov[pruned][:, pruned]).sum())
     second = cov + expect[:, None] * expect[None, :]
     plain = float((gram[pruned][:, pruned] * second[pruned][:, pruned]).sum())
@@ -262,7 +281,7 @@ def test_activation_moments_match_monte_carlo():
     std = torch.tensor([1.0, 0.7, 2.0, 3.0], dtype=torch.float64)
     y = mean + (torch.randn(400_000, 4, generator=gen, dtype=torch.float64) @ torch.linalg.cholesky(corr).T) * std
     for activation, f in (("relu", lambda t: t.clamp_min(0)), ("relu6", lambda t: t.clamp(0, 6))):
-        expect, cov_a = R.activation_moments(mean, std, corr, activation)
+        expect, cov_a = activation_moments(mean, std, corr, activation)
         sample = f(y)
         assert torch.allclose(expect, sample.mean(0), atol=0.01)
         assert torch.allclose(cov_a, torch.cov(sample.T), rtol=0.01, atol=0.01)
@@ -274,10 +293,10 @@ def test_greedy_drop_formula_matches_brute_force():
     cov = a @ a.T + 0.1 * torch.eye(9, dtype=torch.float64)
     g = torch.randn(5, 9, generator=gen, dtype=torch.float64)
     gram = g.T @ g
-    path = R.greedy_elimination(cov, gram, list(range(9, 2, -1)))
+    path = greedy_elimination(cov, gram, list(range(9, 2, -1)))
     keep = list(range(9))
     for kept, err in path[1:]:
-        options = {j: R.residual_error(cov, gram, [c for c in keep if c != j]) for j in keep}
+        options = {j: residual_error(cov, gram, [c for c in keep if c != j]) for j in keep}
         best = min(options, key=options.get)
         assert sorted(kept) == sorted(c for c in keep if c != best)
         # E comes from the downdated inverse (regularised with the previous set's 1e-9 jitter): agrees to ~1e-8
@@ -313,10 +332,10 @@ def test_quantization_compensation_reduces_next_layer_error_on_average():
     for seed in range(8):
         model, x = _calibrated_toy(seed)
         analysis = analyze(model, x[:1])
-        rtn = R.compress_model(model, analysis, PrunePlan(), method="none", weight_bits=3)
+        rtn = compress_model(model, analysis, PrunePlan(), method="none", weight_bits=3)
         base = _consumer_error(model, rtn, x)
         for method, kw in options.items():
-            comp = R.compress_model(model, analysis, PrunePlan(), method=method, weight_bits=3, **kw)
+            comp = compress_model(model, analysis, PrunePlan(), method=method, weight_bits=3, **kw)
             gains[method].append(base - _consumer_error(model, comp, x))
     for method, values in gains.items():
         assert sum(values) / len(values) > 0, (method, values)
@@ -342,8 +361,8 @@ def test_hessian_rounding_helps_when_inputs_are_smooth():
             model(x)
         model.eval()
         analysis = analyze(model, x[:1])
-        near = R.compress_model(model, analysis, PrunePlan(), method="lmmse", weight_bits=3, rounding="nearest")
-        hess = R.compress_model(model, analysis, PrunePlan(), method="lmmse", weight_bits=3, rounding="hessian")
+        near = compress_model(model, analysis, PrunePlan(), method="lmmse", weight_bits=3, rounding="nearest")
+        hess = compress_model(model, analysis, PrunePlan(), method="lmmse", weight_bits=3, rounding="hessian")
         gains.append(_consumer_error(model, near, x) - _consumer_error(model, hess, x))
     assert sum(gains) / len(gains) > 0, gains
 
@@ -353,7 +372,7 @@ def test_udfc_quant_scale_beats_no_rescale_on_its_objective(seed):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(6, 36, generator=gen, dtype=torch.float64)
     b = torch.randn(6, generator=gen, dtype=torch.float64)
-    from dfp_deploy.compress.quantize import quantize_weight
+    from dfp_deploy.compress.quantize.weights import quantize_weight
 
     w_q = quantize_weight(w, 3)
     alpha_q = 0.01
@@ -361,7 +380,7 @@ def test_udfc_quant_scale_beats_no_rescale_on_its_objective(seed):
     def objective(s):
         return ((w - s[:, None] * w_q) ** 2).sum(dim=1) + alpha_q * b ** 2 * (1 - s) ** 2
 
-    s = R.udfc_quant_scales(w, w_q, b, alpha_q)
+    s = udfc_quant_scales(w, w_q, b, alpha_q)
     assert bool((objective(s) < objective(torch.ones(6, dtype=torch.float64))).all())
 
 
@@ -372,19 +391,19 @@ def test_residual_groups_get_plain_selection_with_a_reason():
     analysis = analyze(model, torch.zeros(1, 4, 6, 6))
     residual = [g for g in analysis.groups if g.residual]
     assert residual
-    site, why = R.find_site(model, analysis, residual[0].name)
+    site, why = find_site(model, analysis, residual[0].name)
     assert site is None and "residual" in why
-    site, why = R.find_site(model, analysis, "conv3")
+    site, why = find_site(model, analysis, "conv3")
     assert site is not None and site.activation == "relu", why
 
 
 def test_select_plan_uniform_and_mac_budget():
     model = _seeded(Residual(c=8), 1)
     analysis = analyze(model, torch.zeros(1, 8, 6, 6))
-    plan, skipped = R.select_plan(model, analysis, ratio=0.5)
+    plan, skipped = select_plan(model, analysis, ratio=0.5)
     assert set(plan.keep) == {"conv3"} and len(plan.keep["conv3"]) == kept_count(8, 0.5)
     assert all("residual" in why for why in skipped.values())
-    macs_plan, _ = R.select_plan(model, analysis, ratio=0.5, budget="macs")
+    macs_plan, _ = select_plan(model, analysis, ratio=0.5, budget="macs")
     group = analysis.group("conv3")
     saved = (8 - len(macs_plan.keep["conv3"])) * group.macs / 8
     assert saved >= (8 - kept_count(8, 0.5)) * group.macs / 8
@@ -392,7 +411,7 @@ def test_select_plan_uniform_and_mac_budget():
 
 def test_selection_prefers_the_redundant_channel():
     model, analysis = _toy()
-    plan, _ = R.select_plan(model, analysis, ratio=1 / 6 + 1e-3)
+    plan, _ = select_plan(model, analysis, ratio=1 / 6 + 1e-3)
     assert len(plan.keep["conv1"]) == 5
     assert P not in plan.keep["conv1"] or Q not in plan.keep["conv1"]
 
@@ -400,9 +419,9 @@ def test_selection_prefers_the_redundant_channel():
 def test_compress_is_deterministic():
     model, analysis = _toy(seed=5)
     plan = _without(0)
-    for method in R.METHODS:
-        a = R.compress_model(model, analysis, plan, method=method, weight_bits=4).state_dict()
-        b = R.compress_model(model, analysis, plan, method=method, weight_bits=4).state_dict()
+    for method in METHODS:
+        a = compress_model(model, analysis, plan, method=method, weight_bits=4).state_dict()
+        b = compress_model(model, analysis, plan, method=method, weight_bits=4).state_dict()
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), method
 
@@ -412,36 +431,36 @@ def _levels_per_row(w: torch.Tensor) -> int:
     return max(len(torch.unique(row)) for row in w.detach().reshape(w.shape[0], -1))
 
 
-@pytest.mark.parametrize("method", R.METHODS)
+@pytest.mark.parametrize("method", METHODS)
 def test_layer_bits_override_one_layer_and_leave_the_rest_at_weight_bits(method):
     model, analysis = _toy(seed=3)
-    plain = R.compress_model(model, analysis, _without(0), method=method, weight_bits=3)
-    mixed = R.compress_model(model, analysis, _without(0), method=method, weight_bits=3, layer_bits={"conv2": 8})
+    plain = compress_model(model, analysis, _without(0), method=method, weight_bits=3)
+    mixed = compress_model(model, analysis, _without(0), method=method, weight_bits=3, layer_bits={"conv2": 8})
     # 3 bits: levels -3..3 per channel; conv2 at 8 bits has far more distinct values than 7
     assert _levels_per_row(mixed.conv1.weight) <= 7 and _levels_per_row(plain.conv2.weight) <= 7
     assert _levels_per_row(mixed.conv2.weight) > 7
     assert torch.equal(mixed.conv1.weight, plain.conv1.weight)
     # every layer overridden to 8 bits is exactly weight_bits=8: the repair also sees each producer's own bits
-    all8 = R.compress_model(model, analysis, _without(0), method=method, weight_bits=3,
+    all8 = compress_model(model, analysis, _without(0), method=method, weight_bits=3,
                             layer_bits={"conv1": 8, "conv2": 8}).state_dict()
-    w8 = R.compress_model(model, analysis, _without(0), method=method, weight_bits=8).state_dict()
+    w8 = compress_model(model, analysis, _without(0), method=method, weight_bits=8).state_dict()
     assert all(torch.equal(all8[k], w8[k]) for k in w8)
     with pytest.raises(InputError, match="bits of layer conv2"):
-        R.compress_model(model, analysis, PrunePlan(), method=method, weight_bits=3, layer_bits={"conv2": 1})
+        compress_model(model, analysis, PrunePlan(), method=method, weight_bits=3, layer_bits={"conv2": 1})
 
 
 def test_bad_options_raise_input_errors():
     model, analysis = _toy()
     with pytest.raises(InputError, match="compress.reconstruct"):
-        R.compress_model(model, analysis, PrunePlan(), method="magic")
+        compress_model(model, analysis, PrunePlan(), method="magic")
     with pytest.raises(InputError, match="weight_bits"):
-        R.compress_model(model, analysis, PrunePlan(), method="udfc", weight_bits=1)
+        compress_model(model, analysis, PrunePlan(), method="udfc", weight_bits=1)
     with pytest.raises(InputError, match="alpha"):
-        R.build_mixing(model, analysis, _without(P), method="udfc", alpha=-1.0)
+        build_mixing(model, analysis, _without(P), method="udfc", alpha=-1.0)
     with pytest.raises(InputError, match="merge_grid_growth"):
-        R.build_mixing(model, analysis, _without(P), method="udfc", weight_bits=4, merge_grid_growth=-0.5)
+        build_mixing(model, analysis, _without(P), method="udfc", weight_bits=4, merge_grid_growth=-0.5)
     with pytest.raises(InputError, match="budget"):
-        R.select_plan(model, analysis, ratio=0.3, budget="latency")
+        select_plan(model, analysis, ratio=0.3, budget="latency")
 
 
 def test_folded_filters_reproduce_the_bn_output():
@@ -458,15 +477,15 @@ def test_folded_filters_reproduce_the_bn_output():
 def test_activation_moments_accept_grad_tensors_and_memoise():
     gen = torch.Generator().manual_seed(1)
     rows = torch.randn(6, 5, generator=gen, dtype=torch.float64)
-    corr = R._cosine_gram(rows)
+    corr = cosine_gram(rows)
     mean = torch.randn(6, generator=gen, dtype=torch.float64).requires_grad_()
     std = (torch.rand(6, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
-    first = R.activation_moments(mean, std, corr, "relu6")
-    second = R.activation_moments(mean.detach(), std.detach(), corr, "relu6")
+    first = activation_moments(mean, std, corr, "relu6")
+    second = activation_moments(mean.detach(), std.detach(), corr, "relu6")
     assert not first[1].requires_grad
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     active = torch.tensor([True, False, True, True, False, True])
-    _, sub = R.activation_moments(mean, std, corr, "relu6", active=active)
+    _, sub = activation_moments(mean, std, corr, "relu6", active=active)
     pair = active[:, None] & active[None, :]
     assert torch.allclose(sub[pair], first[1][pair], rtol=1e-12, atol=1e-15)
 
@@ -480,7 +499,7 @@ def test_folded_weights_have_standard_strides(method):
                                   nn.Conv2d(12, 16, 1, bias=False), nn.BatchNorm2d(16)), 0)
     analysis = analyze(model, torch.zeros(1, 8, 4, 4))
     group = analysis.groups[0].name
-    compressed = R.compress_model(model, analysis, PrunePlan(keep={group: tuple(range(0, 12, 2))}), method=method)
+    compressed = compress_model(model, analysis, PrunePlan(keep={group: tuple(range(0, 12, 2))}), method=method)
     assert compressed[3].weight.shape == (16, 6, 1, 1)
     for name, p in compressed.named_parameters():
         assert p.stride() == torch.empty(p.shape).stride(), (name, p.stride())
@@ -497,12 +516,12 @@ def test_guard_keeps_only_merges_that_leave_the_rounding_grid_alone():
     w = torch.tensor([[[1.0], [2.0], [3.0], [1.0]]], dtype=torch.float64)  # [O=1, C=4, T=1]
     mixing = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.2, 0.0], [1.0, 0.0]], dtype=torch.float64)
     priority = torch.tensor([0.0, 0.0, 2.0, 1.0])
-    tight = R.guard_merges(mixing, [0, 1], [w], priority, 0.0)
+    tight = guard_merges(mixing, [0, 1], [w], priority, 0.0)
     assert torch.equal(tight, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.2, 0.0], [0.0, 0.0]], dtype=torch.float64))
-    assert torch.equal(R.guard_merges(mixing, [0, 1], [w], priority, 0.5), mixing)
-    assert torch.equal(R.guard_merges(mixing, [0, 1], [w], priority, math.inf), mixing)
+    assert torch.equal(guard_merges(mixing, [0, 1], [w], priority, 0.5), mixing)
+    assert torch.equal(guard_merges(mixing, [0, 1], [w], priority, math.inf), mixing)
     # the order matters: p=3 first takes all the room (column 0 = 2, the limit), then p=2 no longer fits
-    swapped = R.guard_merges(mixing, [0, 1], [w], torch.tensor([0.0, 0.0, 1.0, 2.0]), 0.0)
+    swapped = guard_merges(mixing, [0, 1], [w], torch.tensor([0.0, 0.0, 1.0, 2.0]), 0.0)
     assert torch.equal(swapped, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [1.0, 0.0]], dtype=torch.float64))
 
 
@@ -516,12 +535,12 @@ def test_guarded_udfc_never_widens_a_quantized_consumer_row_beyond_the_growth(gr
     with torch.no_grad():
         model.conv1.weight[1] = 3.0 * model.conv1.weight[0] + 0.1 * torch.randn(model.conv1.weight[0].shape,
                                                                                   generator=gen)
-    free = R.build_mixing(model, analysis, plan, method="udfc", weight_bits=4, merge_grid_growth=math.inf)["conv1"]
+    free = build_mixing(model, analysis, plan, method="udfc", weight_bits=4, merge_grid_growth=math.inf)["conv1"]
     kept_only = torch.zeros_like(free)
     kept_only[list(keep)] = free[list(keep)]  # the kept columns with UDFC's quantization rescale s', no merges
     selected = torch.einsum("oc...,ck->ok...", model.conv2.weight.detach().double(), kept_only).abs().amax(dim=(1, 2, 3))
-    guarded = R.build_mixing(model, analysis, plan, method="udfc", weight_bits=4, merge_grid_growth=growth)["conv1"]
-    fp32 = R.build_mixing(model, analysis, plan, method="udfc", merge_grid_growth=growth)["conv1"]
+    guarded = build_mixing(model, analysis, plan, method="udfc", weight_bits=4, merge_grid_growth=growth)["conv1"]
+    fp32 = build_mixing(model, analysis, plan, method="udfc", merge_grid_growth=growth)["conv1"]
     merged = torch.einsum("oc...,ck->ok...", model.conv2.weight.detach().double(), guarded)
     assert (merged.abs().amax(dim=(1, 2, 3)) <= (1 + growth) * selected * (1 + 1e-12)).all()
     unguarded = torch.einsum("oc...,ck->ok...", model.conv2.weight.detach().double(), free)
@@ -551,9 +570,9 @@ def test_bias_correction_removes_the_exact_mean_shift_of_a_constant_input(throug
     with torch.no_grad():
         want = head(conv(x))
         full = conv.weight.detach().clone()
-        conv.weight.copy_(R.quantize_weight(full, 3))
+        conv.weight.copy_(quantize_weight(full, 3))
         before = (head(conv(x)) - want).abs().max().item()
-        R._remove_output_shift(conv, bn_name, modules, full, mean)
+        remove_output_shift(conv, bn_name, modules, full, mean)
         after = (head(conv(x)) - want).abs().max().item()
     assert before > 1e-2  # 3-bit rounding moved the output
     assert after < 1e-10

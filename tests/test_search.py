@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfp_deploy.analysis import analyze, count_macs
-from dfp_deploy.compress.plan import make_plan
 from dfp_deploy.compress.prune import prune_model
+from dfp_deploy.compress.select.plan import make_plan
 from dfp_deploy.core.errors import InputError
 from dfp_deploy.search.agent import SacConfig
 from dfp_deploy.search.env import LatencyModel, MacCost, PruneEnv

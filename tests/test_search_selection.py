@@ -1,4 +1,4 @@
-"""search/selection.py: lmmse-selected kept channels for any searched count, and the analytical error."""
+"""compress/select/paths.py: lmmse-selected kept channels for any searched count, and the analytical error."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from dfp_deploy.analysis import analyze
-from dfp_deploy.compress.reconstruct import select_plan
+from dfp_deploy.compress.select.lmmse import select_plan
+from dfp_deploy.compress.select.paths import LmmseSelector
 from dfp_deploy.core.errors import InputError
-from dfp_deploy.search.selection import LmmseSelector
 from dfp_deploy.search.space import build_space
 from _helpers import Deep, example
 
@@ -21,7 +21,8 @@ def setup():
     model = Deep()
     analysis = analyze(model, example())
     space = build_space(model, analysis, example(), min_keep=0.2, round_to=2)
-    return model, analysis, space, LmmseSelector(model, analysis, space)
+    choices = {name: space.choices(g) for g, name in enumerate(space.groups)}
+    return model, analysis, space, LmmseSelector(model, analysis, choices)
 
 
 def test_plan_keeps_the_searched_counts_and_matches_select_plan(setup):

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from dfp_deploy.analysis import analyze, count_macs
-from dfp_deploy.compress.plan import make_plan
 from dfp_deploy.compress.prune import prune_model
-from dfp_deploy.compress.selection import ChannelPlanner
+from dfp_deploy.compress.select.plan import make_plan
+from dfp_deploy.compress.select.planner import ChannelPlanner
 from dfp_deploy.core.errors import InputError
 from dfp_deploy.models import load_model
 

@@ -1,1 +1,1 @@
-"""Compression: channel importance, prune plans and physical pruning (reconstruction, quantization: other modules)."""
+"""Compression on nn.Modules, split by job: select (which channels), prune, repair, quantize, calibrate."""

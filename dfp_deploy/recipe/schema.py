@@ -53,8 +53,8 @@ class PruneSection:
                                     factory=dict)
     exclude: list[str] = spec(None, "group or module name patterns never pruned", factory=list)
     importance: Literal["l1", "l2", "bn_l2", "group_l2", "group_l2_raw", "lmmse"] = spec(
-        "l2", "channel ranking: a per-channel score (dfp_deploy/compress/importance.py) or lmmse, the kept set with "
-        "the least data-free reconstruction error (dfp_deploy/compress/selection.py)")
+        "l2", "channel ranking: a per-channel score (dfp_deploy/compress/select/importance.py) or lmmse, the kept set "
+        "with the least data-free reconstruction error (dfp_deploy/compress/select/lmmse.py)")
     allocation: Literal["uniform", "macs", "macs-abs"] = spec(
         "uniform", "uniform: every group loses `ratio`; macs (importance lmmse): the same MACs are removed, "
         "taken where reconstruction loses least relative to each group; macs-abs: the same on the absolute error "
@@ -107,7 +107,7 @@ class CalibrationSection:
 class BnAdaptSection:
     data: str | None = spec(None, "re-estimate the compressed model's BatchNorm statistics on these inputs: "
                             "'synthetic' (BN-matched generated inputs, data-free) or an .npz of unlabeled images; "
-                            "null: off (see dfp_deploy/compress/bn_adapt.py)", path=True)
+                            "null: off (see dfp_deploy/compress/calibrate/bn_adapt.py)", path=True)
     samples: int = spec(256, "inputs used (all go through in one batch)", lo=2, hi=MAX_BATCHED)
     synthetic_steps: int = spec(200, "optimisation steps for data: synthetic (cached per model)", lo=1,
                                 hi=MAX_COUNT)
@@ -117,11 +117,12 @@ class BnAdaptSection:
 class CompressSection:
     prune: PruneSection = spec(None, "channel pruning", factory=PruneSection)
     reconstruct: Literal["none", "neuron_merging", "udfc", "lmmse"] = spec(
-        "none", "closed-form data-free repair folded into the next layer (see dfp_deploy/compress/reconstruct.py)")
+        "none", "closed-form data-free repair folded into the next layer (see dfp_deploy/compress/repair/)")
     udfc_form: Literal["merge", "vector"] = spec(
         "merge", "reconstruct: udfc only. merge: each pruned channel merges into its one best kept partner (the "
         "published form); vector: non-negative least squares over several kept channels (its bound has an extra "
-        "term, reconstruct.py 2; measured better at deep cuts, docs/BENCHMARKS.md); depthwise sites keep merges")
+        "term, docs/methods/reconstruction.md 2; measured better at deep cuts, docs/BENCHMARKS.md); depthwise sites "
+        "keep merges")
     quantize: QuantizeSection = spec(None, "weight quantization", factory=QuantizeSection)
     calibration: CalibrationSection = spec(None, "optional few unlabeled images", factory=CalibrationSection)
     bn_adapt: BnAdaptSection = spec(None, "adaptive BatchNorm after the data-free repair", factory=BnAdaptSection)

@@ -2,7 +2,7 @@
 
 Why. Pruning and quantization change what each BatchNorm sees: a BN after a pruned-and-repaired conv, and every BN
 downstream of it, still normalises with the ORIGINAL model's running mean μ and variance σ², which no longer describe
-its input. The data-free repairs (reconstruct.py) correct the next layer's weights but can only predict the shift
+its input. The data-free repairs (compress/repair/) correct the next layer's weights but can only predict the shift
 from the BN statistics themselves. Re-estimating the statistics of the compressed model on inputs that look like the
 data ("adaptive BN", as in EagleEye's candidate evaluation) removes the remaining shift of every channel's mean and
 scale at once. With BN-matched synthetic inputs (search/synthetic.py: generated so that the ORIGINAL model's batch

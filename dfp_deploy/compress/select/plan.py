@@ -18,7 +18,7 @@ import numpy as np
 from torch import nn
 
 from dfp_deploy.analysis import Analysis
-from dfp_deploy.compress.importance import IMPORTANCE, channel_importance
+from dfp_deploy.compress.select.importance import IMPORTANCE, channel_importance
 from dfp_deploy.core.errors import InputError
 from dfp_deploy.core.types import ChannelGroup, PrunePlan
 

@@ -1,7 +1,7 @@
 """Measured activation statistics of compensable channel groups, for choosing channels from a few real images.
 
-The lmmse channel selection (reconstruct.py, method 3; selection.py) keeps, in every compensable group, the channels
-that best explain all of the group's channels in the consumers' outputs. Without data it MODELS the activations'
+The lmmse channel selection (select/lmmse.py) keeps, in every compensable group, the channels that best explain
+all of the group's channels in the consumers' outputs. Without data it MODELS the activations'
 mean m and covariance C from weights and BatchNorm statistics (Gaussian pre-activations with cosine correlations).
 When the recipe has calibration images (compress.calibration.data), this module MEASURES them instead.
 
@@ -13,11 +13,11 @@ f(BN_dw(dw ⊛ f(BN(producer))))) we record the activation a ∈ R^C at every sp
 Why centered. Reconstructing every channel from the kept set K by an affine map, a ≈ M a_K + d, the least-squares
 optimum over the samples is d = m − M m_K and M = C_{·K} C_KK⁻¹ (the normal equations of ordinary least squares with
 an intercept), with residual covariance R = C − C_{·K} C_KK⁻¹ C_{K·}. A consumer with weights W' (taps t) adds
-‖Σ_t W'_t r‖² per position, so with G = Σ_t W'_tᵀ W'_t (reconstruct.consumer_gram; spatial taps treated as
+‖Σ_t W'_t r‖² per position, so with G = Σ_t W'_tᵀ W'_t (select/lmmse.consumer_gram; spatial taps treated as
 independent) the expected consumer-output error is E(K) = tr(G R) = tr(G C) − tr(C_KK⁻¹ (C G C)_KK), exactly the
-quantity reconstruct.greedy_elimination minimises. With measured m, C it is the error the calibration's least-squares
-step (calibrate.py, phase 2a) starts from when only the input channels of the consumers change; the constant d is
-what a bias absorbs, which is why the covariance is centered. The plan is chosen from the ORIGINAL model's
+quantity select/lmmse.greedy_elimination minimises. With measured m, C it is the error the calibration's least-squares
+step (calibrate/two_phase.py, phase 2a) starts from when only the input channels of the consumers change; the
+constant d is what a bias absorbs, which is why the covariance is centered. The plan is chosen from the ORIGINAL model's
 activations, before any phase of calibration touches the weights.
 
 Cost: one forward pass over the inputs with a hook per site; memory C² float64 per site.
@@ -29,13 +29,14 @@ import torch
 from torch import nn
 
 from dfp_deploy.analysis import Analysis
-from dfp_deploy.compress.reconstruct import Site, apply_activation, find_site
+from dfp_deploy.compress.repair.moments import apply_activation
+from dfp_deploy.compress.repair.sites import Site, find_site
 
 
 def measured_group_statistics(model: nn.Module, analysis: Analysis, inputs: torch.Tensor, *,
                               batch: int = 64) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """site_activation_moments of every group the lmmse selection can choose in (prunable, not tied across a
-    residual add, closed-form compensable: reconstruct.find_site)."""
+    residual add, closed-form compensable: repair/sites.find_site)."""
     sites = {}
     for group in analysis.groups:
         if group.prunable and not group.residual:

@@ -10,13 +10,6 @@ scale is per output channel, Q(λ·w_c) = λ·Q(w_c) for any λ ≠ 0: quantizin
 filters (γ/σ)·W gives the same folded result, so reconstruction may reason on folded filters while we quantize the
 raw conv weights that deployment later folds.
 
-Hessian-aware rounding (optional): on the same grid, pick each channel's codes to minimise the expected output
-error E[((w − q)·x)²] = (w − q)ᵀ H (w − q), H = E[x xᵀ] over input patches, instead of rounding every element on its
-own (H = I gives round-to-nearest exactly). Inputs with a large mean or smooth spatial structure make H far from I:
-then errors that cancel within a kernel matter much less than errors that add up. We round the columns in order
-and let the not-yet-rounded columns absorb each rounding error in the H metric (the OBQ/GPTQ error feedback, with
-a small damping of H's diagonal). H itself comes from weights and BN statistics only (reconstruct.py).
-
 Activations (data-free, DFQ-style): an inference-mode BN output channel has mean β_c and standard deviation |γ_c|
 over the training data (bnfold.py). Modelling it as a Gaussian, its range is β_c ± k·|γ_c|; an activation after the
 BN clips that range: ReLU to [max(lo, 0), max(hi, 0)], ReLU6 to [clip(lo, 0, 6), clip(hi, 0, 6)]. Activations are
@@ -64,53 +57,6 @@ def quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero channels stay exactly zero
     codes = torch.clamp(torch.round(w / safe), -n, n)
     return (codes * safe).to(w.dtype)
-
-
-def quantize_weight_hessian(w: torch.Tensor, bits: int, hessian: torch.Tensor, *, damp: float = 0.01) -> torch.Tensor:
-    """Fake-quantize `w` on the same per-channel grid as quantize_weight, choosing the roundings to minimise
-    (w_c − q_c)ᵀ H (w_c − q_c) per output channel instead of each element's own error (module docstring).
-    `hessian`: [D, D] shared by all rows, or [C, D, D] per row (depthwise convs), D = w[0].numel()."""
-    n = quant_levels(bits)
-    rows = w.detach().double().reshape(w.shape[0], -1)
-    scale = weight_scale(w, bits).double().reshape(-1)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    if hessian.dim() == 2:
-        codes = _error_feedback_codes(rows, safe, n, hessian.double(), damp)
-    else:
-        codes = torch.cat([_error_feedback_codes(rows[c:c + 1], safe[c:c + 1], n, hessian[c].double(), damp)
-                           for c in range(rows.shape[0])])
-    return (codes * safe[:, None]).reshape(w.shape).to(w.dtype)
-
-
-def _error_feedback_codes(rows: torch.Tensor, scale: torch.Tensor, n: int, hessian: torch.Tensor,
-                          damp: float) -> torch.Tensor:
-    """Integer codes by sequential rounding with optimal error feedback (Optimal Brain Quantization order 0..D−1):
-    after rounding column i, the remaining columns absorb −e_i·U[i, i+1:]/U[i, i] (U = upper Cholesky factor of
-    H^{-1}), the least-squares correction of that error in the H metric."""
-    d = rows.shape[1]
-    h = hessian.clone()
-    dead = h.diagonal() <= 0
-    h[dead, dead] = 1.0
-    h = h + damp * h.diagonal().mean() * torch.eye(d, dtype=h.dtype)
-    factor, info = torch.linalg.cholesky_ex(h)
-    if int(info) != 0:
-        # an input model that is not positive semi-definite (the pairwise-Gaussian moments of EfficientNet's
-        # depthwise sites can be indefinite): its nearest PSD matrix (negative eigenvalues set to 0), damped
-        values, vectors = torch.linalg.eigh(0.5 * (hessian + hessian.T))
-        h = (vectors * values.clamp_min(0.0)) @ vectors.T
-        h[dead, dead] = 1.0
-        h = h + damp * h.diagonal().mean().clamp_min(1e-12) * torch.eye(d, dtype=h.dtype)
-        factor = torch.linalg.cholesky(h)
-    upper = torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
-    work = rows.clone()
-    codes = torch.empty_like(work)
-    for i in range(d):
-        column = work[:, i]
-        code = torch.clamp(torch.round(column / scale), -n, n)
-        codes[:, i] = code
-        error = (column - code * scale) / upper[i, i]
-        work[:, i + 1:] -= error[:, None] * upper[i, i + 1:][None, :]
-    return codes
 
 
 def quantize_model_weights(model: nn.Module, bits: int, *,
@@ -184,3 +130,9 @@ def bn_activations(model: nn.Module, example_input: torch.Tensor) -> dict[str, s
         label = describe_node(users[0], modules, counts).label if len(users) == 1 else ""
         found[str(node.target)] = label if label in ("relu", "relu6") else "none"
     return found
+
+
+def bits_lookup(bits: int | None, layer_bits: dict[str, int] | None) -> Callable[[str], int | None]:
+    """module name → its weight bits: None everywhere when not quantizing, else the override or `bits`."""
+    overrides = {name: check_bits(b, f"bits of layer {name}") for name, b in (layer_bits or {}).items()}
+    return lambda name: None if bits is None else overrides.get(name, bits)

@@ -1,25 +1,25 @@
 """Which channels a build removes: the recipe's prune section (ratios, exclusions, rounding) turned into a PrunePlan.
 
 Two rankings:
-- a per-channel importance score (l1, l2, bn_l2, group_l2, group_l2_raw; importance.py): the top `kept` channels
+- a per-channel importance score (l1, l2, bn_l2, group_l2, group_l2_raw; select/importance.py): the top `kept` channels
   of each group survive (plan.make_plan);
 - "lmmse": the kept set that leaves the smallest data-free reconstruction error in the consumers' outputs, found by
-  greedy backward elimination (reconstruct.select_plan; the error model is derived in reconstruct.py). Groups where
+  greedy backward elimination (select/lmmse.select_plan; the error model is repair/moments.py). Groups where
   closed-form reconstruction is not valid (residual streams, no BatchNorm, ...) fall back to the l2 ranking.
 
 Allocation (lmmse only): "uniform" keeps the same fraction of every group (the counts make_plan would keep);
 "macs" removes the same total MACs as the uniform plan but lets groups compete for it, each step cutting where the
-normalised reconstruction error grows least per MAC saved (reconstruct.select_plan, budget="macs"); "macs-abs" the
+normalised reconstruction error grows least per MAC saved (select/lmmse.select_plan, budget="macs"); "macs-abs" the
 same on the error itself (in the units the next BatchNorm sees), not relative to the group's total, so groups whose
 channels matter little in absolute terms are cut deeper (each group keeps at least 20 % of its channels).
 
 Statistics (lmmse only): the reconstruction error is computed from the data-free Gaussian model of the activations
-(reconstruct.py, method 3), or, given `measured` activation statistics (activation_stats.py, from calibration
+(repair/moments.py), or, given `measured` activation statistics (select/measured.py, from calibration
 images), from those.
 
 The same count rule (plan.kept_count) applies to every ranking, so switching the ranking never changes the MACs of a
 uniform plan. Selections are cached per (group, kept count) for repeated plans; the search, which asks for every
-count of every group, uses the precomputed elimination paths of search/selection.py instead.
+count of every group, uses the precomputed elimination paths of select/paths.py instead.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from collections.abc import Iterable
 from torch import nn
 
 from dfp_deploy.analysis import Analysis
-from dfp_deploy.compress.importance import IMPORTANCE
-from dfp_deploy.compress.plan import make_plan
+from dfp_deploy.compress.select.importance import IMPORTANCE
+from dfp_deploy.compress.select.plan import make_plan
 from dfp_deploy.core.errors import InputError
 from dfp_deploy.core.threads import torch_threads
 from dfp_deploy.core.types import PrunePlan
@@ -91,14 +91,14 @@ class ChannelPlanner:
 
     def _site(self, name: str):
         if name not in self._sites:
-            from dfp_deploy.compress.reconstruct import find_site
+            from dfp_deploy.compress.repair.sites import find_site
 
             self._sites[name] = find_site(self.model, self.analysis, name)[0]
         return self._sites[name]
 
     def _lmmse_keep(self, name: str, kept: int) -> tuple[int, ...]:
         if (name, kept) not in self._kept:
-            from dfp_deploy.compress.reconstruct import site_error_path
+            from dfp_deploy.compress.select.lmmse import site_error_path
 
             path = site_error_path(self.model, self.analysis, self._site(name), [kept],
                                    measured=self.measured.get(name))
@@ -106,7 +106,7 @@ class ChannelPlanner:
         return self._kept[(name, kept)]
 
     def _macs(self, base: PrunePlan, ratio: float, compensable: list[str]) -> PrunePlan:
-        from dfp_deploy.compress.reconstruct import select_plan
+        from dfp_deploy.compress.select.lmmse import select_plan
 
         keep = {name: kept for name, kept in base.keep.items() if name not in compensable}
         if compensable:

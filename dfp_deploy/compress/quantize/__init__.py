@@ -1,0 +1,1 @@
+"""Weight quantization: the round-to-nearest grid, Hessian-aware rounding and bias correction."""

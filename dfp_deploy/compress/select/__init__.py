@@ -1,0 +1,1 @@
+"""Choosing channels: importance rankings, kept counts, lmmse selection and allocation, measured statistics."""
