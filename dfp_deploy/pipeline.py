@@ -111,11 +111,52 @@ def _round_to_source(recipe: Recipe) -> tuple[int, str]:
     if recipe.compress.prune.round_to:
         return recipe.compress.prune.round_to, "recipe"
     t = recipe.target
-    stored = _stored_fingerprint(t.backend, t.precision, t.batch, t.threads)
+    stored = _recipe_fingerprint(recipe)
     if stored is not None:
         fingerprint, path = stored
         return fingerprint.multiple, f"fingerprint {path}"
-    return default_round_to(t.backend, t.precision), "table (no fingerprint stored for this target)"
+    why = "target.fingerprint: table" if t.fingerprint == "table" else "no fingerprint stored for this target"
+    return default_round_to(t.backend, t.precision), f"table ({why})"
+
+
+def _recipe_fingerprint(recipe: Recipe):
+    """(Fingerprint, path) the recipe's defaults follow: the one stored for exactly its target; None under
+    target.fingerprint: table."""
+    t = recipe.target
+    if t.fingerprint == "table":
+        return None
+    return _stored_fingerprint(t.backend, t.precision, t.batch, t.threads)
+
+
+FINGERPRINTABLE = ("ort-cpu", "ort-cuda", "tensorrt")  # the backends that build engines from the ONNX probes
+# the sweep a build measures by itself: 65..128 channels covers U_32 of every count, in 3 interleaved rounds instead of
+# 5; about 0.4 of `dfp-deploy fingerprint`'s 33..128 in 5 (docs/research/latency-fingerprint.md, its cost)
+AUTO_FINGERPRINT_CHANNELS = tuple(range(65, 129))
+AUTO_FINGERPRINT_ROUNDS = 3
+
+
+def _fingerprint_needed(recipe: Recipe) -> bool:
+    """target.fingerprint: auto measures one when the default channel multiple is used (pruning with round_to
+    unset), none is stored for this target, and the build times the target here: a build that times nothing may
+    run on another machine than the target, whose fingerprint it would then be."""
+    t, p, s = recipe.target, recipe.compress.prune, recipe.search
+    prunes = bool(p.ratio or p.ratios or s.episodes)
+    times_here = recipe.measure.latency or (s.episodes and s.target == "latency")
+    return (t.fingerprint == "auto" and t.backend in FINGERPRINTABLE and prunes and not p.round_to
+            and bool(times_here) and _stored_fingerprint(t.backend, t.precision, t.batch, t.threads) is None)
+
+
+def _fingerprint_report(recipe: Recipe, measured_s: float | None) -> dict | None:
+    """The fingerprint a build used, for report.json: its file, multiple, swept counts, the measured cost of not
+    rounding to its multiple, and what measuring it took in this build (None: read from the store)."""
+    stored = None if recipe.compress.prune.round_to else _recipe_fingerprint(recipe)
+    if stored is None:
+        return None
+    fingerprint, path = stored
+    return {"file": str(path), "device": fingerprint.key.device, "multiple": fingerprint.multiple,
+            "channels": [fingerprint.channels[0], fingerprint.channels[-1]],
+            "cost_of_not_rounding": round(fingerprint.cost_of_not_rounding(), 4),
+            "rounding_costs": fingerprint.rounding_costs, "measured_s": measured_s}
 
 
 def _fingerprint_key(backend, backend_name: str, precision: str, batch: int, size: int, threads: int | None):
@@ -372,6 +413,16 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
 
         raise BackendUnavailable(f"target.backend: {t.backend} is unavailable here: {info.reason}")
 
+    fingerprint_s = None
+    if _fingerprint_needed(recipe):
+        stage.total += 1
+        stage(f"measuring the latency fingerprint of {t.backend} {t.precision} batch {t.batch} (once: stored for "
+              "later builds; target.fingerprint: table skips it)")
+        started = time.perf_counter()
+        fingerprint(t.backend, t.precision, t.batch, threads=t.threads, channels=AUTO_FINGERPRINT_CHANNELS,
+                    rounds=AUTO_FINGERPRINT_ROUNDS, quiet=stage.quiet)
+        fingerprint_s = round(time.perf_counter() - started, 1)
+
     stage(f"loading model {recipe.model.name}")
     loaded = _load(recipe)
     model = loaded.module
@@ -493,7 +544,8 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
         "model": {"name": loaded.name, "weights": loaded.weights, "input_shape": list(loaded.input_shape)},
         **sizes,
         "prune": {**_prune_summary(analysis, plan), "selection": _selection_report(recipe, search_report),
-                  "round_to": dict(zip(("value", "source"), _round_to_source(recipe)))},
+                  "round_to": {**dict(zip(("value", "source"), _round_to_source(recipe))),
+                               "fingerprint": _fingerprint_report(recipe, fingerprint_s)}},
         "compress": {"reconstruct": recipe.compress.reconstruct,
                      "udfc_form": recipe.compress.udfc_form if recipe.compress.reconstruct == "udfc" else None,
                      "weight_bits": recipe.compress.quantize.weight_bits,
@@ -706,7 +758,7 @@ def _latency_model(recipe, model, analysis, space, example, work, backend, plan_
         timer.close()  # worker processes or actors must not outlive a failed search
         raise
     # the block a partly filled channel group is charged as: measured when the target has a fingerprint
-    stored = _stored_fingerprint(t.backend, t.precision, t.batch, t.threads)
+    stored = _recipe_fingerprint(recipe)
     cost = LatencyModel(space, block=stored[0].multiple if stored else default_round_to(t.backend, t.precision))
     cost.observe(_np.ones(space.size), timer.reference_ms)
     cost.observe(floor_keep, floor_ms, prior=True)
@@ -973,7 +1025,7 @@ def inspect(recipe: Recipe) -> dict:
 
 
 def fingerprint(backend_name: str, precision: str, batch: int, *, size: int = 14, threads: int | None = None,
-                channels=None, runs: int = 50, refresh: bool = False, folder: Path | None = None,
+                channels=None, runs: int = 50, rounds: int = 5, refresh: bool = False, folder: Path | None = None,
                 quiet: bool = False):
     """The target's latency fingerprint (measure/fingerprint.py): loaded when one exists for exactly this target,
     else measured on one-conv probes built by the real backend, then stored. Returns (Fingerprint, path, reused)."""
@@ -1003,5 +1055,5 @@ def fingerprint(backend_name: str, precision: str, batch: int, *, size: int = 14
             return engine.prepare(np.repeat(x, c, axis=1))
 
         result = fp.measure(key, make_runner, **({"channels": tuple(channels)} if channels else {}), runs=runs,
-                            threads=threads, progress=not quiet)
+                            rounds=rounds, threads=threads, progress=not quiet)
     return result, fp.save(result, folder), False

@@ -119,3 +119,80 @@ def test_a_stored_fingerprint_sets_the_default_channel_multiple(tmp_path, monkey
     # another batch is another target: back to the table; a recipe value always wins
     assert pipeline._round_to_source(load_recipe(path, ["target.batch=8"]))[1].startswith("table")
     assert pipeline._round_to_source(load_recipe(path, ["compress.prune.round_to=2"])) == (2, "recipe")
+
+
+def _store_fingerprint(tmp_path, batch: int, multiple: int):
+    """A fingerprint of this machine's ort-cpu fp32 target at `batch`, one thread, measured on a known step of
+    `multiple` channels, stored where builds look."""
+    from dfp_deploy import pipeline
+    from dfp_deploy.backends.registry import get_backend
+
+    key = pipeline._fingerprint_key(get_backend("ort-cpu"), "ort-cpu", "fp32", batch, 14, 1)
+    truth = dict(zip(CHANNELS, [0.05 + 1e-4 * _up(c, multiple) ** 2 for c in CHANNELS]))
+    return fp.save(fp.measure(key, lambda c: (lambda: float(truth[c])), warmup=1, runs=50, rounds=5),
+                   tmp_path / "dfp-deploy" / "fingerprints")
+
+
+def test_auto_measures_a_fingerprint_only_where_the_build_needs_one_and_times_the_target_here(tmp_path, monkeypatch):
+    from dfp_deploy import pipeline
+    from dfp_deploy.recipe import load_recipe
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {name: cifar_resnet20}\ncompress: {prune: {ratio: 0.5}}\n"
+                    "target: {backend: ort-cpu, batch: 2, threads: 1}\n")
+
+    def needed(*settings):
+        return pipeline._fingerprint_needed(load_recipe(path, list(settings)))
+
+    assert needed() and load_recipe(path, []).target.fingerprint == "auto"
+    assert not needed("target.fingerprint=stored") and not needed("target.fingerprint=table")
+    assert not needed("compress.prune.round_to=4")  # the recipe's multiple is used: nothing to measure
+    assert not needed("compress.prune.ratio=0")  # nothing is pruned
+    assert not needed("measure.latency=false")  # nothing is timed here: this machine may not be the target
+    assert needed("measure.latency=false", "search.episodes=2", "search.target=latency")
+    assert not needed("target.backend=torch-cpu")  # builds from the module, not from the ONNX probes
+    _store_fingerprint(tmp_path, batch=2, multiple=4)
+    assert not needed()  # measured once: the stored one is used from then on
+    assert needed("target.batch=8")  # another batch is another target
+
+
+def test_target_fingerprint_table_ignores_a_stored_fingerprint(tmp_path, monkeypatch):
+    from dfp_deploy import pipeline
+    from dfp_deploy.recipe import load_recipe
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {name: cifar_resnet20}\ntarget: {backend: ort-cpu, batch: 2, threads: 1}\n")
+    stored = _store_fingerprint(tmp_path, batch=2, multiple=4)
+    assert pipeline._round_to_source(load_recipe(path, ["target.fingerprint=stored"])) == (4, f"fingerprint {stored}")
+    value, source = pipeline._round_to_source(load_recipe(path, ["target.fingerprint=table"]))
+    assert (value, source) == (pipeline.default_round_to("ort-cpu", "fp32"), "table (target.fingerprint: table)")
+
+
+@pytest.mark.slow
+def test_a_timed_build_measures_the_missing_fingerprint_once_and_reports_it(tmp_path, monkeypatch):
+    from dfp_deploy import pipeline
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    # a short sweep (the rule needs 8 counts); the default one is what a real build measures
+    monkeypatch.setattr(pipeline, "AUTO_FINGERPRINT_CHANNELS", tuple(range(65, 73)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {name: cifar_resnet20, input_size: [3, 8, 8]}\n"
+                      "compress: {prune: {ratio: 0.5}, reconstruct: none}\n"
+                      "target: {backend: ort-cpu, batch: 2, threads: 1}\n"
+                      "measure: {warmup: 1, runs: 50, rounds: 1, parity_samples: 4, rounding_cost: false}\n")
+    res = CliRunner().invoke(main, ["build", str(recipe), "--out", str(tmp_path / "out")], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "[1/9] measuring the latency fingerprint of ort-cpu fp32 batch 2" in res.output
+    stored = list((tmp_path / "cache" / "dfp-deploy" / "fingerprints").glob("ort-cpu-fp32-b2-s14-t1-*.json"))
+    assert len(stored) == 1
+    rnd = json.loads((tmp_path / "out" / "report.json").read_text())["prune"]["round_to"]
+    used = rnd["fingerprint"]
+    assert rnd["source"] == f"fingerprint {stored[0]}" and rnd["value"] == used["multiple"]
+    assert used["file"] == str(stored[0]) and used["channels"] == [65, 72] and used["measured_s"] > 0
+    assert used["cost_of_not_rounding"] == pytest.approx(json.loads(stored[0].read_text())["cost_of_not_rounding"],
+                                                         abs=1e-4)
+    from dfp_deploy.recipe import load_recipe
+
+    assert not pipeline._fingerprint_needed(load_recipe(recipe, []))  # the next build reads it

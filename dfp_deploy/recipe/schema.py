@@ -147,6 +147,11 @@ class TargetSection:
     workspace_mb: int | None = spec(None, "TensorRT builder workspace limit in MiB (default: TensorRT's)", lo=1,
                                     hi=2**31 - 1)
     cuda_graph: bool = spec(True, "tensorrt / torch-cuda: replay the timed inference as a CUDA graph")
+    fingerprint: Literal["auto", "stored", "table"] = spec(
+        "auto", "where the default compress.prune.round_to and the latency search's channel block come from: auto "
+        "(the target's stored `dfp-deploy fingerprint`; when none is stored and this build times the target, "
+        "measured once here and stored), stored (a stored one, never measured), table (a per-backend table: the "
+        "plan does not depend on the machine)")
 
 
 @dataclass(frozen=True)
