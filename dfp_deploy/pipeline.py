@@ -397,10 +397,11 @@ def _swap_into_place(stage_dir: Path, out: Path) -> None:
 
 def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Stages) -> dict:
     from dfp_deploy.analysis import analyze, count_macs, count_params
-    from dfp_deploy.backends.registry import get_backend
+    from dfp_deploy.backends.registry import get_backend, simulates, simulation
     from dfp_deploy.core.atomic import write_json_atomic, write_text_atomic
     from dfp_deploy.core.env import environment
     from dfp_deploy.export.onnx_export import export_onnx
+    from dfp_deploy.export.passes.fp16 import write_fp16_onnx
     from dfp_deploy.report.markdown import render_markdown
 
     _check_consistency(recipe)
@@ -480,6 +481,8 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
     if t.precision == "int8":
         engine_onnx = _int8_onnx(recipe, loaded, compressed, example, exp_after.path, work / "model.int8.onnx",
                                  calib_images)
+    elif t.precision == "fp16":
+        engine_onnx = write_fp16_onnx(exp_after.path, work / "model.fp16.onnx")
     # the original is always the fp32 engine: the report compares what the user has with what they ship
     eng_before = backend.build(exp_before.path, precision="fp32", threads=t.threads, out_dir=work,
                                torch_model=model)
@@ -498,11 +501,9 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
     par = parity(_torch_runner(compressed), _ChunkedEngine(eng_after, t.batch), x_ref,
                  rule=_parity_rule(recipe, compressed, eng_after))
     par.update(inputs=ref_kind, precision=t.precision)
-    if t.precision == "int8":
+    if simulates(t.precision):
         # the float model is not what an int8 engine computes: also compare with the simulated quantization
-        from dfp_deploy.backends.ort import simulated_quantization
-
-        simulated = simulated_quantization(engine_onnx, t.threads)
+        simulated = simulation(t.precision, engine_onnx, t.threads)
         sim = parity(_chunked(simulated.run, t.batch), _ChunkedEngine(eng_after, t.batch), x_ref)
         par["simulated"] = {k: sim[k] for k in ("max_abs_err", "mean_abs_err", "top1_agreement")}
     _check_parity(recipe, par, ref_kind)
@@ -569,8 +570,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
         report["accuracy"] = accuracy
     if search_report is not None:
         report["search"] = search_report
-    engine_info = {key: value for key, value in (("kernels", getattr(eng_after, "kernels", None)),
-                                                  ("layers", getattr(eng_after, "layer_summary", None))) if value}
+    engine_info = eng_after.inspect().report()
     if engine_info:
         report["engine"] = engine_info
     report["warnings"] += _engine_warnings(engine_info.get("layers"))
@@ -859,9 +859,8 @@ def _check_parity(recipe: Recipe, par: dict, ref_kind: str) -> None:
 
 def _cuda_graph_report(engines: dict) -> dict:
     """{engine: {requested, used, error}} for engines that can replay CUDA graphs: what the timing really was."""
-    return {name: {"requested": bool(engine.cuda_graph), "used": bool(getattr(engine, "graph_used", False)),
-                   "error": getattr(engine, "graph_error", None)}
-            for name, engine in engines.items() if getattr(engine, "cuda_graph", None) is not None}
+    graphs = {name: engine.inspect().cuda_graph for name, engine in engines.items()}
+    return {name: status.as_dict() for name, status in graphs.items() if status is not None}
 
 
 def _parity_rule(recipe: Recipe, compressed, engine):
@@ -871,7 +870,7 @@ def _parity_rule(recipe: Recipe, compressed, engine):
     precision = recipe.target.precision
     if precision == "int8":
         return None
-    arithmetic = "fp16" if precision == "fp16" else "tf32" if getattr(engine, "tf32", False) else "fp32"
+    arithmetic = engine.inspect().arithmetic
     layers, max_dot = network_size(compressed)
     return ParityRule(arithmetic, layers, max_dot, recipe.measure.parity_tolerance)
 
@@ -910,6 +909,7 @@ def _unrounded_engine(recipe: Recipe, loaded, analysis, plan: PrunePlan, example
     files are hidden in the staging folder and removed once the engine is loaded."""
     from dfp_deploy.analysis import count_macs
     from dfp_deploy.export.onnx_export import export_onnx
+    from dfp_deploy.export.passes.fp16 import write_fp16_onnx
 
     t = recipe.target
     model = _compress(recipe, loaded.module, analysis, plan, adapt_inputs=adapt_inputs).eval()
@@ -917,6 +917,8 @@ def _unrounded_engine(recipe: Recipe, loaded, analysis, plan: PrunePlan, example
                        opset=recipe.export.opset, cache=cache_dir() / "onnx").path
     if t.precision == "int8":
         path = _int8_onnx(recipe, loaded, model, example, path, work / ".unrounded.int8.onnx", calib_images)
+    elif t.precision == "fp16":
+        path = write_fp16_onnx(path, work / ".unrounded.fp16.onnx")
     engine = backend.build(path, precision=t.precision, threads=t.threads, out_dir=work, torch_model=model)
     for leftover in work.glob(".unrounded*"):
         leftover.unlink()

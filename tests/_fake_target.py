@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from dfp_deploy.backends.registry import BackendInfo
+from dfp_deploy.core.types import EngineSummary
 
 MS_PER_CHANNEL = 0.25
 RAY_RESOURCE = "target:fake"  # the Ray custom resource the tests' cluster offers for this target
@@ -38,6 +39,9 @@ class FakeEngine:
 
     def prepare(self, x: np.ndarray):
         return lambda: self.ms
+
+    def inspect(self) -> EngineSummary:
+        return EngineSummary(self.name, "fp32", "fp32")
 
 
 class FakeTarget:

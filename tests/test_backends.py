@@ -297,3 +297,42 @@ def test_no_extra_installs_a_second_onnxruntime_and_tensorrt_is_pinned_to_the_ch
         assert not any(dep.startswith("onnxruntime-gpu") for dep in deps), extra  # pip would install both
     trt = [dep for deps in project["optional-dependencies"].values() for dep in deps if dep.startswith("tensorrt")]
     assert trt and all("<11" in dep.replace(" ", "") for dep in trt if not dep.startswith("tensorrt-stubs")), trt
+
+
+# ------------------------------------------------------------------------------------------------ inspect, simulation
+
+def test_every_cpu_engine_describes_itself_with_a_typed_summary(onnx_files, tmp_path):
+    from tests.test_tensorrt import tiny_qdq_model
+
+    model, folder = onnx_files
+    fp32 = build_ort_cpu(folder / "static.onnx").inspect()
+    assert (fp32.backend, fp32.precision, fp32.arithmetic) == ("ort-cpu", "fp32", "fp32")
+    assert fp32.kernels is None and fp32.layers is None and fp32.cuda_graph is None and fp32.report() == {}
+    tiny_qdq_model(tmp_path / "q.onnx")
+    int8 = build_ort_cpu(tmp_path / "q.onnx", precision="int8").inspect()
+    assert int8.precision == "int8" and int8.kernels is not None
+    assert int8.kernels.integer_conv_gemm + int8.kernels.float_conv_gemm == 3  # two convs and a gemm
+    assert int8.report() == {"kernels": int8.kernels.as_dict()}  # report.json's engine section
+    torch_summary = get_backend("torch-cpu").build(None, precision="fp32", threads=1, out_dir=folder,
+                                                   torch_model=model).inspect()
+    assert (torch_summary.backend, torch_summary.arithmetic, torch_summary.cuda_graph) == ("torch-cpu", "fp32", None)
+
+
+def test_simulated_quantization_comes_from_the_registry(tmp_path):
+    from tests.test_tensorrt import _ort_run, tiny_qdq_model
+
+    model = tiny_qdq_model(tmp_path / "q.onnx")
+    assert registry.simulates("int8") and not registry.simulates("fp32")
+    engine = registry.simulation("int8", tmp_path / "q.onnx", threads=1)
+    assert engine.inspect().precision == "int8" and engine.inspect().arithmetic == "fp32"
+    x = np.random.default_rng(5).standard_normal((2, 3, 8, 8), dtype=np.float32)
+    np.testing.assert_allclose(engine.run(x), _ort_run(model, x), atol=1e-5)  # Q/DQ executed as float ops
+    with pytest.raises(InputError, match="no simulation is registered for precision 'fp16'"):
+        registry.simulation("fp16", tmp_path / "q.onnx")
+
+
+def test_cpu_session_names_what_onnxruntime_could_not_run():
+    from dfp_deploy.backends.ort import cpu_session
+
+    with pytest.raises(BackendUnavailable, match="onnxruntime cannot run the model"):
+        cpu_session(b"not an onnx model", threads=1)

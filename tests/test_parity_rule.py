@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dfp_deploy.core.errors import ParityError
+from dfp_deploy.core.types import EngineSummary
 from dfp_deploy.measure.emulate import corrupt_one_weight, emulated, round_fp16, round_tf32
 from dfp_deploy.measure.parity import (SCALE_TOO_SMALL, ParityRule, enforce, network_size, parity,
                                        relative_tolerance)
@@ -132,6 +133,16 @@ def test_fp32_rule_is_far_tighter_than_the_fp16_one(small_cnn):
     assert not as_fp32["rule"]["passed"]  # an fp16 engine cannot pass as fp32
 
 
+class _Inspected:
+    """An engine that only describes itself (Engine.inspect), for the pipeline's choice of parity rule."""
+
+    def __init__(self, precision: str, arithmetic: str):
+        self.summary = EngineSummary("fake", precision, arithmetic)
+
+    def inspect(self) -> EngineSummary:
+        return self.summary
+
+
 def test_pipeline_check_accepts_an_fp32_engine_on_large_logits_and_names_the_rule_on_failure():
     from dfp_deploy.pipeline import _check_parity, _parity_rule
     from dfp_deploy.recipe import load_recipe
@@ -140,7 +151,7 @@ def test_pipeline_check_accepts_an_fp32_engine_on_large_logits_and_names_the_rul
     # ResNet-56's shape for the rule (55 convs up to 64x3x3 inputs, one linear); its random-weight logits are ~2.5e4
     model = nn.Sequential(*[nn.Conv2d(64, 64, 3) for _ in range(55)], nn.Flatten(), nn.Linear(64, 10))
     ref = np.linspace(-2.5e4, 2.5e4, 40).reshape(4, 10)
-    rule = _parity_rule(recipe, model, engine=object())
+    rule = _parity_rule(recipe, model, engine=_Inspected("fp32", "fp32"))
     assert (rule.arithmetic, rule.layers, rule.max_dot, rule.abs_floor) == ("fp32", 56, 576, 1e-3)
     ok = parity(lambda x: ref, _Engine(lambda x: ref + 1.2e-2), np.zeros((4, 1)), rule=rule)
     _check_parity(recipe, ok, "gaussian noise")
@@ -149,6 +160,5 @@ def test_pipeline_check_accepts_an_fp32_engine_on_large_logits_and_names_the_rul
     with pytest.raises(ParityError, match=r"> tolerance .* for fp32 arithmetic"):
         _check_parity(recipe, bad, "gaussian noise")
     fp16 = load_recipe(None, ["target.precision=fp16"])
-    assert _parity_rule(fp16, model, engine=object()).arithmetic == "fp16"
-    tf32_engine = type("E", (), {"tf32": True})()
-    assert _parity_rule(recipe, model, tf32_engine).arithmetic == "tf32"
+    assert _parity_rule(fp16, model, engine=_Inspected("fp16", "fp16")).arithmetic == "fp16"
+    assert _parity_rule(recipe, model, _Inspected("fp32", "tf32")).arithmetic == "tf32"  # the engine says TF32

@@ -26,9 +26,12 @@ from dfp_deploy.backends.registry import get_backend
 from dfp_deploy.backends.tensorrt import (NO_GPU, NOT_INSTALLED, TensorRTBackend, build_plan,
                                           builder_settings, format_precision, int8_expected_nodes,
                                           load_timing_cache, parse_layer_info, prepare_onnx, save_timing_cache,
-                                          static_input_shapes, summarize_layers, tensorrt_qdq_problems,
-                                          timing_cache_key, timing_cache_path, to_fp16_graph)
+                                          static_input_shapes, summarize_layers, timing_cache_key,
+                                          timing_cache_path)
 from dfp_deploy.core.errors import BackendUnavailable, ExportError, InputError
+from dfp_deploy.core.types import LayerPrecision
+from dfp_deploy.export.passes.fp16 import pass_fp16
+from dfp_deploy.export.passes.validate_qdq import pass_validate_qdq, qdq_problems
 
 SAMPLE = Path(__file__).parent / "data" / "trt_layer_info_sample.json"
 SAMPLE_INT8_NODES = {"/stem/conv/Conv", "/block1/conv1/Conv", "/block1/conv2/Conv", "/block2/conv1/Conv",
@@ -224,7 +227,10 @@ def test_parse_layer_info_reads_every_documented_field(sample_layers):
 
 
 def test_summarize_layers_counts_the_sample_exactly(sample_layers):
-    s = summarize_layers(sample_layers, SAMPLE_INT8_NODES)
+    typed = summarize_layers(sample_layers, SAMPLE_INT8_NODES)
+    assert typed.not_int8 == (LayerPrecision("/block2/down/Conv", "/block2/down/Conv", "FP32"),)
+    assert dict(typed.weighted_by_precision) == {"FP32": 1, "INT8": 6}
+    s = typed.as_dict()  # the report.json form
     assert s["layers"] == 15 and s["reformats"] == 4 and s["qdq_layers"] == 2
     assert s["reformat_layers"][0] == ("Reformatting CopyNode for Input Tensor 0 to /stem/conv/Conv + /stem/relu/Relu"
                                        " + /stem/pool/MaxPool")
@@ -238,27 +244,28 @@ def test_summarize_layers_counts_the_sample_exactly(sample_layers):
 
 def test_summarize_layers_lists_nodes_no_layer_names(sample_layers):
     s = summarize_layers(sample_layers, SAMPLE_INT8_NODES | {"/head/extra/Conv"})
-    assert (s["int8_expected"], s["int8_ok"]) == (8, 6) and s["unmatched_int8_nodes"] == ["/head/extra/Conv"]
+    assert (s.int8_expected, s.int8_ok) == (8, 6) and s.unmatched_int8_nodes == ("/head/extra/Conv",)
 
 
 def test_layers_that_miss_int8_become_build_warnings(sample_layers):
     from dfp_deploy.pipeline import _engine_warnings
 
-    s = summarize_layers(sample_layers, SAMPLE_INT8_NODES | {"/head/extra/Conv"})
+    s = summarize_layers(sample_layers, SAMPLE_INT8_NODES | {"/head/extra/Conv"}).as_dict()
     warnings = _engine_warnings(s)
     assert warnings[0].startswith("1 conv/gemm layer(s) meant to run int8 do not: /block2/down/Conv (FP32)")
     assert warnings[1].startswith("1 Q/DQ-fed node(s) were found in no engine layer")
-    assert _engine_warnings(summarize_layers(sample_layers, lambda layer: "down" not in layer.name)) == []
+    assert _engine_warnings(summarize_layers(sample_layers, lambda layer: "down" not in layer.name).as_dict()) == []
     assert _engine_warnings(None) == []
 
 
 def test_summarize_layers_with_predicate_all_and_none(sample_layers):
     not_down = summarize_layers(sample_layers, lambda layer: "down" not in layer.name)
-    assert not_down["text"] == "6/6 conv/gemm layers run INT8, 4 reformats" and not_down["not_int8"] == []
+    assert not_down.text == "6/6 conv/gemm layers run INT8, 4 reformats" and not_down.not_int8 == ()
     every = summarize_layers(sample_layers, True)
-    assert (every["int8_expected"], every["int8_ok"]) == (7, 6)
+    assert (every.int8_expected, every.int8_ok) == (7, 6)
     plain = summarize_layers(sample_layers)
-    assert plain["text"] == "7 conv/gemm layers (6 INT8, 1 FP32), 4 reformats" and "int8_ok" not in plain
+    assert plain.text == "7 conv/gemm layers (6 INT8, 1 FP32), 4 reformats" and plain.int8_ok is None
+    assert "int8_ok" not in plain.as_dict()  # the report carries int8 counts only where int8 was expected
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -281,7 +288,7 @@ def test_parse_short_formats_fused_myelin_and_names_only():
                              '"Bindings": ["in", "out"]}')
     assert names[0].onnx_nodes == ("/c/Conv", "/c/Relu") and names[0].precision == "UNKNOWN"
     assert names[1].is_reformat
-    assert summarize_layers(names)["reformats"] == 1
+    assert summarize_layers(names).reformats == 1
 
 
 @pytest.mark.parametrize("text", ["not json", '{"Bindings": []}', '{"Layers": [3]}'])
@@ -295,15 +302,16 @@ def test_parse_layer_info_rejects_malformed_text(text):
 def test_int8_expected_nodes_and_placement_check_on_a_valid_qdq_graph():
     model = tiny_qdq_model()
     assert int8_expected_nodes(model) == {"conv1", "conv2", "fc"}
-    assert tensorrt_qdq_problems(model) == []
+    assert qdq_problems(model, "tensorrt") == []
     prepared = prepare_onnx(model, builder_settings("int8"))
     assert prepared.int8_nodes == {"conv1", "conv2", "fc"} and prepared.input_shapes == {"input": (2, 3, 8, 8)}
     assert onnx.load_from_string(prepared.serialized).graph.node[0].op_type == "QuantizeLinear"
 
 
-def test_int8_rejects_a_graph_that_breaks_tensorrt_rules():
-    with pytest.raises(ExportError, match="placement rules.*zero point"):
-        prepare_onnx(tiny_qdq_model(activation_zero_point=3), builder_settings("int8"))
+def test_the_export_passes_reject_a_graph_that_breaks_tensorrt_rules():
+    # the Q/DQ pass sequence validates its own product for the tensorrt style; the backend reads finished graphs
+    with pytest.raises(ExportError, match="tensorrt rules.*zero point"):
+        pass_validate_qdq(tiny_qdq_model(activation_zero_point=3), "tensorrt")
 
 
 def test_precision_and_qdq_presence_must_agree():
@@ -321,37 +329,15 @@ def test_dynamic_batch_is_rejected_with_the_recipe_key():
     assert static_input_shapes(tiny_fp32_model()) == {"input": (2, 3, 8, 8)}
 
 
-def test_fp16_graph_is_valid_fp16_inside_fp32_at_the_boundary():
+def test_prepare_onnx_checks_that_the_graph_computes_in_the_precision():
     model = tiny_fp32_model()
-    before = model.SerializeToString()
-    half = to_fp16_graph(model)
-    assert model.SerializeToString() == before  # the input model is not modified
-    onnx.checker.check_model(half, full_check=True)  # full type inference: no fp32/fp16 mix anywhere
-    assert {t.data_type for t in half.graph.initializer} == {TensorProto.FLOAT16}
-    assert half.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
-    assert half.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
-    assert [n.op_type for n in half.graph.node][0] == "Cast" and half.graph.node[-1].op_type == "Cast"
-    x = np.random.default_rng(1).normal(size=(2, 3, 8, 8)).astype(np.float32)
-    ref, out = _ort_run(model, x), _ort_run(half, x)
-    assert out.dtype == np.float32
-    assert np.abs(out - ref).max() <= 2e-3 * max(1.0, np.abs(ref).max())  # fp16 rounding, not a different function
-    assert np.abs(out - ref).max() > 0  # it really computed in fp16
-
-
-def test_fp16_clamps_weights_beyond_the_fp16_range():
-    model = tiny_fp32_model()
-    big = numpy_helper.to_array(model.graph.initializer[0]).copy()
-    big[0, 0, 0, 0] = 1e6
-    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(big, model.graph.initializer[0].name))
-    values = numpy_helper.to_array(to_fp16_graph(model).graph.initializer[0])
-    assert np.isfinite(values).all() and values[0, 0, 0, 0] == np.float16(65504)
-
-
-def test_prepare_onnx_fp16_rewrites_and_fp32_keeps_the_graph():
-    model = tiny_fp32_model()
+    half, _ = pass_fp16(model)
     assert prepare_onnx(model, builder_settings("fp32")).serialized == model.SerializeToString()
-    fp16 = onnx.load_from_string(prepare_onnx(model, builder_settings("fp16")).serialized)
-    assert fp16.graph.initializer[0].data_type == TensorProto.FLOAT16
+    assert prepare_onnx(half, builder_settings("fp16")).serialized == half.SerializeToString()  # no rewrite here
+    with pytest.raises(ExportError, match="float32 weights.*write_fp16_onnx"):
+        prepare_onnx(model, builder_settings("fp16"))
+    with pytest.raises(ExportError, match="float16 weights.*target.precision: fp16"):
+        prepare_onnx(half, builder_settings("fp32"))
 
 
 # ------------------------------------------------------------------------------------------------ availability
@@ -589,7 +575,7 @@ def test_build_plan_collects_parser_errors_into_one_export_error(tmp_path):
 
 
 def test_every_build_reports_its_own_errors_through_the_one_process_logger(tmp_path, monkeypatch):
-    import dfp_deploy.backends.tensorrt as backend_module
+    import dfp_deploy.backends.tensorrt.library as backend_module
 
     monkeypatch.setattr(backend_module, "_PROCESS_LOGGER", None)
     trt = fake_tensorrt(build_error="first: out of memory")
@@ -613,25 +599,27 @@ def test_tensorrt_builds_and_runs_a_tiny_model(precision, tmp_path):
         pytest.skip("needs an NVIDIA GPU visible to torch")
     path = tmp_path / "model.onnx"
     model = tiny_qdq_model(path) if precision == "int8" else tiny_fp32_model(path)
+    if precision == "fp16":  # the pipeline's export pass: the engine builds from the fp16 graph
+        onnx.save(pass_fp16(model)[0], str(path))
     backend = TensorRTBackend(timing_cache_dir=tmp_path / "cache")
     engine = backend.build(path, precision=precision, threads=None, out_dir=tmp_path)
     assert (tmp_path / f"model.{precision}.plan").stat().st_size > 0
     assert (tmp_path / f"model.{precision}.layers.json").is_file() and engine.timing_cache.is_file()
     x = np.random.default_rng(2).normal(size=(2, 3, 8, 8)).astype(np.float32)
-    ref = _ort_run(model, x)  # ORT runs the same graph (Q/DQ included) on the CPU
+    ref = _ort_run(model, x)  # ORT runs the same graph (Q/DQ included; fp16: the fp32 original) on the CPU
     tolerance = {"fp32": 1e-4, "fp16": 2e-2, "int8": 5e-2}[precision] * max(1.0, np.abs(ref).max())
     assert np.abs(engine.run(x) - ref).max() <= tolerance
     runner = engine.prepare(x)
     times = [runner() for _ in range(20)]
     assert all(t > 0 for t in times)
-    summary = engine.layer_summary
-    assert summary["weighted_layers"] >= 2
+    summary = engine.inspect().layers
+    assert summary.weighted_layers >= 2
     if precision == "int8":
-        assert summary["int8_expected"] == 3 and summary["int8_ok"] == 3, summary["text"]
+        assert summary.int8_expected == 3 and summary.int8_ok == 3, summary.text
     else:
-        assert "INT8" not in summary["weighted_by_precision"]
+        assert "INT8" not in dict(summary.weighted_by_precision)
     if precision == "fp16":
-        assert "FP16" in summary["weighted_by_precision"], summary
+        assert "FP16" in dict(summary.weighted_by_precision), summary
 
 
 def test_recipe_target_keys_reach_the_tensorrt_builder_settings():

@@ -29,6 +29,7 @@ import numpy as np
 from dfp_deploy.backends.registry import BackendInfo, check_precision, check_threads
 from dfp_deploy.core.env import cpu_model, gpu_models, physical_cores
 from dfp_deploy.core.errors import BackendUnavailable, InputError
+from dfp_deploy.core.types import EngineSummary, KernelCounts
 
 _INT8_NEEDS_QDQ = ("int8 on {name} needs a Q/DQ ONNX (dfp_deploy.export.passes.prepare_int8_onnx makes one; "
                    "`dfp-deploy build` does it for target.precision: int8)")
@@ -84,20 +85,42 @@ def _static_shape(session) -> tuple:
 def simulated_quantization(onnx_path: Path, threads: int | None = None) -> OrtEngine:
     """The Q/DQ graph run as written, ONNX Runtime's graph optimizations off: every QuantizeLinear and
     DequantizeLinear executes as its own float op, so the convs see DQ(Q(x)) and DQ(W_int8) in float — the simulated
-    quantization the integer engine is meant to reproduce, on the same scales and zero points (parity reference)."""
-    ort = _import_ort()
+    quantization the integer engine is meant to reproduce, on the same scales and zero points (parity reference).
+    Registered in backends/registry.py as the "int8" reference."""
     threads = threads or default_threads()
-    options = session_options(ort, threads)
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    return OrtEngine(session, f"{Path(onnx_path).name} (simulated quantization)", "cpu", threads)
+    session = cpu_session(Path(onnx_path), threads, optimize=False)
+    return OrtEngine(session, f"{Path(onnx_path).name} (simulated quantization)", "cpu", threads,
+                     precision="int8", arithmetic="fp32")
+
+
+def cpu_session(model: Path | bytes, threads: int | None = None, *, optimize: bool = True):
+    """An ONNX Runtime CPU session on a file or a serialized model: the one way dfp_deploy runs ONNX outside an
+    engine (activation ranges, simulated quantization). `optimize=False` runs every node as written; threads None:
+    ONNX Runtime's default. Any failure to create it raises BackendUnavailable with ORT's first line."""
+    ort = _import_ort()
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # errors only
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    source = str(model) if isinstance(model, Path) else model
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BackendUnavailable(f"onnxruntime cannot run the model: {first}") from e
 
 
 class OrtEngine:
     """One ORT session with a single float input and a single output."""
 
-    def __init__(self, session, name: str, device: str, threads: int):
+    def __init__(self, session, name: str, device: str, threads: int, *, precision: str = "fp32",
+                 arithmetic: str | None = None, kernels: KernelCounts | None = None):
         self.session = session
+        self.precision = precision
+        self.arithmetic = arithmetic or precision  # TF32 is off on ort-cuda: fp32 means IEEE fp32
+        self.kernels = kernels  # integer vs float kernels of ORT's optimized int8 graph
         self.name = name
         self.device = device
         self.threads = threads
@@ -115,6 +138,9 @@ class OrtEngine:
                     if self.static_batch is not None and x.shape[1:] == tuple(expected[1:]) else "")
             raise InputError(f"{self.name}: input shape {x.shape} does not match the engine's {shown}{hint}")
         return x
+
+    def inspect(self) -> EngineSummary:
+        return EngineSummary(self.name, self.precision, self.arithmetic, kernels=self.kernels)
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: self._checked(x)})[0]
@@ -200,8 +226,8 @@ class _OrtBackend:
             # ORT silently falls back to CPU when a provider fails to initialise: a result would be mislabelled
             raise BackendUnavailable(f"{self.name}: {self.provider} failed to initialise (session providers: "
                                      f"{', '.join(session.get_providers())}); check the CUDA/cuDNN libraries")
-        engine = OrtEngine(session, self.name, self.device_kind, threads)
-        engine.kernels = kernel_counts(optimized) if precision == "int8" else None
+        engine = OrtEngine(session, self.name, self.device_kind, threads, precision=precision,
+                           kernels=kernel_counts(optimized) if precision == "int8" else None)
         optimized.unlink(missing_ok=True)
         return engine
 
@@ -213,7 +239,7 @@ def has_qdq(onnx_path: Path) -> bool:
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
 
 
-def kernel_counts(optimized_path: Path) -> dict | None:
+def kernel_counts(optimized_path: Path) -> KernelCounts | None:
     """Op counts of ORT's optimized graph: how many convolutions/gemms/adds run as integer kernels vs float."""
     import collections
 
@@ -224,8 +250,7 @@ def kernel_counts(optimized_path: Path) -> dict | None:
     ops = collections.Counter(n.op_type for n in onnx.load(str(optimized_path)).graph.node)
     integer = sum(ops[k] for k in ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger"))
     floating = sum(ops[k] for k in ("Conv", "FusedConv", "Gemm", "MatMul", "FusedGemm"))
-    return {"integer_conv_gemm": integer, "float_conv_gemm": floating,
-            "ops": {k: v for k, v in sorted(ops.items())}}
+    return KernelCounts(integer, floating, tuple(sorted(ops.items())))
 
 
 class OrtCpuBackend(_OrtBackend):

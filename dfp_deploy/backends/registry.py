@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from dfp_deploy.core.errors import BackendUnavailable, InputError
+from dfp_deploy.core.types import EngineSummary
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -47,6 +48,10 @@ class Engine(Protocol):
         """
         ...
 
+    def inspect(self) -> EngineSummary:
+        """What the engine knows about itself: its arithmetic, layer precisions, kernels, CUDA graph use."""
+        ...
+
 
 class Backend(Protocol):
     name: str
@@ -67,6 +72,12 @@ _REGISTRY: dict[str, str] = {
 }
 DEFAULT_BACKEND = "ort-cpu"
 
+# precision -> "module:attribute" of `f(onnx_path, threads) -> Engine`: the engine that runs a graph of that
+# precision as the arithmetic it stands for (int8: Q/DQ executed in float), the reference a real engine must match
+_SIMULATORS: dict[str, str] = {
+    "int8": "dfp_deploy.backends.ort:simulated_quantization",
+}
+
 
 def backend_names() -> list[str]:
     return list(_REGISTRY)
@@ -78,6 +89,20 @@ def get_backend(name: str, **options) -> Backend:
         raise InputError(f"target.backend: unknown backend {name!r}; known: {', '.join(_REGISTRY)}")
     module_name, attribute = _REGISTRY[name].split(":")
     return getattr(importlib.import_module(module_name), attribute)(**options)
+
+
+def simulation(precision: str, onnx_path: Path, threads: int | None = None) -> Engine:
+    """The simulation of `precision`'s graph at `onnx_path` (parity reference); InputError where none exists."""
+    if precision not in _SIMULATORS:
+        raise InputError(f"no simulation is registered for precision {precision!r} "
+                         f"(registered: {', '.join(_SIMULATORS) or 'none'})")
+    module_name, attribute = _SIMULATORS[precision].split(":")
+    return getattr(importlib.import_module(module_name), attribute)(Path(onnx_path), threads)
+
+
+def simulates(precision: str) -> bool:
+    """Whether a simulation of `precision` is registered (the build then also compares the engine with it)."""
+    return precision in _SIMULATORS
 
 
 def list_backends() -> list[BackendInfo]:

@@ -34,6 +34,7 @@ import torch
 from dfp_deploy.backends.registry import BackendInfo, check_precision, check_threads
 from dfp_deploy.core.env import cpu_model, gpu_models, physical_cores
 from dfp_deploy.core.errors import BackendUnavailable, InputError
+from dfp_deploy.core.types import CudaGraphStatus, EngineSummary
 
 
 def _require_module(name: str, torch_model) -> torch.nn.Module:
@@ -53,6 +54,9 @@ class TorchCpuEngine:
         # torch's intra-op pool is process-wide: re-assert ours in case another engine changed it
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
+
+    def inspect(self) -> EngineSummary:
+        return EngineSummary(self.name, "fp32", "fp32")
 
     def run(self, x: np.ndarray) -> np.ndarray:
         self._threads()
@@ -104,6 +108,11 @@ class TorchCudaEngine:
         self.graph_used: bool | None = None
         self.graph_error: str | None = None
         self.tf32 = False  # fp32 runs IEEE fp32 (strict_fp32_math); the parity rule reads this
+
+    def inspect(self) -> EngineSummary:
+        precision = "fp16" if self.dtype == torch.float16 else "fp32"
+        return EngineSummary(self.name, precision, "tf32" if self.tf32 else precision,
+                             cuda_graph=CudaGraphStatus(bool(self.cuda_graph), bool(self.graph_used), self.graph_error))
 
     def _math(self) -> None:
         if self.dtype == torch.float32:

@@ -41,13 +41,17 @@ def conv_probe(channels: int, *, batch: int, size: int, seed: int = 0) -> onnx.M
 
 def write_conv_probe(path: Path, channels: int, *, batch: int, size: int, precision: str,
                      qdq_style: str = "ort-cpu") -> Path:
-    """Write the probe for `precision` (fp32 | fp16 | int8) to `path`; fp16 engines convert fp32 graphs themselves."""
+    """Write the probe for `precision` (fp32 | fp16 | int8) to `path`, in the graph form that precision builds from."""
     model = conv_probe(channels, batch=batch, size=size)
     if precision == "int8":
         from dfp_deploy.export.passes.prepare import quantize_model
 
         model = quantize_model(model, style=qdq_style, ranges=_RANGES)
-    elif precision not in ("fp32", "fp16"):
+    elif precision == "fp16":
+        from dfp_deploy.export.passes.fp16 import pass_fp16
+
+        model, _ = pass_fp16(model)
+    elif precision != "fp32":
         raise InputError(f"probe: precision {precision!r} is not one of fp32, fp16, int8")
     onnx.checker.check_model(model)
     with atomic_path(Path(path)) as temp:

@@ -66,7 +66,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from dfp_deploy.core.errors import DataError, ExportError, InputError
+from dfp_deploy.backends.ort import cpu_session  # the one module that imports onnxruntime
+from dfp_deploy.core.errors import BackendUnavailable, DataError, ExportError, InputError
 
 DEFAULT_K = 6.0
 CALIBRATION_METHODS = ("minmax", "percentile")
@@ -179,15 +180,10 @@ def _fixed_batch(session) -> int | None:
 
 
 def _session(model: onnx.ModelProto, threads: int | None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # ORT raises its own exception types
-        raise ExportError(f"ONNX Runtime cannot run the model for calibration: {str(e).splitlines()[0]}") from e
+        return cpu_session(model.SerializeToString(), threads)
+    except BackendUnavailable as e:
+        raise ExportError(f"ONNX Runtime cannot run the model for calibration: {e}") from e
 
 
 # ---------------------------------------------------------------- data-free

@@ -1,9 +1,9 @@
 """GPU float arithmetic emulated on the CPU: a copy of a PyTorch model that rounds as an fp16 or TF32 engine would.
 
 What is rounded (docs/methods/parity_tolerance.md derives the parity tolerance from exactly this model):
-- fp16: every weight and buffer is stored in fp16 (round to nearest even, clamped to +-65504 as the TensorRT fp16
-  rewrite clamps), every tensor entering or leaving any module is rounded to fp16 (activations live in fp16
-  memory), and products are accumulated in fp32 (what tensor-core convolutions and GEMMs do).
+- fp16: every weight and buffer is stored in fp16 (round to nearest even, clamped to +-65504 as the fp16 export
+  pass, export/passes/fp16.py, clamps), every tensor entering or leaving any module is rounded to fp16 (activations
+  live in fp16 memory), and products are accumulated in fp32 (what tensor-core convolutions and GEMMs do).
 - tf32: the inputs and weights of every Conv/Linear are rounded to TF32 (10 explicit mantissa bits, round to
   nearest even, fp32 exponent); accumulation and everything else stays fp32 (cuDNN/cuBLAS TF32 math mode).
 Functional ops between modules (a residual add written as `a + b`) compute in fp32 and are rounded where their
