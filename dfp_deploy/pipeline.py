@@ -833,7 +833,7 @@ def _backend_options(recipe: Recipe) -> dict:
     t = recipe.target
     if t.backend == "tensorrt":
         return {"opt_level": t.opt_level, "workspace_mb": t.workspace_mb, "cuda_graph": t.cuda_graph,
-                "timing_cache_dir": cache_dir() / "trt-timing"}
+                "timing_cache_dir": cache_dir() / "trt-timing", "engine_cache_dir": cache_dir() / "trt-engines"}
     if t.backend == "torch-cuda":
         return {"cuda_graph": t.cuda_graph}
     return {}

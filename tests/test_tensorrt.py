@@ -588,6 +588,27 @@ def test_every_build_reports_its_own_errors_through_the_one_process_logger(tmp_p
     assert backend_module._current_errors is None  # nothing collects between builds
 
 
+def test_the_engine_cache_reuses_a_plan_only_for_the_same_graph_settings_and_target(tmp_path):
+    from dfp_deploy.backends.tensorrt.build import cached_build
+    from dfp_deploy.backends.tensorrt.cache import store_plan
+
+    engines, fp32 = tmp_path / "engines", builder_settings("fp32")
+    prepared = prepare_onnx(tiny_fp32_model(), fp32)
+    trt = fake_tensorrt()
+    plan, _, reused = cached_build(trt, prepared, fp32, tmp_path / "gpu-a.cache", engines, "m.onnx")
+    assert reused is None and len(list(engines.glob("*.plan"))) == 1
+    trt.last = None
+    again, notes, reused = cached_build(trt, prepared, fp32, tmp_path / "gpu-a.cache", engines, "m.onnx")
+    assert again == plan and reused is not None and notes == [] and trt.last is None  # nothing was built
+    for settings, cache in ((builder_settings("fp32", opt_level=5), "gpu-a.cache"), (fp32, "gpu-b.cache")):
+        assert cached_build(trt, prepared, settings, tmp_path / cache, engines, "m.onnx")[2] is None
+    assert len(list(engines.glob("*.plan"))) == 3
+    assert cached_build(trt, prepared, fp32, tmp_path / "gpu-a.cache", None, "m.onnx")[2] is None  # cache off
+    for i in range(4):
+        store_plan(engines, f"{i:064x}", b"PLAN", keep=2)
+    assert len(list(engines.glob("*.plan"))) == 2  # only the most recently used are kept
+
+
 # ------------------------------------------------------------------------------------------------ real GPU builds
 
 @pytest.mark.tensorrt
@@ -632,6 +653,7 @@ def test_recipe_target_keys_reach_the_tensorrt_builder_settings():
     backend = get_backend("tensorrt", **_backend_options(recipe))
     assert (backend.opt_level, backend.workspace_mb, backend.cuda_graph) == (5, 512, False)
     assert str(backend.timing_cache_dir).endswith("trt-timing")
+    assert str(backend.engine_cache_dir).endswith("trt-engines")  # builds reuse the plans of identical graphs
     assert _backend_options(load_recipe(None)) == {}  # ORT backends take no builder options
     torch_cuda = load_recipe(None, ["target.backend=torch-cuda", "target.cuda_graph=false"])
     assert get_backend("torch-cuda", **_backend_options(torch_cuda)).cuda_graph is False

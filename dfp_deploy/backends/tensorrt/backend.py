@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from dfp_deploy.backends.registry import BackendInfo, check_precision, check_threads
-from dfp_deploy.backends.tensorrt.build import DEFAULT_OPT_LEVEL, build_plan, builder_settings, prepare_onnx
-from dfp_deploy.backends.tensorrt.cache import device_timing_cache_path, plan_path, write_bytes_durably
+from dfp_deploy.backends.tensorrt.build import DEFAULT_OPT_LEVEL, builder_settings, cached_build, prepare_onnx
+from dfp_deploy.backends.tensorrt.cache import device_timing_cache_path, forget_plan, plan_path, write_bytes_durably
 from dfp_deploy.backends.tensorrt.inspect import engine_layers
 from dfp_deploy.backends.tensorrt.library import cuda_unavailable_reason, import_tensorrt
 from dfp_deploy.backends.tensorrt.runtime import NAME, TensorRTEngine, deserialize
 from dfp_deploy.core.atomic import write_text_atomic
 from dfp_deploy.core.env import gpu_models
-from dfp_deploy.core.errors import BackendUnavailable, InputError
+from dfp_deploy.core.errors import BackendUnavailable, ExportError, InputError
 
 
 class TensorRTBackend:
@@ -21,10 +21,12 @@ class TensorRTBackend:
     name = NAME
 
     def __init__(self, *, opt_level: int = DEFAULT_OPT_LEVEL, workspace_mb: int | None = None,
-                 timing_cache_dir: Path | None = None, cuda_graph: bool = True, allow_tf32: bool = False):
+                 timing_cache_dir: Path | None = None, cuda_graph: bool = True, allow_tf32: bool = False,
+                 engine_cache_dir: Path | None = None):
         self.opt_level = opt_level
         self.workspace_mb = workspace_mb
         self.timing_cache_dir = timing_cache_dir
+        self.engine_cache_dir = engine_cache_dir  # None: every build searches tactics anew (cache.py)
         self.cuda_graph = cuda_graph
         self.allow_tf32 = allow_tf32
 
@@ -65,10 +67,21 @@ class TensorRTBackend:
         prepared = prepare_onnx(onnx.load(str(onnx_path)), settings)
         trt = import_tensorrt()
         cache_path = device_timing_cache_path(trt, self.timing_cache_dir)
-        plan, notes = build_plan(trt, prepared, settings, cache_path, onnx_path.name)
+        plan, notes, reused = cached_build(trt, prepared, settings, cache_path, self.engine_cache_dir, onnx_path.name)
+        try:
+            runtime, engine = deserialize(trt, plan, onnx_path.name)
+        except ExportError:
+            if reused is None:
+                raise
+            # a stored plan this runtime cannot read (a damaged file): build it anew
+            forget_plan(self.engine_cache_dir, reused)
+            plan, notes, reused = cached_build(trt, prepared, settings, cache_path, self.engine_cache_dir,
+                                               onnx_path.name)
+            runtime, engine = deserialize(trt, plan, onnx_path.name)
+        if reused is not None:
+            notes.append(f"plan reused from the engine cache ({self.engine_cache_dir}/{reused[:12]}...)")
         path = plan_path(out_dir, onnx_path.stem, precision)
         write_bytes_durably(path, plan)
-        runtime, engine = deserialize(trt, plan, onnx_path.name)
         layers, summary, layer_json = engine_layers(trt, engine, prepared.int8_nodes if settings["requires_qdq"]
                                                     else None)
         write_text_atomic(path.with_suffix(".layers.json"), layer_json)

@@ -19,7 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dfp_deploy.backends.tensorrt.cache import load_timing_cache, save_merged_timing_cache
+from dfp_deploy.backends.tensorrt.cache import (cached_plan, engine_cache_key, load_timing_cache,
+                                                save_merged_timing_cache, store_plan)
 from dfp_deploy.backends.tensorrt.library import collected_errors, process_logger
 from dfp_deploy.core.errors import ExportError, InputError
 
@@ -209,3 +210,19 @@ def build_plan(trt, prepared: PreparedOnnx, settings: dict, cache_path: Path, so
             raise ExportError(f"tensorrt failed to build an engine from {source}: {detail}")
     notes = [note for note in [save_merged_timing_cache(config, cache_path, loaded)] if note]
     return bytes(plan), notes
+
+
+def cached_build(trt, prepared: PreparedOnnx, settings: dict, cache_path: Path, engine_dir: Path | None,
+                 source: str) -> tuple[bytes, list[str], str | None]:
+    """(plan, notes, engine cache key or None): the stored plan for this graph, settings and target when
+    `engine_dir` holds one, else build_plan's, stored there. The key is None where nothing was reused."""
+    if engine_dir is None:
+        plan, notes = build_plan(trt, prepared, settings, cache_path, source)
+        return plan, notes, None
+    key = engine_cache_key(prepared.serialized, settings, cache_path)
+    plan = cached_plan(engine_dir, key)
+    if plan is not None:
+        return plan, [], key
+    plan, notes = build_plan(trt, prepared, settings, cache_path, source)
+    notes += [note for note in [store_plan(engine_dir, key, plan)] if note]
+    return plan, notes, None

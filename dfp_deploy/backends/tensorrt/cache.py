@@ -1,13 +1,21 @@
-"""What a TensorRT build leaves on disk: the timing cache shared by every build on one GPU, and the plan files.
+"""What a TensorRT build leaves on disk: the timing cache shared by every build on one GPU, the engine cache, plans.
 
 Tactic timings depend on the GPU, its compute capability and the TensorRT and CUDA versions, so the timing cache
 file is keyed by all four (`timing_cache_path`). It is loaded before a build and saved atomically after it, merged
 with whatever another process saved meanwhile (ITimingCache.combine), so hundreds of candidate builds in a search
-reuse one another's timings and pick the same tactics. Plans are written to a temporary name and renamed into place.
+reuse one another's timings and pick the same tactics.
+
+The engine cache keeps finished plans by content: the sha256 of the serialized graph, the builder settings and the
+timing cache's key (GPU, compute capability, TensorRT, CUDA). The same graph built for the same target again (the
+unchanged original of every build of a model) deserializes the stored plan instead of searching tactics anew, and
+so also times the same kernels. It keeps the ENGINE_CACHE_KEEP most recently used plans. Every file is written to
+a temporary name and renamed into place.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -81,3 +89,42 @@ def write_bytes_durably(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+
+
+ENGINE_CACHE_KEEP = 32
+
+
+def engine_cache_key(serialized_onnx: bytes, settings: dict, timing_cache_file: Path) -> str:
+    """The content address of a plan: graph bytes, builder settings and the target (the timing cache's key)."""
+    digest = hashlib.sha256(serialized_onnx)
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    digest.update(Path(timing_cache_file).stem.encode())
+    return digest.hexdigest()
+
+
+def cached_plan(folder: Path, key: str) -> bytes | None:
+    """The stored plan for `key` (marked as just used), or None."""
+    path = Path(folder) / f"{key}.plan"
+    try:
+        plan = path.read_bytes()
+        os.utime(path)
+    except OSError:
+        return None
+    return plan or None
+
+
+def store_plan(folder: Path, key: str, plan: bytes, keep: int = ENGINE_CACHE_KEEP) -> str | None:
+    """Store `plan` under `key` and drop the least recently used beyond `keep`; a note instead of a failure."""
+    folder = Path(folder)
+    try:
+        write_bytes_durably(folder / f"{key}.plan", plan)
+        stored = sorted(folder.glob("*.plan"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in stored[keep:]:
+            old.unlink(missing_ok=True)
+    except OSError as e:
+        return f"engine not cached in {folder}: {e}"
+    return None
+
+
+def forget_plan(folder: Path, key: str) -> None:
+    (Path(folder) / f"{key}.plan").unlink(missing_ok=True)
