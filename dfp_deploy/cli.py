@@ -119,10 +119,21 @@ def _summary(r: dict) -> str:
         spread = f", {span[0]:.2f}-{span[1]:.2f}x by round" if span else ""
         parts.append(f"p50 {lat['before']['p50_ms']:.3f} -> {lat['after']['p50_ms']:.3f} ms "
                      f"({lat['speedup']:.2f}x{spread}, {lat['backend']}, batch {lat['batch']})")
-    if "accuracy" in r:
-        parts.append(f"top-1 {r['accuracy']['before']:.2f} -> {r['accuracy']['after']:.2f}%")
+    acc = r.get("accuracy")
+    if acc and acc["metric"] == "top1_percent":
+        parts.append(f"top-1 {acc['before']:.2f} -> {acc['after']:.2f}%")
+    elif acc:
+        parts.append(f"{acc['metric']} {_metric_value(acc['before'])} -> {_metric_value(acc['after'])}")
     parts.append(f"parity max|diff| {r['parity']['max_abs_err']:.1e}")
-    return "; ".join(parts) + f"\nwrote {r['artifacts']['dir']}/report.json and report.md"
+    # a parity pass on outputs of ~zero scale proves nothing: said where the user looks, not only in report.json
+    notes = "".join(f"\nwarning: {w}" for w in r["parity"].get("warnings", []))
+    return "; ".join(parts) + notes + f"\nwrote {r['artifacts']['dir']}/report.json and report.md"
+
+
+def _metric_value(value) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} {v:.4g}" for k, v in value.items()) + "}"
+    return f"{value:.4g}"
 
 
 @main.command()
@@ -133,7 +144,7 @@ def inspect(recipe: Path, overrides):
     from dfp_deploy.pipeline import inspect as run_inspect
     from dfp_deploy.recipe import load_recipe
 
-    info = run_inspect(load_recipe(recipe, list(overrides)))
+    info = run_inspect(load_recipe(recipe, list(overrides)), recipe)
     click.echo(f"{info['model']}: input {info['input_shape']}, {info['params']:,} params, "
                f"{info['macs'] / 1e6:.2f} M MACs per image")
     keep = info["plan"].keep

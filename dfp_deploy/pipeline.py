@@ -91,9 +91,23 @@ def _load(recipe: Recipe):
                       ("compress.bn_adapt.data", c.bn_adapt.data), ("search.proxy_data", recipe.search.proxy_data)):
         if path and path != "synthetic":
             check_file(path, key)
-    if recipe.eval.data:
+    if recipe.eval.data and recipe.eval.metric == "top1":
+        if loaded.num_classes is None:
+            raise InputError(f"eval.metric: top1 needs a model that returns one [N, classes] logits tensor; "
+                             f"{recipe.model.name} returns other outputs: set eval.metric: package.module:function "
+                             "(README: custom metrics)")
         check_labels(recipe.eval.data, loaded.num_classes, recipe.eval.limit)
+    _metric_function(recipe)  # imported before any work: a wrong path fails now, not after the build
     return loaded
+
+
+def _metric_function(recipe: Recipe):
+    """The eval.metric function (measure/metric.py), or None for the built-in top-1."""
+    if recipe.eval.metric == "top1":
+        return None
+    from dfp_deploy.core.user_code import resolve_function
+
+    return resolve_function(recipe.eval.metric, "eval.metric")
 
 
 def _example_input(loaded, batch: int, seed: int) -> torch.Tensor:
@@ -355,16 +369,20 @@ def _reference_inputs(recipe: Recipe, loaded, batch: int) -> tuple[np.ndarray, s
 
 
 def _torch_runner(model):
-    def run(x: np.ndarray) -> np.ndarray:
+    from dfp_deploy.core.outputs import to_numpy
+
+    def run(x: np.ndarray):
         with torch.inference_mode():
-            return model(torch.from_numpy(np.ascontiguousarray(x))).numpy()
+            return to_numpy(model(torch.from_numpy(np.ascontiguousarray(x))))
     return run
 
 
 def _chunked(run, batch: int):
     """Feed an engine built for a static batch: split into chunks of exactly `batch` rows."""
-    def go(x: np.ndarray) -> np.ndarray:
-        return np.concatenate([run(x[i:i + batch]) for i in range(0, len(x), batch)])
+    from dfp_deploy.core.outputs import concat
+
+    def go(x: np.ndarray):
+        return concat([run(x[i:i + batch]) for i in range(0, len(x), batch)])
     return go
 
 
@@ -379,7 +397,8 @@ def build(recipe: Recipe, recipe_path: Path | None = None, *, quiet: bool = Fals
     output.remove_stale(out)
     stage_dir = output.start_staging(out)
     try:
-        report = _build_into(recipe, recipe_path, stage_dir, Stages(total=8, quiet=quiet))
+        with _recipe_code(recipe_path):
+            report = _build_into(recipe, recipe_path, stage_dir, Stages(total=8, quiet=quiet))
         _swap_into_place(stage_dir, out)
     except BaseException:
         output.discard_staging(stage_dir)
@@ -575,7 +594,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
         report["engine"] = engine_info
     report["warnings"] += _engine_warnings(engine_info.get("layers"))
     report["warnings"] += _latency_warnings(latency)
-    report["warnings"] += par.get("rule", {}).get("warnings", [])
+    report["warnings"] += par["warnings"]
     report["warnings"] += [f"{name} engine: CUDA graph capture failed ({g['error']}); it was timed without graphs"
                            for name, g in latency.get("cuda_graph", {}).items() if g["requested"] and not g["used"]]
     report["warnings"] += _bn_adapt_warnings(recipe, adapt_trust)
@@ -609,6 +628,10 @@ def _search(recipe: Recipe, loaded, analysis, example, work: Path, backend, adap
     from dfp_deploy.search.synthetic import bn_matched_inputs
 
     S, p, model = recipe.search, recipe.compress.prune, loaded.module
+    if loaded.num_classes is None:
+        raise InputError(f"search.episodes: the search scores candidates by their logits' fidelity, and "
+                         f"{recipe.model.name} returns other outputs (not one [N, classes] tensor); set "
+                         "search.episodes: 0 and choose compress.prune.ratio")
     if p.exclude:
         # the agent's budget wall counts every group of its space; silently skipping some would break the budget
         raise InputError("compress.prune.exclude cannot be combined with search yet (the agent prunes every group "
@@ -847,7 +870,8 @@ def _check_parity(recipe: Recipe, par: dict, ref_kind: str) -> None:
     m = recipe.measure
     if recipe.target.precision == "int8":
         par["min_agreement"] = m.int8_min_agreement
-        if ref_kind == "eval images" and not par["top1_agreement"] >= m.int8_min_agreement:
+        if (ref_kind == "eval images" and par["top1_agreement"] is not None
+                and not par["top1_agreement"] >= m.int8_min_agreement):
             raise ParityError(f"parity: the int8 engine agrees with PyTorch on {100 * par['top1_agreement']:.1f}% "
                               f"of the images (< measure.int8_min_agreement {m.int8_min_agreement:g})")
         return
@@ -964,11 +988,33 @@ def _accuracy(recipe, loaded, eng_before, eng_after, batch, dynamic, *, quiet):
     from dfp_deploy.measure.accuracy import top1
     from dfp_deploy.measure.dataset import load_images, to_tensor
 
+    if recipe.eval.metric != "top1":
+        return _custom_metric(recipe, loaded, eng_before, eng_after, batch, dynamic, quiet=quiet)
     x8, y = load_images(recipe.eval.data, loaded.preprocess, limit=recipe.eval.limit)
     x = to_tensor(x8, loaded.preprocess)
     kw = dict(batch=batch, static_batch=not dynamic, progress=not quiet)
     return {"data": recipe.eval.data, "n": int(len(y)), "metric": "top1_percent",
             "before": top1(eng_before.run, x, y, **kw), "after": top1(eng_after.run, x, y, **kw)}
+
+
+def _custom_metric(recipe, loaded, eng_before, eng_after, batch, dynamic, *, quiet):
+    """eval.metric: package.module:function on each engine (the call contract: measure/metric.py)."""
+    from dfp_deploy.measure.accuracy import run_batched
+    from dfp_deploy.measure.dataset import load_images, to_tensor
+    from dfp_deploy.measure.metric import eval_data, evaluate, other_arrays
+
+    spec, function = recipe.eval.metric, _metric_function(recipe)
+    x8, _ = load_images(recipe.eval.data, loaded.preprocess, limit=recipe.eval.limit, require_labels=False)
+    arrays, count = other_arrays(recipe.eval.data)
+    data = eval_data(to_tensor(x8, loaded.preprocess), arrays, count)
+
+    def score(engine):
+        def run(x):
+            return run_batched(engine.run, x, batch=batch, static_batch=not dynamic, progress=not quiet)
+        return evaluate(spec, function, run, data)
+
+    return {"data": recipe.eval.data, "n": int(len(x8)), "metric": spec,
+            "before": score(eng_before), "after": score(eng_after)}
 
 
 def _describe(recipe: Recipe, plan: PrunePlan) -> str:
@@ -1012,12 +1058,20 @@ def _prune_summary(analysis, plan: PrunePlan) -> dict:
             "removed_fraction": 1.0 - kept / total if total else 0.0, "groups": groups}
 
 
-def inspect(recipe: Recipe) -> dict:
+def _recipe_code(recipe_path: Path | None):
+    """The recipe's folder importable (after sys.path) for the model factory and the metric (core/user_code.py)."""
+    from dfp_deploy.core.user_code import importable_from
+
+    return importable_from(Path(recipe_path).parent if recipe_path else None)
+
+
+def inspect(recipe: Recipe, recipe_path: Path | None = None) -> dict:
     """Channel groups, channel counts and MACs of the recipe's model (and of the plan the recipe would apply)."""
     from dfp_deploy.analysis import analyze, count_macs, count_params
 
     _check_consistency(recipe)
-    loaded = _load(recipe)
+    with _recipe_code(recipe_path):
+        loaded = _load(recipe)
     one = _example_input(loaded, 1, recipe.seed)
     analysis = analyze(loaded.module, one)
     plan = _plan(recipe, loaded.module, analysis, measured=_measured_statistics(recipe, loaded, analysis))

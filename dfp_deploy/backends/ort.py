@@ -113,7 +113,7 @@ def cpu_session(model: Path | bytes, threads: int | None = None, *, optimize: bo
 
 
 class OrtEngine:
-    """One ORT session with a single float input and a single output."""
+    """One ORT session with a single float input; `run` returns its output, or a {name: array} dict of several."""
 
     def __init__(self, session, name: str, device: str, threads: int, *, precision: str = "fp32",
                  arithmetic: str | None = None, kernels: KernelCounts | None = None):
@@ -125,7 +125,8 @@ class OrtEngine:
         self.device = device
         self.threads = threads
         self.input_name = session.get_inputs()[0].name
-        self.output_name = session.get_outputs()[0].name
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.output_name = self.output_names[0]
         self.input_shape = _static_shape(session)
         self.static_batch = self.input_shape[0] if self.input_shape else None
 
@@ -143,7 +144,8 @@ class OrtEngine:
         return EngineSummary(self.name, self.precision, self.arithmetic, kernels=self.kernels)
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output_name], {self.input_name: self._checked(x)})[0]
+        outputs = self.session.run(self.output_names, {self.input_name: self._checked(x)})
+        return outputs[0] if len(outputs) == 1 else dict(zip(self.output_names, outputs))
 
     def prepare(self, x: np.ndarray):
         # a private copy: the binding reads this memory on every call, whatever the caller does with its array
@@ -153,10 +155,12 @@ class OrtEngine:
             ort = _import_ort()
             resident = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
             binding.bind_ortvalue_input(self.input_name, resident)
-            binding.bind_output(self.output_name, "cuda", 0)
+            for name in self.output_names:
+                binding.bind_output(name, "cuda", 0)
         else:
             binding.bind_cpu_input(self.input_name, x)
-            binding.bind_output(self.output_name, "cpu")
+            for name in self.output_names:
+                binding.bind_output(name, "cpu")
         session = self.session
 
         def run_once() -> None:

@@ -35,6 +35,7 @@ from dfp_deploy.backends.registry import BackendInfo, check_precision, check_thr
 from dfp_deploy.core.env import cpu_model, gpu_models, physical_cores
 from dfp_deploy.core.errors import BackendUnavailable, InputError
 from dfp_deploy.core.types import CudaGraphStatus, EngineSummary
+from dfp_deploy.core.outputs import to_numpy
 
 
 def _require_module(name: str, torch_model) -> torch.nn.Module:
@@ -61,7 +62,7 @@ class TorchCpuEngine:
     def run(self, x: np.ndarray) -> np.ndarray:
         self._threads()
         with torch.inference_mode():
-            return self.model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).float().numpy()
+            return to_numpy(self.model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))))
 
     def prepare(self, x: np.ndarray):
         tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
@@ -124,7 +125,7 @@ class TorchCudaEngine:
     def run(self, x: np.ndarray) -> np.ndarray:
         self._math()
         with torch.inference_mode():
-            return self.model(self._to_device(x)).float().cpu().numpy()
+            return to_numpy(self.model(self._to_device(x)))
 
     def prepare(self, x: np.ndarray):
         self._math()  # before capture: a graph replays the kernels (and math mode) it captured

@@ -1,4 +1,4 @@
-"""Export a PyTorch CNN to one validated ONNX file (single input, single output), written atomically.
+"""Export a PyTorch CNN to one validated ONNX file (one input; one output, or several named by core/outputs.py).
 
 Exporter choice (torch 2.13). Both exporters were tried on the CNN patterns this project meets: a Conv2d
 subclass calling F.pad inside forward, a parameter-free channel-padding shortcut (x[:, :, ::2, ::2] then F.pad
@@ -18,7 +18,8 @@ So the dynamo exporter is used. Two cases fall back to the TorchScript exporter,
 torch.export cannot capture (data-dependent control flow), where tracing is the more forgiving of the two.
 
 The file is exported to a hidden temp name, validated (checker + strict shape inference), checked for
-a single input/output and the requested opset, and only then renamed into place. An interrupt is never
+a single input, outputs named as core/outputs.py names the model's tensor/tuple/dict result, and the requested
+opset, and only then renamed into place. An interrupt is never
 mistaken for a capture failure (core/interrupts.py): it stops the export instead of triggering the fallback.
 """
 
@@ -39,13 +40,14 @@ from dfp_deploy.core import interrupts
 from dfp_deploy.core.atomic import atomic_path
 from dfp_deploy.core.errors import ExportError, InputError
 from dfp_deploy.core.modes import eval_mode
+from dfp_deploy.core.outputs import SINGLE_OUTPUT, output_names
 from dfp_deploy.export import export_cache
 from dfp_deploy.export.validate import one_line, validate_onnx
 
 MIN_OPSET = 17  # project floor; per-channel Q/DQ (the axis attribute) itself needs only 13
 DYNAMO_MIN_OPSET = 18
 INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
+OUTPUT_NAME = SINGLE_OUTPUT
 BATCH_DIM = "batch"
 
 
@@ -59,6 +61,7 @@ class ExportResult:
     nodes: int
     op_counts: dict[str, int] = field(hash=False)
     exporter: str = "dynamo"  # "dynamo" or "torchscript" (see module docstring for when)
+    output_names: tuple[str, ...] = ()  # every output, in order; output_name is the first
 
 
 def max_opset() -> int:
@@ -94,33 +97,36 @@ def _quiet_exporter():
         registration.setLevel(level)
 
 
-def _export_dynamo(model, x, temp: Path, dynamic_batch: bool, opset: int, optimize: bool = True) -> None:
+def _export_dynamo(model, x, temp: Path, dynamic_batch: bool, opset: int, optimize: bool = True,
+                   names: list[str] = (OUTPUT_NAME,)) -> None:
     shapes = ({0: torch.export.Dim(BATCH_DIM)},) if dynamic_batch else None
     torch.onnx.export(model, (x,), str(temp), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                      output_names=[OUTPUT_NAME], dynamic_shapes=shapes, external_data=False, optimize=optimize,
+                      output_names=list(names), dynamic_shapes=shapes, external_data=False, optimize=optimize,
                       verbose=False, report=False)
 
 
-def _export_torchscript(model, x, temp: Path, dynamic_batch: bool, opset: int) -> None:
-    axes = {INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}} if dynamic_batch else None
+def _export_torchscript(model, x, temp: Path, dynamic_batch: bool, opset: int,
+                        names: list[str] = (OUTPUT_NAME,)) -> None:
+    axes = {name: {0: BATCH_DIM} for name in (INPUT_NAME, *names)} if dynamic_batch else None
     torch.onnx.export(model, (x,), str(temp), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-                      output_names=[OUTPUT_NAME], dynamic_axes=axes, do_constant_folding=True, verbose=False)
+                      output_names=list(names), dynamic_axes=axes, do_constant_folding=True, verbose=False)
 
 
-def _run_exporter(model, x, temp: Path, dynamic_batch: bool, opset: int, optimize: bool = True) -> str:
-    """Export to `temp`; return the name of the exporter that succeeded."""
+def _run_exporter(model, x, temp: Path, dynamic_batch: bool, opset: int, optimize: bool = True,
+                  names: list[str] = (OUTPUT_NAME,)) -> str:
+    """Export to `temp` with outputs `names`; return the name of the exporter that succeeded."""
     name = type(model).__name__
     torchscript_max = getattr(getattr(torch.onnx, "_constants", None), "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20)
     with _quiet_exporter(), torch.no_grad():
         if opset < DYNAMO_MIN_OPSET:
             try:
-                _export_torchscript(model, x, temp, dynamic_batch, opset)
+                _export_torchscript(model, x, temp, dynamic_batch, opset, names)
             except Exception as e:
                 interrupts.raise_if_received(e)
                 raise ExportError(f"ONNX export of {name} at opset {opset} failed: {one_line(e)}") from e
             return "torchscript"
         try:
-            _export_dynamo(model, x, temp, dynamic_batch, opset, optimize)
+            _export_dynamo(model, x, temp, dynamic_batch, opset, optimize, names)
             return "dynamo"
         except Exception as dynamo_error:
             # torch can turn a Ctrl-C during capture into a capture error: that is the user stopping the build,
@@ -132,7 +138,7 @@ def _run_exporter(model, x, temp: Path, dynamic_batch: bool, opset: int, optimiz
                                                 "TorchScript exporter", name, one_line(dynamo_error))
             temp.unlink(missing_ok=True)
             try:
-                _export_torchscript(model, x, temp, dynamic_batch, opset)
+                _export_torchscript(model, x, temp, dynamic_batch, opset, names)
             except Exception as e:
                 interrupts.raise_if_received(e)
                 raise ExportError(f"ONNX export of {name} failed: dynamo: {one_line(dynamo_error, 150)}; "
@@ -144,12 +150,17 @@ def _default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), -1)
 
 
-def _summarise(temp: Path, final: Path, opset: int, dynamic_batch: bool, exporter: str) -> ExportResult:
+def _summarise(temp: Path, final: Path, opset: int, dynamic_batch: bool, exporter: str,
+               names: list[str] = (OUTPUT_NAME,)) -> ExportResult:
     model = onnx.load(str(temp))
     graph = model.graph
-    if len(graph.input) != 1 or len(graph.output) != 1:
-        raise ExportError(f"export: the model has {len(graph.input)} inputs and {len(graph.output)} outputs; "
-                          "dfp-deploy expects one image tensor in and one logits tensor out")
+    if len(graph.input) != 1:
+        raise ExportError(f"export: the model has {len(graph.input)} inputs; dfp-deploy expects one image tensor in")
+    got = [o.name for o in graph.output]
+    if got != list(names):
+        # parity and the engines pair outputs by name: an exporter that reordered or merged them must not pass
+        raise ExportError(f"export: the ONNX outputs are {got}, expected {list(names)} (the model's outputs in "
+                          "order)")
     produced = _default_opset(model)
     if produced != opset:
         raise ExportError(f"export: asked for opset {opset} but the {exporter} exporter produced opset {produced}")
@@ -157,7 +168,7 @@ def _summarise(temp: Path, final: Path, opset: int, dynamic_batch: bool, exporte
                               for n in graph.node)
     return ExportResult(path=final, opset=produced, dynamic_batch=dynamic_batch, input_name=graph.input[0].name,
                         output_name=graph.output[0].name, nodes=len(graph.node), op_counts=dict(ops),
-                        exporter=exporter)
+                        exporter=exporter, output_names=tuple(got))
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, *, dynamic_batch: bool = False,
@@ -171,13 +182,14 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, *, dy
     _check_arguments(model, example_input, opset)
     path = Path(path)
     with eval_mode(model), atomic_path(path) as temp:
+        names = _output_names(model, example_input)
         key = exporter = None
         if cache is not None:
             key = export_cache.export_key(model, example_input, opset=opset, dynamic_batch=dynamic_batch,
                                           optimize=optimize, exporter_source=Path(__file__))
             exporter = export_cache.fetch(cache, key, temp)
         if exporter is None:
-            exporter = _run_exporter(model, example_input, temp, dynamic_batch, opset, optimize)
+            exporter = _run_exporter(model, example_input, temp, dynamic_batch, opset, optimize, names)
             # an interrupt lost inside the exporter (raised in a destructor, so only printed) still stops here
             interrupts.raise_if_received()
             if not temp.is_file():
@@ -187,5 +199,17 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, *, dy
                 export_cache.store(cache, key, temp, exporter)
         else:
             validate_onnx(temp)
-        result = _summarise(temp, path, opset, dynamic_batch, exporter)
+        result = _summarise(temp, path, opset, dynamic_batch, exporter, names)
     return result
+
+
+def _output_names(model: nn.Module, x: torch.Tensor) -> list[str]:
+    """The ONNX output names: "logits" for one tensor, else tuple index / dict key (core/outputs.py)."""
+    name = type(model).__name__
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as e:
+        interrupts.raise_if_received(e)
+        raise ExportError(f"ONNX export of {name} failed: {one_line(e)}") from e
+    return output_names(out, f"model {name}")

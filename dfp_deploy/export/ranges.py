@@ -31,7 +31,8 @@ and the tensor's range is the union over channels. The model is propagated throu
   add: a = a1 + a2, b = b1 + b2, so a sum of two ReLU outputs stays >= 0 (Sub likewise, with m1 - m2);
 - Mul of two tensors of different variables (a squeeze-excitation gate times the features): independent
   factors, mean m1 m2, variance (v1 + m1^2)(v2 + m2^2) - m1^2 m2^2, hard bounds the product of the intervals;
-- max/average pooling, ReduceMean over spatial axes, Identity, Flatten/Reshape that keep the channels: unchanged
+- max/average pooling, ReduceMean over spatial axes, Identity, Flatten/Reshape that keep the channels, nearest or
+  linear Resize (a detector neck's upsampling): unchanged
   (the output stays within the input's range; averaging shrinks the spread, which we do not count on);
 - Pad with zeros adds all-zero channels on the channel axis and the value 0 elsewhere; Slice/Split/Concat on the
   channel axis select/concatenate channels; a Transpose or Reshape that moves the channel axis (a channel
@@ -635,6 +636,14 @@ def _split(node, stats) -> list[ChannelStats] | None:
     return [s.take(np.arange(end - size, end)) for end, size in zip(ends, np.diff(ends, prepend=0))]
 
 
+def _resize(node, stats) -> ChannelStats | None:
+    """Nearest-neighbour upsampling copies values, linear interpolation averages neighbours of one channel: both
+    keep every channel within its range (cubic can overshoot it: no range)."""
+    mode = node.attrs.get("mode", "nearest")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    return stats[0] if mode in ("nearest", "linear") else None
+
+
 def _transpose(node, stats) -> ChannelStats:
     perm = node.attrs.get("perm")
     return stats[0] if perm is not None and len(perm) > 1 and int(perm[1]) == 1 else _merge(stats[0])
@@ -692,7 +701,7 @@ _RULES = {
     "GlobalAveragePool": _keep, "GlobalMaxPool": _keep, "Identity": _keep, "Dropout": _keep,
     "ReduceMean": _reduce_mean, "Flatten": _channel_preserving_reshape, "Reshape": _channel_preserving_reshape,
     "Squeeze": _channel_preserving_reshape, "Pad": _pad, "Slice": _slice, "Concat": _concat, "Conv": _conv,
-    "Gemm": _gemm, "Split": _split, "Transpose": _transpose, **{op: _binary for op in _APPLY},
+    "Gemm": _gemm, "Split": _split, "Transpose": _transpose, "Resize": _resize, **{op: _binary for op in _APPLY},
     **{op: _unary for op in _UNARY},
 }
 _CONSTANT_FIRST = ("BatchNormalization", "Concat", *_APPLY)  # ops whose first input may be a constant

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from dfp_deploy.core.errors import DataError, InputError
+from dfp_deploy.core.outputs import concat, take
 
 
 def _chunks(n: int, batch: int):
@@ -22,7 +23,8 @@ def _chunks(n: int, batch: int):
 
 def run_batched(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, *, batch: int, static_batch: bool,
                 progress: bool = False) -> np.ndarray:
-    """`run` over `x` in chunks of `batch`; returns the concatenated outputs for exactly the len(x) inputs."""
+    """`run` over `x` in chunks of `batch`; returns the concatenated outputs for exactly the len(x) inputs (an array,
+    or a {name: array} dict for a model with several outputs, core/outputs.py)."""
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise InputError(f"target.batch: {batch!r} must be a positive integer")
     x = np.asarray(x, dtype=np.float32)
@@ -39,13 +41,13 @@ def run_batched(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, *, batch
             if static_batch and len(chunk) < batch:
                 pad = np.zeros((batch - len(chunk), *chunk.shape[1:]), dtype=chunk.dtype)
                 chunk = np.concatenate([chunk, pad])
-            outputs.append(np.asarray(run(chunk))[: stop - start])
+            outputs.append(take(run(chunk), stop - start))
             if bar:
                 bar.update(stop - start)
     finally:
         if bar:
             bar.close()
-    return np.concatenate(outputs)
+    return concat(outputs)
 
 
 def top1(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray, *, batch: int, static_batch: bool,

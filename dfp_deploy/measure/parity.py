@@ -12,6 +12,10 @@ u_p, on a network of L conv/linear layers whose longest dot product has K terms:
   rel_tol(fp32) = 2 * sqrt(2 * K * L) * u_fp32                  (two summation orders, Higham-Mary sqrt(K) growth)
   tolerance = max(abs_floor, rel_tol * s)          pass when max_abs_err <= tolerance
   fp16/tf32 also: every sample whose reference top-1 margin exceeds 2 * rel_tol * s keeps its class.
+
+Several outputs (a detector's boxes and scores): each output o is judged alone with its own s_o = max|R_o|, so a
+small-valued head is not excused by a large one. A pass is uninformative when tolerance >= 0.1 * s (an engine off by
+a tenth of every value passes; at tolerance >= s one returning zeros does): such outputs are flagged, not failed.
 """
 
 from __future__ import annotations
@@ -23,11 +27,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from dfp_deploy.core.errors import ParityError
+from dfp_deploy.core.outputs import SINGLE_OUTPUT, as_named
 
 UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "tf32": 2.0 ** -11, "fp16": 2.0 ** -11}  # 23, 10, 10 explicit mantissa bits
 ROUNDINGS_PER_LAYER = {"fp16": 3, "tf32": 2}
 SIGMAS = 2.0  # the rule's allowance over the random-walk estimate (the doc's emulation shows 3-10x headroom)
-SCALE_TOO_SMALL = 1e-6  # below this max|R| the reference is ~0 and no tolerance says anything
+SCALE_TOO_SMALL = 1e-6  # below this max|R| the reference is ~0 (the flag for int8, which has no tolerance)
+# a pass proves little once the tolerance reaches this fraction of max|R| (an engine that is off by that much
+# everywhere passes; at a tolerance >= max|R| one that returns zeros does): such outputs are flagged
+UNINFORMATIVE_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -72,7 +80,8 @@ def network_size(model) -> tuple[int, int]:
     return layers, max_dot
 
 
-def _judge(rule: ParityRule, result: dict, expected: np.ndarray, actual: np.ndarray) -> dict:
+def _judge(rule: ParityRule, result: dict, expected: np.ndarray, actual: np.ndarray, *, decisions: bool = True,
+           label: str = "the logits") -> dict:
     scale = result["ref_scale"]
     rel = rule.rel_tolerance
     tolerance = max(rule.abs_floor, rel * scale) if math.isfinite(scale) else rule.abs_floor
@@ -83,10 +92,10 @@ def _judge(rule: ParityRule, result: dict, expected: np.ndarray, actual: np.ndar
                "formula": "max|E-R| <= max(abs_floor, rel_tolerance * max|R|)", "warnings": []}
     failures = []
     if not result["max_abs_err"] <= tolerance:
-        failures.append(f"engine and PyTorch differ by {result['max_abs_err']:.3g} on the logits (> tolerance "
-                        f"{tolerance:.3g} = max(measure.parity_tolerance {rule.abs_floor:g}, {rel:.3g} x max|logit| "
+        failures.append(f"engine and PyTorch differ by {result['max_abs_err']:.3g} on {label} (> tolerance "
+                        f"{tolerance:.3g} = max(measure.parity_tolerance {rule.abs_floor:g}, {rel:.3g} x max|R| "
                         f"{scale:.3g}) for {rule.arithmetic} arithmetic)")
-    if rule.arithmetic in ROUNDINGS_PER_LAYER and len(expected) and math.isfinite(scale):
+    if decisions and rule.arithmetic in ROUNDINGS_PER_LAYER and len(expected) and math.isfinite(scale):
         # decided against rel_tol alone, so raising the recipe's abs_floor cannot hide a changed decision
         flat_e, flat_a = expected.reshape(len(expected), -1), actual.reshape(len(actual), -1)
         top2 = np.sort(flat_e, axis=1)[:, -2:] if flat_e.shape[1] > 1 else np.zeros((len(flat_e), 2))
@@ -97,27 +106,36 @@ def _judge(rule: ParityRule, result: dict, expected: np.ndarray, actual: np.ndar
         if changed.any():
             failures.append(f"{int(changed.sum())} of {int(decisive.sum())} inputs whose top-1 margin exceeds "
                             f"2 x {rel:.3g} x max|logit| changed their predicted class")
-    if scale < SCALE_TOO_SMALL:
-        verdict["warnings"].append(f"parity: the reference logits are all below {SCALE_TOO_SMALL:g} in magnitude "
-                                   f"(max {scale:.3g}); the parity check cannot tell a right engine from a wrong one")
+    warning = _uninformative(label, scale, tolerance)
+    if warning:
+        verdict["warnings"].append(warning)
     verdict["passed"] = not failures
     verdict["failure"] = "; ".join(failures) or None
     return verdict
 
 
-def parity(reference: Callable[[np.ndarray], np.ndarray], engine, inputs: np.ndarray,
-           rule: ParityRule | None = None) -> dict:
-    """Compare `engine.run(inputs)` with `reference(inputs)`: {"max_abs_err", "mean_abs_err", "top1_agreement", "n"}.
+def informative(scale: float, tolerance: float | None) -> bool:
+    """Whether a pass says anything: the tolerance is below UNINFORMATIVE_FRACTION of the output's scale (with no
+    tolerance, int8, the scale is at least SCALE_TOO_SMALL)."""
+    if not math.isfinite(scale):
+        return True  # a NaN/inf reference fails parity by itself
+    if tolerance is None:
+        return scale >= SCALE_TOO_SMALL
+    return tolerance < UNINFORMATIVE_FRACTION * scale
 
-    Also "nonfinite": how many engine or reference outputs were NaN or infinite (the errors are then infinite),
-    "ref_scale" (max|R|), and with a `rule` its verdict under "rule" (check it with `enforce`).
-    """
-    inputs = np.asarray(inputs, dtype=np.float32)
-    expected = np.asarray(reference(inputs), dtype=np.float64)
-    actual = np.asarray(engine.run(inputs), dtype=np.float64)
-    if expected.shape != actual.shape:
-        raise ParityError(f"parity: {getattr(engine, 'name', 'engine')} returned shape {actual.shape}, "
-                          f"the reference {expected.shape}")
+
+def _uninformative(label: str, scale: float, tolerance: float | None) -> str | None:
+    if informative(scale, tolerance):
+        return None
+    bound = (f"is at most {1 / UNINFORMATIVE_FRACTION:g}x the tolerance {tolerance:.3g}, so an engine off by "
+             f"{100 * UNINFORMATIVE_FRACTION:g} % of every value would pass"
+             if tolerance is not None else f"is below {SCALE_TOO_SMALL:g}")
+    return (f"parity: max|R| of {label} is {scale:.3g}, which {bound}: the parity check cannot tell a right engine "
+            "from a wrong one here (give the model its trained weights, or weights whose outputs are not ~0)")
+
+
+def _compare(expected: np.ndarray, actual: np.ndarray) -> dict:
+    """The numbers of one output: max/mean |E - R| (infinite on NaN/inf), nonfinite count, scale max|R|."""
     nonfinite = int((~np.isfinite(expected)).sum() + (~np.isfinite(actual)).sum())
     diff = np.abs(actual - expected)
     if nonfinite:
@@ -128,13 +146,75 @@ def parity(reference: Callable[[np.ndarray], np.ndarray], engine, inputs: np.nda
         max_err, mean_err = float(diff.max()), float(diff.mean())
     finite_ref = expected[np.isfinite(expected)]
     scale = float(np.abs(finite_ref).max()) if finite_ref.size else 0.0
+    return {"max_abs_err": max_err, "mean_abs_err": mean_err, "nonfinite": nonfinite, "ref_scale": scale,
+            "size": int(expected.size)}
+
+
+def _agreement(expected: np.ndarray, actual: np.ndarray) -> float:
     flat_e, flat_a = expected.reshape(len(expected), -1), actual.reshape(len(actual), -1)
-    agreement = float(np.mean(flat_e.argmax(axis=1) == flat_a.argmax(axis=1))) if len(expected) else 1.0
-    result = {"max_abs_err": max_err, "mean_abs_err": mean_err, "top1_agreement": agreement, "n": int(len(inputs)),
-              "nonfinite": nonfinite, "ref_scale": scale}
+    return float(np.mean(flat_e.argmax(axis=1) == flat_a.argmax(axis=1))) if len(expected) else 1.0
+
+
+def parity(reference: Callable[[np.ndarray], np.ndarray], engine, inputs: np.ndarray,
+           rule: ParityRule | None = None) -> dict:
+    """Compare `engine.run(inputs)` with `reference(inputs)`: {"max_abs_err", "mean_abs_err", "top1_agreement", "n"}.
+
+    Also "nonfinite": how many engine or reference outputs were NaN or infinite (the errors are then infinite),
+    "ref_scale" (max|R|), "outputs" (each output's numbers and, with a rule, its tolerance and verdict, judged
+    relative to that output's own scale), "warnings" (outputs too small for parity to mean anything), and with a
+    `rule` its verdict under "rule" (check it with `enforce`). A model with several outputs (core/outputs.py) is
+    judged output by output; the top-level numbers are the worst over outputs and top1_agreement is None (a class
+    decision is defined for one logits output only).
+    """
+    inputs = np.asarray(inputs, dtype=np.float32)
+    expected = {k: np.asarray(v, dtype=np.float64) for k, v in as_named(reference(inputs)).items()}
+    actual = {k: np.asarray(v, dtype=np.float64) for k, v in as_named(engine.run(inputs)).items()}
+    name = getattr(engine, "name", "engine")
+    if list(expected) != list(actual):
+        raise ParityError(f"parity: {name} returned outputs {list(actual)}, the reference {list(expected)}")
+    for key in expected:
+        if expected[key].shape != actual[key].shape:
+            shown = "" if len(expected) == 1 else f" for output {key!r}"
+            raise ParityError(f"parity: {name} returned shape {actual[key].shape}{shown}, the reference "
+                              f"{expected[key].shape}")
+    single = len(expected) == 1 and SINGLE_OUTPUT in expected
+    outputs = {key: _compare(expected[key], actual[key]) for key in expected}
+    total = sum(o["size"] for o in outputs.values())
+    result = {"max_abs_err": max(o["max_abs_err"] for o in outputs.values()),
+              "mean_abs_err": (float("inf") if any(o["nonfinite"] for o in outputs.values()) else
+                               sum(o["mean_abs_err"] * o["size"] for o in outputs.values()) / total if total else 0.0),
+              "top1_agreement": _agreement(expected[SINGLE_OUTPUT], actual[SINGLE_OUTPUT]) if single else None,
+              "n": int(len(inputs)), "nonfinite": sum(o["nonfinite"] for o in outputs.values()),
+              "ref_scale": max(o["ref_scale"] for o in outputs.values())}
+    verdicts, warnings = {}, []
+    for key, out in outputs.items():
+        label = "the logits" if single else f"output {key!r}"
+        if rule is not None:
+            verdicts[key] = verdict = _judge(rule, out, expected[key], actual[key], decisions=single, label=label)
+            out.update(tolerance=verdict["tolerance"], rel_err=verdict["rel_err"], passed=verdict["passed"])
+            warning = verdict["warnings"][0] if verdict["warnings"] else None
+        else:
+            out["rel_err"] = out["max_abs_err"] / out["ref_scale"] if out["ref_scale"] > 0 else float("inf")
+            warning = _uninformative(label, out["ref_scale"], None)
+        out["scale"] = out.pop("ref_scale")
+        del out["size"]
+        out["informative"] = warning is None
+        warnings += [warning] if warning else []
+    result.update(outputs=outputs, warnings=warnings)
     if rule is not None:
-        result["rule"] = _judge(rule, result, expected, actual)
+        result["rule"] = verdicts[SINGLE_OUTPUT] if single else _combine(rule, verdicts)
     return result
+
+
+def _combine(rule: ParityRule, verdicts: dict[str, dict]) -> dict:
+    """One verdict over several outputs: passed when every output passed; tolerances are per output."""
+    failures = [f"output {key!r}: {v['failure']}" for key, v in verdicts.items() if not v["passed"]]
+    return {"arithmetic": rule.arithmetic, "layers": rule.layers, "max_dot": rule.max_dot,
+            "unit_roundoff": UNIT_ROUNDOFF[rule.arithmetic], "rel_tolerance": rule.rel_tolerance,
+            "abs_floor": rule.abs_floor, "tolerance": None, "per_output": True,
+            "formula": "every output: max|E-R| <= max(abs_floor, rel_tolerance * max|R| of that output)",
+            "warnings": [w for v in verdicts.values() for w in v["warnings"]],
+            "passed": not failures, "failure": "; ".join(failures) or None}
 
 
 def enforce(result: dict) -> None:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from dfp_deploy.core.errors import InputError
+from dfp_deploy.core.outputs import flatten
 from dfp_deploy.core.types import Preprocess
 from dfp_deploy.models.cifar_resnet import cifar_resnet
 from dfp_deploy.models.efficientnet_lite import LITE_VARIANTS, efficientnet_lite
@@ -45,7 +46,7 @@ class LoadedModel:
     name: str
     input_shape: tuple[int, int, int]  # (C, H, W) of one image
     preprocess: Preprocess
-    num_classes: int
+    num_classes: int | None  # None: the model returns several outputs (core/outputs.py), not one [N, classes]
     weights: str | None  # the weights file actually loaded; None = random init
 
 
@@ -282,8 +283,10 @@ def _build_factory(spec: str, kwargs: dict, input_shape):
     return module, shape, IMAGENET_PREPROCESS
 
 
-def _infer_num_classes(module: nn.Module, shape: tuple[int, int, int], name: str) -> int:
-    """Run one zero image through the (eval-mode) model: the logits' last dimension is the class count."""
+def _infer_num_classes(module: nn.Module, shape: tuple[int, int, int], name: str) -> int | None:
+    """Run one zero image through the (eval-mode) model: the logits' last dimension is the class count; None for a
+    model that returns something else (a tuple or dict of tensors: detectors, multi-head nets; a dense map), which
+    only a user-supplied eval.metric can score."""
     try:
         with torch.no_grad():
             out = module(torch.zeros(1, *shape))
@@ -293,7 +296,5 @@ def _infer_num_classes(module: nn.Module, shape: tuple[int, int, int], name: str
             f"model {name} fails on an input of shape (1, {', '.join(map(str, shape))}): {first}; "
             "set model.input_shape to what the model expects"
         ) from exc
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise InputError(f"model {name} must return logits of shape [N, classes], got {got}")
-    return int(out.shape[1])
+    flatten(out, f"model {name}")  # refuses what cannot be exported (None, strings, empty containers)
+    return int(out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() == 2 else None

@@ -188,6 +188,8 @@ class EvalSection:
     data: str | None = spec(None, ".npz with x uint8 [N,H,W,3] and y labels (or jpeg/offsets/y)", path=True)
     limit: int | None = spec(None, "evaluate only the first N images", lo=1,
                               hi=100_000_000)
+    metric: str = spec("top1", "top1 (built-in: labels 'y', one logits output), or 'package.module:function' called "
+                       "as function(run, data) -> number or {name: number} (README: custom metrics)")
 
 
 @dataclass(frozen=True)

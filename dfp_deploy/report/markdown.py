@@ -33,9 +33,14 @@ def render_markdown(r: dict) -> str:
                      f"{b['p50_ms']:.3f} ms | {a['p50_ms']:.3f} ms | {lat['speedup']:.2f}x faster |")
         lines.append(f"| latency p90 | {b['p90_ms']:.3f} ms | {a['p90_ms']:.3f} ms | |")
     acc = r.get("accuracy")
-    if acc:
+    if acc and acc["metric"] == "top1_percent":
         lines.append(f"| top-1 ({acc['n']} images) | {acc['before']:.2f}% | {acc['after']:.2f}% | "
                      f"{acc['after'] - acc['before']:+.2f} pt |")
+    elif acc:  # eval.metric: the user's numbers, one row each
+        before, after = ((v if isinstance(v, dict) else {"": v}) for v in (acc["before"], acc["after"]))
+        for k in before:
+            lines.append(f"| {acc['metric']}{' ' + k if k else ''} ({acc['n']} images) | {before[k]:.4g} | "
+                         f"{after.get(k, float('nan')):.4g} | |")
     lines.append("")
     if "before" in lat:
         pr = lat["protocol"]
@@ -51,14 +56,27 @@ def render_markdown(r: dict) -> str:
                   f"{rnd['p50_ms_rounded']:.3f} ms ({rnd['latency_gain']:.2f}x; the unrounded plan's engine was timed "
                   "in the same rounds).", ""]
     par = r["parity"]
-    gate = (f"tolerance {par['tolerance']:g}" if "tolerance" in par
+    gate = (f"tolerance {par['tolerance']:g}" if par.get("tolerance") is not None
+            else "tolerance per output" if "tolerance" in par
             else f"int8: gate is top-1 agreement ≥ {100 * par['min_agreement']:g}% on real images")
+    agree = (f", top-1 agreement {100 * par['top1_agreement']:.2f}%" if par.get("top1_agreement") is not None
+             else "")
     lines += [f"Parity (engine vs PyTorch, {par['n']} inputs from {par['inputs']}): max |diff| "
-              f"{par['max_abs_err']:.2e} ({gate}), top-1 agreement {100 * par['top1_agreement']:.2f}%.", ""]
+              f"{par['max_abs_err']:.2e} ({gate}){agree}.", ""]
+    outs = par.get("outputs") or {}
+    if len(outs) > 1 or any(not o["informative"] for o in outs.values()):
+        lines += ["| output | max abs err | scale max abs | tolerance | pass | informative |", "|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {o['max_abs_err']:.2e} | {o['scale']:.2e} | "
+                  f"{format(o['tolerance'], '.2e') if o.get('tolerance') is not None else '-'} | "
+                  f"{'-' if 'passed' not in o else 'yes' if o['passed'] else 'NO'} | "
+                  f"{'yes' if o['informative'] else 'NO (scale too small)'} |" for k, o in outs.items()]
+        lines += [""]
     if par.get("simulated"):
         sim = par["simulated"]
-        lines += [f"Against the simulated quantization (the Q/DQ graph run as float ops): top-1 agreement "
-                  f"{100 * sim['top1_agreement']:.2f}%, max |diff| {sim['max_abs_err']:.2e}: what the integer "
+        sim_agree = (f"top-1 agreement {100 * sim['top1_agreement']:.2f}%, " if sim.get("top1_agreement") is not None
+                     else "")
+        lines += [f"Against the simulated quantization (the Q/DQ graph run as float ops): {sim_agree}"
+                  f"max |diff| {sim['max_abs_err']:.2e}: what the integer "
                   "kernels' own rounding changes.", ""]
     if "quantization" in r:
         q = r["quantization"]

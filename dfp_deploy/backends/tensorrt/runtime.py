@@ -140,7 +140,8 @@ class TensorRTEngine:
         self._load(bindings, x)
         bindings.enqueue()
         bindings.stream.synchronize()
-        return bindings.buffers[self.output_name].float().cpu().numpy()
+        outputs = {name: bindings.buffers[name].float().cpu().numpy() for name in bindings.outputs}
+        return outputs[self.output_name] if len(outputs) == 1 else outputs  # several: by name (core/outputs.py)
 
     def prepare(self, x: np.ndarray) -> Callable[[], float]:
         import torch

@@ -88,20 +88,23 @@ def adapt_batchnorm(model: nn.Module, inputs: torch.Tensor) -> int:
     return len(bns)
 
 
-def self_agreement(model: nn.Module, inputs: torch.Tensor) -> float:
+def self_agreement(model: nn.Module, inputs: torch.Tensor) -> float | None:
     """How well `inputs` describe the data the model was trained on, without any data: the fraction of `inputs` on
     which the UNCHANGED model keeps its top-1 class after its own statistics are re-estimated on them. 1.0 when its
     statistics already are the inputs' moments; low values mean re-estimation on these inputs moves even a model
     that needs no repair (e.g. synthetic inputs matched for too few steps), so a compressed model adapted on them is
     suspect. Measured for ResNet-56 (docs/BENCHMARKS.md): 0.86 with 50-step synthetic inputs, where adaptation costs
-    the unchanged model 10 points, and 0.95 with 200-step ones, where it costs 0.7. `model` is left untouched."""
+    the unchanged model 10 points, and 0.95 with 200-step ones, where it costs 0.7. `model` is left untouched.
+    None for a model without one [N, classes] output (a detector's tuple or dict): it has no top-1 class."""
     adapted = copy.deepcopy(model)
     adapt_batchnorm(adapted, inputs)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            agree = adapted(inputs).argmax(1) == model(inputs).argmax(1)
+            after, before = adapted(inputs), model(inputs)
     finally:
         model.train(was_training)
-    return float(agree.float().mean())
+    if not isinstance(before, torch.Tensor) or before.dim() != 2:
+        return None
+    return float((after.argmax(1) == before.argmax(1)).float().mean())

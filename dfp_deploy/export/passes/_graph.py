@@ -60,8 +60,9 @@ def sole_consumer(tensor, graph):
 
 
 def unique_name(graph, base: str) -> str:
-    """`base`, or `base_<n>` with the smallest n that no tensor in the graph uses yet."""
-    taken = graph.tensors().keys()
+    """`base`, or `base_<n>` with the smallest n that no tensor or node in the graph uses yet (node names too: a
+    weight shared by two convs gets a DequantizeLinear per conv, and ONNX refuses two nodes of one name)."""
+    taken = graph.tensors().keys() | {node.name for node in graph.nodes}
     if base not in taken:
         return base
     n = 1

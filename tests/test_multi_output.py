@@ -1,0 +1,181 @@
+"""Models with several outputs (detectors): naming, export, per-output parity, builds on every CPU target, and a
+user-supplied eval.metric."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dfp_deploy.cli import main
+from dfp_deploy.core.errors import InputError
+from dfp_deploy.core.outputs import as_named, concat, flatten, take, to_numpy
+from dfp_deploy.measure.metric import check_result, evaluate
+from dfp_deploy.measure.parity import ParityRule, parity
+
+QUICK = ["--set", "measure.latency=false", "--set", "measure.parity_samples=8", "--quiet"]
+
+
+class _Engine:
+    def __init__(self, fn):
+        self.name, self.run = "fake", fn
+
+
+def test_outputs_are_named_after_the_tuple_index_and_the_dict_key():
+    t = torch.zeros(2, 3)
+    assert [n for n, _ in flatten(t)] == ["logits"]
+    assert [n for n, _ in flatten((t, t))] == ["output_0", "output_1"]
+    assert [n for n, _ in flatten({"boxes": t, "scores": (t, t)})] == ["boxes", "scores.0", "scores.1"]
+    named = to_numpy({"boxes": t, "scores": t + 1})
+    assert list(named) == ["boxes", "scores"] and named["scores"].shape == (2, 3)
+    assert isinstance(to_numpy(t), np.ndarray) and list(as_named(to_numpy(t))) == ["logits"]
+    both = concat([named, named])
+    assert both["boxes"].shape == (4, 3) and take(both, 1)["scores"].shape == (1, 3)
+    for bad, why in (((t, None), "None at output 'output_1'"), ({1: t}, "key 1"), ((), "needs a tensor"),
+                     ({"a.b": t}, "without '.'")):
+        with pytest.raises(InputError, match=why):
+            flatten(bad)
+
+
+def test_each_output_is_judged_against_its_own_scale():
+    big = np.linspace(-1e4, 1e4, 40).reshape(4, 10)
+    small = np.linspace(-1, 1, 8).reshape(4, 2)
+    ref = {"big": big, "small": small}
+    rule = ParityRule("fp32", 10, 100, 1e-3)
+    good = parity(lambda x: ref, _Engine(lambda x: {"big": big * (1 + 1e-7), "small": small}), np.zeros((4, 1)),
+                  rule=rule)
+    assert good["rule"]["passed"] and good["top1_agreement"] is None
+    assert good["outputs"]["big"]["tolerance"] > 1e-2 and good["outputs"]["small"]["tolerance"] == 1e-3
+    # 5e-3 on the small head is hidden by a tolerance taken from the large one (max|R| = 1e4 over both outputs)
+    bad = parity(lambda x: ref, _Engine(lambda x: {"big": big, "small": small + 5e-3}), np.zeros((4, 1)), rule=rule)
+    assert 5e-3 < rule.rel_tolerance * 1e4
+    assert not bad["rule"]["passed"] and "output 'small'" in bad["rule"]["failure"]
+    assert bad["outputs"]["big"]["passed"] and not bad["outputs"]["small"]["passed"]
+
+
+def test_an_output_too_small_for_parity_to_mean_anything_is_flagged():
+    ref = {"scores": np.full((2, 5), 3e-9), "boxes": np.linspace(-2, 2, 8).reshape(2, 4)}
+    result = parity(lambda x: ref, _Engine(lambda x: ref), np.zeros((2, 1)), rule=ParityRule("fp32", 3, 27, 1e-3))
+    assert result["rule"]["passed"]
+    assert not result["outputs"]["scores"]["informative"] and result["outputs"]["boxes"]["informative"]
+    assert len(result["warnings"]) == 1 and "output 'scores'" in result["warnings"][0]
+    # int8 (no tolerance): the absolute floor of a numerically zero reference still flags it
+    int8 = parity(lambda x: ref, _Engine(lambda x: ref), np.zeros((2, 1)))
+    assert not int8["outputs"]["scores"]["informative"] and int8["outputs"]["boxes"]["informative"]
+
+
+def test_metric_results_are_checked():
+    assert check_result("m:f", np.float32(2.5)) == 2.5 and check_result("m:f", {"map": 1}) == {"map": 1.0}
+    for bad in ("good", True, float("nan"), {}, {"map": "x"}, [1.0], None):
+        with pytest.raises(InputError, match="eval.metric: m:f returned"):
+            check_result("m:f", bad)
+    with pytest.raises(InputError, match="eval.metric: m:f raised ValueError: empty"):
+        evaluate("m:f", lambda run, data: (_ for _ in ()).throw(ValueError("empty")), None, {})
+
+
+def _recipe(tmp: Path, factory: str, **sections) -> Path:
+    text = f"model:\n  name: tests._detectors:{factory}\n  input_size: [3, 32, 32]\n"
+    text += "compress:\n  prune:\n    ratio: 0.3\n    round_to: 8\n"
+    for section, body in sections.items():
+        text += f"{section}:\n" + "".join(f"  {line}\n" for line in body)
+    path = tmp / f"{factory}.yaml"
+    path.write_text(text)
+    return path
+
+
+def _eval_npz(tmp: Path) -> Path:
+    rng = np.random.default_rng(0)
+    path = tmp / "det.npz"
+    np.savez(path, x=rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8), y=rng.integers(0, 4, 12))
+    return path
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", [["target.backend=ort-cpu", "measure.latency=true", "measure.runs=50",
+                                     "measure.warmup=1", "measure.rounds=2"],
+                                    ["target.backend=ort-cpu", "target.precision=int8", "target.batch=2"],
+                                    ["target.backend=torch-cpu"]], ids=["ort-fp32-timed", "ort-int8", "torch-cpu"])
+def test_a_yolo_style_tuple_model_prunes_exports_builds_and_passes_parity_per_output(tmp_path, target):
+    recipe = _recipe(tmp_path, "TinyYolo")
+    sets = [a for t in target for a in ("--set", t)]
+    res = run("build", recipe, "--out", tmp_path / "out", *QUICK, *sets)
+    assert res.exit_code == 0, res.output
+    r = json.loads((tmp_path / "out" / "report.json").read_text())
+    groups = {g["name"]: g for g in r["prune"]["groups"]}
+    assert r["prune"]["groups_pruned"] >= 3 and r["macs"]["after"] < r["macs"]["before"]
+    assert all(not groups[h]["prunable"] for h in ("h2", "h3", "h4"))  # the heads' channels are the outputs
+    names = ["output_0", "output_1", "output_2"]
+    assert [o.name for o in onnx.load(tmp_path / "out" / r["artifacts"]["onnx"]).graph.output] == names
+    par = r["parity"]
+    assert list(par["outputs"]) == names and all(o["informative"] for o in par["outputs"].values())
+    if "target.precision=int8" in target:
+        assert set(par["simulated"]) >= {"max_abs_err"} and par["top1_agreement"] is None
+        assert all(o["rel_err"] < 0.5 for o in par["outputs"].values())
+    else:
+        assert par["rule"]["passed"] and all(o["passed"] for o in par["outputs"].values())
+        assert par["max_abs_err"] <= 1e-3
+    if "measure.latency=true" in target:
+        assert r["latency"]["after"]["p50_ms"] > 0
+    assert "| output_2 |" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_retinanet_style_dict_model_builds_int8_and_is_scored_by_a_user_metric(tmp_path):
+    data = _eval_npz(tmp_path)
+    recipe = _recipe(tmp_path, "TinyRetina", target=["precision: int8", "batch: 4"],
+                     eval=[f"data: {data}", "metric: tests._detectors:head_scores"])
+    res = run("build", recipe, "--out", tmp_path / "out", *QUICK)
+    assert res.exit_code == 0, res.output
+    r = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert list(r["parity"]["outputs"]) == ["cls_logits", "bbox_regression"]
+    acc = r["accuracy"]
+    assert acc["metric"] == "tests._detectors:head_scores" and acc["n"] == 12
+    assert set(acc["before"]) == set(acc["after"]) == {"top1", "box_mean_abs"}
+    assert 0 <= acc["after"]["top1"] <= 100 and acc["before"]["box_mean_abs"] > 0
+    assert "tests._detectors:head_scores" in res.output
+
+
+@pytest.mark.slow
+def test_parity_on_vanishing_logits_is_flagged_in_the_report_and_on_stdout(tmp_path):
+    recipe = _recipe(tmp_path, "Vanishing")
+    res = run("build", recipe, "--out", tmp_path / "out", *QUICK)
+    assert res.exit_code == 0, res.output
+    r = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert r["parity"]["outputs"]["logits"]["informative"] is False
+    assert any("cannot tell a right engine" in w for w in r["warnings"])
+    assert "warning: parity: max|R| of the logits" in res.output
+
+
+@pytest.mark.parametrize("metric, message", [
+    ("nope", "eval.metric: 'nope' is not of the form 'package.module:function'"),
+    ("os.path:join", "eval.metric: os.path is Python's standard library"),
+    ("tests._no_such_module:f", "eval.metric: cannot import module 'tests._no_such_module'"),
+    ("tests._detectors:missing", "eval.metric: module 'tests._detectors' has no attribute 'missing'"),
+    ("tests._detectors:TinyYolo", "eval.metric: tests._detectors:TinyYolo is a type, not a Python function"),
+    ("top1", "eval.metric: top1 needs a model that returns one [N, classes] logits tensor"),
+])
+def test_bad_metrics_fail_in_one_line_before_any_work(tmp_path, metric, message):
+    recipe = _recipe(tmp_path, "TinyYolo", eval=[f"data: {_eval_npz(tmp_path)}", f"metric: '{metric}'"])
+    res = run("build", recipe, "--out", tmp_path / "out", *QUICK)
+    assert res.exit_code == 2 and res.output.startswith(f"error: {message}"), res.output
+    assert len(res.output.strip().splitlines()) == 1 and "[1/8]" not in res.output
+
+
+@pytest.mark.parametrize("metric, message", [
+    ("returns_text", "eval.metric: tests._detectors:returns_text returned str 'good'"),
+    ("raises", "eval.metric: tests._detectors:raises raised ValueError: no boxes in this batch"),
+])
+def test_a_metric_that_misbehaves_is_one_line(metric, message):
+    import tests._detectors as det
+
+    fn = getattr(det, metric)
+    with pytest.raises(InputError) as err:
+        evaluate(f"tests._detectors:{metric}", fn, lambda x: x, {"images": np.zeros((1, 3, 4, 4))})
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
