@@ -26,13 +26,13 @@ import torch
 
 from dfp_deploy.analysis import analyze, count_macs
 from dfp_deploy.compress.calibrate.bn_adapt import adapt_batchnorm, self_agreement
-from dfp_deploy.compress.calibrate.two_phase import load_calibration_inputs
 from dfp_deploy.compress.prune import prune_model
 from dfp_deploy.compress.repair.apply import compress_model
 from dfp_deploy.compress.select.plan import make_plan
 from dfp_deploy.compress.select.planner import ChannelPlanner
 from dfp_deploy.core.types import PrunePlan
-from dfp_deploy.measure.dataset import load_images, to_tensor
+from dfp_deploy.data.images import load_images, to_tensor
+from dfp_deploy.data.sources import load_calibration_inputs
 from dfp_deploy.models import load_model
 from dfp_deploy.pipeline import cache_dir
 

@@ -10,7 +10,7 @@ source × size. One line of JSON per calibrated configuration is appended to --o
       --ratios 0.3 0.5 --samples 64 256 1024 --synthetic 256
 
 Calibration images are a seeded random subset of --calib (a TRAINING file; never point it at test images; labels are
-ignored), and --synthetic N... adds runs on N BN-matched generated inputs (search/synthetic.py, --synthetic-steps
+ignored), and --synthetic N... adds runs on N BN-matched generated inputs (data/synthetic.py, --synthetic-steps
 optimisation steps, cached under --cache so both ratios share them). Time is for calibrate() alone, as process CPU
 seconds (with one thread this is the unshared wall time; the machines are shared, so wall time, in brackets, and the
 1-minute load average before and after are recorded too); generating synthetic inputs is timed separately (gen).
@@ -34,14 +34,15 @@ import time
 import torch
 
 from dfp_deploy.analysis import analyze, count_macs
-from dfp_deploy.compress.calibrate.two_phase import CalibrationLog, auto_batch, calibrate, load_calibration_inputs
+from dfp_deploy.compress.calibrate.two_phase import CalibrationLog, auto_batch, calibrate
 from dfp_deploy.compress.prune import prune_model
 from dfp_deploy.compress.repair.apply import compress_model
 from dfp_deploy.compress.select.measured import measured_group_statistics
 from dfp_deploy.compress.select.plan import make_plan
 from dfp_deploy.compress.select.planner import ALLOCATIONS, ChannelPlanner, RANKINGS
 from dfp_deploy.core.types import PrunePlan
-from dfp_deploy.measure.dataset import load_images, to_tensor
+from dfp_deploy.data.images import load_images, to_tensor
+from dfp_deploy.data.sources import load_calibration_inputs
 from dfp_deploy.models import load_model
 
 

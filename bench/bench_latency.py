@@ -27,7 +27,7 @@ from dfp_deploy.compress.select.planner import ChannelPlanner
 from dfp_deploy.export.int8 import int8_onnx
 from dfp_deploy.export.onnx_export import export_onnx
 from dfp_deploy.measure.accuracy import top1
-from dfp_deploy.measure.dataset import load_images, to_tensor
+from dfp_deploy.data.images import load_images, to_tensor
 from dfp_deploy.measure.latency import time_interleaved
 from dfp_deploy.models import load_model
 

@@ -58,7 +58,7 @@ from dfp_deploy.compress.repair.apply import METHODS, compress_model
 from dfp_deploy.compress.select.lmmse import select_plan
 from dfp_deploy.compress.select.plan import make_plan
 from dfp_deploy.core.types import PrunePlan
-from dfp_deploy.measure.dataset import to_tensor
+from dfp_deploy.data.images import to_tensor
 from dfp_deploy.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -161,7 +161,7 @@ def load_set(path: str, preprocess, start: int = 0, count: int | None = None):
     if "x" in data.files:
         x = data["x"][start:end]
     else:  # JPEG layout of the full test set
-        from dfp_deploy.measure.dataset import load_images
+        from dfp_deploy.data.images import load_images
 
         x, _ = load_images(path, preprocess, limit=end)
         x = x[start:]

@@ -46,7 +46,7 @@ from dfp_deploy.models import load_model
 from dfp_deploy.search.env import MacCost, PruneEnv
 from dfp_deploy.search.reward import fidelity
 from dfp_deploy.search.space import build_space
-from dfp_deploy.search.synthetic import bn_matched_inputs
+from dfp_deploy.data.synthetic import bn_matched_inputs
 from data_root import add_data_root, fill  # bench/data_root.py (the script's folder is on sys.path)
 from mdtable import markdown  # bench/mdtable.py
 
@@ -122,7 +122,7 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 class Bench:
     def __init__(self, args):
-        from dfp_deploy.measure.dataset import load_images, to_tensor
+        from dfp_deploy.data.images import load_images, to_tensor
 
         torch.set_num_threads(args.threads)
         self.args = args

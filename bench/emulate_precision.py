@@ -33,7 +33,7 @@ def evaluate(key: str, root: Path, images: int) -> list[dict]:
     import numpy as np
     import torch
 
-    from dfp_deploy.measure.dataset import load_images, to_tensor
+    from dfp_deploy.data.images import load_images, to_tensor
     from dfp_deploy.measure.emulate import corrupt_one_weight, emulated
     from dfp_deploy.measure.parity import ParityRule, network_size, parity
     from dfp_deploy.models.loader import load_model

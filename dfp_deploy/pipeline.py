@@ -21,6 +21,7 @@ import torch
 
 from dfp_deploy import __version__
 from dfp_deploy.core.errors import InputError
+from dfp_deploy.core.progress import progress_bar
 from dfp_deploy.core.types import PrunePlan
 from dfp_deploy.recipe import Recipe, recipe_to_dict
 
@@ -84,7 +85,7 @@ def _load(recipe: Recipe):
                          "use a smaller input or batch")
     loaded = load_model(recipe.model.name, recipe.model.weights, kwargs=recipe.model.kwargs or None,
                         input_shape=tuple(shape) if shape else None)
-    from dfp_deploy.measure.dataset import check_file, check_labels
+    from dfp_deploy.data.images import check_file, check_labels
 
     c = recipe.compress
     for key, path in (("eval.data", recipe.eval.data), ("compress.calibration.data", c.calibration.data),
@@ -358,7 +359,7 @@ def _reference_inputs(recipe: Recipe, loaded, batch: int) -> tuple[np.ndarray, s
     """Parity inputs: real evaluation images when the recipe has them, else seeded Gaussian noise."""
     n = -(-recipe.measure.parity_samples // batch) * batch
     if recipe.eval.data:
-        from dfp_deploy.measure.dataset import load_images, to_tensor
+        from dfp_deploy.data.images import load_images, to_tensor
 
         x, _ = load_images(recipe.eval.data, loaded.preprocess, limit=n, require_labels=False)
         if len(x) >= batch:
@@ -455,14 +456,15 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
           + (" from activations measured on the calibration inputs"
              if recipe.compress.prune.statistics == "calibration" else ""))
     analysis = analyze(model, one)
-    adapt_inputs = _bn_adapt_inputs(recipe, loaded)
+    adapt_inputs = _bn_adapt_inputs(recipe, loaded, quiet=stage.quiet)
     adapt_trust = None
     if adapt_inputs is not None:
         from dfp_deploy.compress.calibrate.bn_adapt import self_agreement
 
         adapt_trust = self_agreement(model, adapt_inputs)
     # loaded once for every use: two-phase calibration, channels chosen on their activations, int8 ranges
-    calib_images = _calibration_images(recipe, loaded) if _needs_calibration_images(recipe) else None
+    calib_images = (_calibration_images(recipe, loaded, quiet=stage.quiet) if _needs_calibration_images(recipe)
+                    else None)
     calib_inputs = torch.from_numpy(calib_images) if calib_images is not None else None
     measured = _measured_statistics(recipe, loaded, analysis, calib_inputs)
     search_report = None
@@ -625,7 +627,7 @@ def _search(recipe: Recipe, loaded, analysis, example, work: Path, backend, adap
     from dfp_deploy.search.loop import run_search
     from dfp_deploy.search.reward import fidelity, proxy, reward
     from dfp_deploy.search.space import build_space
-    from dfp_deploy.search.synthetic import bn_matched_inputs
+    from dfp_deploy.data.synthetic import bn_matched_inputs
 
     S, p, model = recipe.search, recipe.compress.prune, loaded.module
     if loaded.num_classes is None:
@@ -643,9 +645,10 @@ def _search(recipe: Recipe, loaded, analysis, example, work: Path, backend, adap
         # not load_calibration_inputs: the search matches the statistics over all its inputs in one chunk (that
         # function uses chunks of 64), and its cached inputs are what every documented search ran on
         x_proxy = bn_matched_inputs(model, loaded.input_shape, S.synthetic_samples, steps=S.synthetic_steps,
-                                    seed=recipe.seed, cache_dir=cache_dir() / "synthetic")
+                                    seed=recipe.seed, cache_dir=cache_dir() / "synthetic",
+                                    progress=progress_bar("search synthetic inputs", "step", enabled=not quiet))
     else:  # real unlabeled images: a seeded subset, as for compress.calibration (no longer data-free)
-        from dfp_deploy.compress.calibrate.two_phase import load_calibration_inputs
+        from dfp_deploy.data.sources import load_calibration_inputs
         x_proxy = load_calibration_inputs(S.proxy_data, S.synthetic_samples, model=model,
                                           preprocess=loaded.preprocess, input_shape=loaded.input_shape,
                                           seed=recipe.seed, what="search", samples_key="synthetic_samples")
@@ -950,30 +953,31 @@ def _unrounded_engine(recipe: Recipe, loaded, analysis, plan: PrunePlan, example
     return info, engine
 
 
-def _bn_adapt_inputs(recipe: Recipe, loaded) -> torch.Tensor | None:
+def _bn_adapt_inputs(recipe: Recipe, loaded, *, quiet: bool = True) -> torch.Tensor | None:
     """compress.bn_adapt.data as model inputs (None: off). Synthetic ones use seed + 1, so that they are not the
     inputs the search scores candidates on (a proxy measured on the inputs the statistics were fitted to would
     flatter every candidate)."""
     a = recipe.compress.bn_adapt
-    return _section_inputs(a, loaded, seed=recipe.seed + 1, what="compress.bn_adapt") if a.data else None
+    return _section_inputs(a, loaded, seed=recipe.seed + 1, what="compress.bn_adapt", quiet=quiet) if a.data else None
 
 
-def _section_inputs(section, loaded, *, seed: int, what: str) -> torch.Tensor:
+def _section_inputs(section, loaded, *, seed: int, what: str, quiet: bool = True) -> torch.Tensor:
     """The inputs a recipe section names (its data, samples and synthetic_steps), normalised for the model."""
-    from dfp_deploy.compress.calibrate.two_phase import load_calibration_inputs
+    from dfp_deploy.data.sources import load_calibration_inputs
 
     return load_calibration_inputs(section.data, section.samples, model=loaded.module, preprocess=loaded.preprocess,
                                    input_shape=loaded.input_shape, seed=seed, synthetic_steps=section.synthetic_steps,
-                                   cache_dir=cache_dir() / "synthetic", what=what)
+                                   cache_dir=cache_dir() / "synthetic", what=what,
+                                   progress=progress_bar(f"{what} synthetic inputs", "step", enabled=not quiet))
 
 
-def _calibration_images(recipe: Recipe, loaded) -> np.ndarray:
+def _calibration_images(recipe: Recipe, loaded, *, quiet: bool = True) -> np.ndarray:
     """compress.calibration.data as model inputs: a seeded subset of unlabeled images, or BN-matched synthetic ones."""
     c = recipe.compress.calibration
     if not c.data:
         raise InputError("compress.quantize.activations: calibration needs compress.calibration.data "
                          "(an .npz of unlabeled images, or 'synthetic')")
-    return _section_inputs(c, loaded, seed=recipe.seed, what="compress.calibration").numpy()
+    return _section_inputs(c, loaded, seed=recipe.seed, what="compress.calibration", quiet=quiet).numpy()
 
 
 class _ChunkedEngine:
@@ -986,7 +990,7 @@ class _ChunkedEngine:
 
 def _accuracy(recipe, loaded, eng_before, eng_after, batch, dynamic, *, quiet):
     from dfp_deploy.measure.accuracy import top1
-    from dfp_deploy.measure.dataset import load_images, to_tensor
+    from dfp_deploy.data.images import load_images, to_tensor
 
     if recipe.eval.metric != "top1":
         return _custom_metric(recipe, loaded, eng_before, eng_after, batch, dynamic, quiet=quiet)
@@ -1000,7 +1004,7 @@ def _accuracy(recipe, loaded, eng_before, eng_after, batch, dynamic, *, quiet):
 def _custom_metric(recipe, loaded, eng_before, eng_after, batch, dynamic, *, quiet):
     """eval.metric: package.module:function on each engine (the call contract: measure/metric.py)."""
     from dfp_deploy.measure.accuracy import run_batched
-    from dfp_deploy.measure.dataset import load_images, to_tensor
+    from dfp_deploy.data.images import load_images, to_tensor
     from dfp_deploy.measure.metric import eval_data, evaluate, other_arrays
 
     spec, function = recipe.eval.metric, _metric_function(recipe)

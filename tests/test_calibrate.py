@@ -7,11 +7,12 @@ from torch import nn
 
 from dfp_deploy.analysis import analyze
 from dfp_deploy.compress.calibrate.two_phase import (CalibrationLog, auto_batch, calibrate, kept_output_positions,
-                                                     layer_output_error, load_calibration_inputs)
+                                                     layer_output_error)
 from dfp_deploy.compress.prune import prune_model
 from dfp_deploy.compress.select.plan import make_plan
 from dfp_deploy.core.errors import DataError, InputError
 from dfp_deploy.core.types import PrunePlan
+from dfp_deploy.data.sources import load_calibration_inputs
 
 
 class TinyNet(nn.Module):
@@ -185,7 +186,7 @@ def test_bad_inputs_raise_data_errors(tmp_path):
 
 def test_synthetic_calibration_inputs_are_bn_matched_and_seeded():
     model, _, _ = setup()
-    from dfp_deploy.search.synthetic import bn_statistic_loss
+    from dfp_deploy.data.synthetic import bn_statistic_loss
     a = load_calibration_inputs("synthetic", 8, model=model, preprocess=None, input_shape=(3, 8, 8), seed=1,
                                 synthetic_steps=30)
     b = load_calibration_inputs("synthetic", 8, model=model, preprocess=None, input_shape=(3, 8, 8), seed=1,

@@ -240,7 +240,7 @@ def test_search_scores_candidates_after_bn_adapt(searched, recipe, tmp_path, mon
 def test_search_scores_candidates_on_real_images_when_asked(searched, recipe, tmp_path, monkeypatch):
     """search.proxy_data: an .npz scores the candidates on a seeded subset of its images instead of generated ones
     (nothing is generated), and the report says the search was not data-free."""
-    import dfp_deploy.search.synthetic as synthetic
+    import dfp_deploy.data.synthetic as synthetic
 
     def no_generation(*args, **kwargs):
         raise AssertionError("synthetic inputs generated although search.proxy_data names images")
@@ -324,9 +324,9 @@ def test_channels_chosen_on_calibration_activations(calibrated):
     """statistics: calibration plans with the activations measured on the calibration inputs (the same plan a
     ChannelPlanner gets from those statistics), then calibrates; the report says how channels were chosen."""
     from dfp_deploy.analysis import analyze
-    from dfp_deploy.compress.calibrate.two_phase import load_calibration_inputs
     from dfp_deploy.compress.select.measured import measured_group_statistics
     from dfp_deploy.compress.select.planner import ChannelPlanner
+    from dfp_deploy.data.sources import load_calibration_inputs
     from dfp_deploy.models import load_model
 
     data, out, _ = calibrated

@@ -10,7 +10,7 @@ from PIL import Image
 
 from dfp_deploy.core.errors import DataError
 from dfp_deploy.core.types import Preprocess
-from dfp_deploy.measure.dataset import load_images, to_tensor
+from dfp_deploy.data.images import load_images, to_tensor
 
 CIFAR = Preprocess(size=32, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
 LITE = Preprocess(size=24, mean=(127.0,) * 3, std=(128.0,) * 3)
@@ -248,7 +248,7 @@ def test_damaged_deflate_stream_is_a_data_error(tmp_path):
 
 
 def test_check_file_names_the_key_and_checks_every_member(tmp_path):
-    from dfp_deploy.measure.dataset import check_file
+    from dfp_deploy.data.images import check_file
 
     write_array_npz(tmp_path / "ok.npz", random_images(4, 32, 32), np.arange(4))
     check_file(tmp_path / "ok.npz", "eval.data")
@@ -268,7 +268,7 @@ def test_check_file_names_the_key_and_checks_every_member(tmp_path):
 @pytest.mark.parametrize("labels, limit, ok", [([0, 9, 3], None, True), ([0, 10, 3], None, False),
                                                ([0, -1, 3], None, False), ([0, 1, 12], 2, True)])
 def test_labels_must_be_classes_of_the_model(tmp_path, labels, limit, ok):
-    from dfp_deploy.measure.dataset import check_labels
+    from dfp_deploy.data.images import check_labels
 
     write_array_npz(tmp_path / "d.npz", random_images(3, 32, 32), np.array(labels))
     if ok:

@@ -170,7 +170,7 @@ def test_corrupt_compressed_npz_is_refused_naming_the_file(tiny, tmp_path, no_wo
 def test_corrupt_compressed_npz_is_refused_where_it_is_read(tmp_path):
     from dfp_deploy.core.errors import DataError
     from dfp_deploy.core.types import Preprocess
-    from dfp_deploy.measure.dataset import load_images
+    from dfp_deploy.data.images import load_images
 
     _corrupt_compressed_npz(tmp_path / "bad.npz")
     with pytest.raises(DataError, match="bad.npz: array 'x' cannot be read"):

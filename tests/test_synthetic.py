@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import dfp_deploy.search.synthetic as synthetic
+import dfp_deploy.data.synthetic as synthetic
 from dfp_deploy.core.errors import InputError
-from dfp_deploy.search.synthetic import bn_matched_inputs, bn_statistic_loss
+from dfp_deploy.data.synthetic import bn_matched_inputs, bn_statistic_loss
 
 torch.set_num_threads(1)
 
@@ -82,3 +82,14 @@ def test_bad_arguments_and_models_without_bn_are_input_errors():
         bn_matched_inputs(SmallNet(), (3, 0, 4), 2, steps=1)
     with pytest.raises(InputError, match="batch_size"):
         bn_matched_inputs(SmallNet(), (3, 4, 4), 4, steps=1, batch_size=1)
+
+
+def test_progress_is_reported_step_by_step_across_chunks_and_not_for_a_cache_hit(tmp_path):
+    model, calls = SmallNet(), []
+    bn_matched_inputs(model, (3, 8, 8), 6, steps=4, seed=0, batch_size=3, cache_dir=tmp_path,
+                      progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(i, 8) for i in range(1, 9)]  # 2 chunks x 4 steps, one call per optimiser step
+    calls.clear()
+    bn_matched_inputs(model, (3, 8, 8), 6, steps=4, seed=0, batch_size=3, cache_dir=tmp_path,
+                      progress=lambda done, total: calls.append((done, total)))
+    assert calls == []

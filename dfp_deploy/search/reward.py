@@ -1,6 +1,6 @@
 """Data-free reward of a candidate plan: fidelity of the compressed model to the original, minus a latency penalty.
 
-Fidelity on the synthetic inputs x_1..x_N (search/synthetic.py), with p_i = softmax(original logits of x_i) and
+Fidelity on the synthetic inputs x_1..x_N (data/synthetic.py), with p_i = softmax(original logits of x_i) and
 q_i = softmax(compressed logits of x_i):
     kl             = (1/N) Σ_i Σ_k p_ik (log p_ik − log q_ik)          (nats, ≥ 0, 0 iff identical predictions)
     top1_agreement = (1/N) Σ_i [argmax_k p_ik = argmax_k q_ik]        (in [0, 1])

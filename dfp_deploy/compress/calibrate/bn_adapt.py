@@ -5,7 +5,7 @@ downstream of it, still normalises with the ORIGINAL model's running mean μ and
 its input. The data-free repairs (compress/repair/) correct the next layer's weights but can only predict the shift
 from the BN statistics themselves. Re-estimating the statistics of the compressed model on inputs that look like the
 data ("adaptive BN", as in EagleEye's candidate evaluation) removes the remaining shift of every channel's mean and
-scale at once. With BN-matched synthetic inputs (search/synthetic.py: generated so that the ORIGINAL model's batch
+scale at once. With BN-matched synthetic inputs (data/synthetic.py: generated so that the ORIGINAL model's batch
 statistics equal its running statistics) this stays data-free; with a few hundred real images it is the cheapest
 use of them (no gradient step at all).
 

@@ -183,30 +183,6 @@ def kept_output_positions(analysis: Analysis, plan: PrunePlan) -> dict[str, torc
     return _kept_output_positions(analysis, validate_plan(analysis, plan))
 
 
-def load_calibration_inputs(data: str, samples: int, *, model: nn.Module, preprocess, input_shape: tuple[int, ...],
-                            seed: int = 0, synthetic_steps: int = 200, cache_dir=None,
-                            what: str = "compress.calibration", samples_key: str = "samples") -> torch.Tensor:
-    """Inputs for `compress.calibration.data` (or the section named by `what`): an .npz of images (a seeded random
-    subset of `samples` images, drawn without replacement; labels, if any, are ignored) or "synthetic" (BN-matched
-    generated inputs, search/synthetic.py, so the mode stays data-free). Returns float32 [samples, *input_shape],
-    normalised. `samples_key` names the section's key for the count in errors."""
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise InputError(f"{what}.{samples_key}: {samples!r} must be an integer >= 1, e.g. 256")
-    if data == "synthetic":
-        from dfp_deploy.search.synthetic import bn_matched_inputs
-        return bn_matched_inputs(model, tuple(input_shape), samples, steps=synthetic_steps, seed=seed,
-                                 batch_size=min(samples, 64), cache_dir=cache_dir)
-    import numpy as np
-
-    from dfp_deploy.measure.dataset import load_images, to_tensor
-    images, _ = load_images(data, preprocess, limit=None, require_labels=False)
-    if samples > len(images):
-        raise DataError(f"{what}.{samples_key}: {samples} images asked for, but {data} has only "
-                        f"{len(images)}; lower samples or give a bigger file")
-    chosen = np.sort(np.random.default_rng(seed).choice(len(images), samples, replace=False))
-    return torch.from_numpy(to_tensor(images[chosen], preprocess))
-
-
 # --- arguments ----------------------------------------------------------------------------------------------------
 
 def _check_arguments(inputs, squeeze_epochs, calib_epochs, batch, lr, ridge, ls_samples) -> None:

@@ -15,7 +15,7 @@ shape, bytes) and of (shape, n, steps, seed, lr, batch_size, version), written a
 from __future__ import annotations
 
 import hashlib
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,8 +28,11 @@ _VERSION = 1
 
 
 def bn_matched_inputs(model: nn.Module, shape: tuple[int, ...], n: int, *, steps: int = 200, seed: int = 0,
-                      lr: float = 0.1, batch_size: int | None = None, cache_dir: Path | None = None) -> torch.Tensor:
-    """[n, *shape] float32 inputs whose BN input statistics match the running statistics (see module docstring)."""
+                      lr: float = 0.1, batch_size: int | None = None, cache_dir: Path | None = None,
+                      progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """[n, *shape] float32 inputs whose BN input statistics match the running statistics (see module docstring).
+    Generation takes minutes on a CPU: `progress(done, total)` is called after every optimiser step (none when the
+    inputs come from the cache)."""
     shape = tuple(int(s) for s in shape)
     _check(shape, n, steps, lr, batch_size)
     batch_size = min(batch_size or n, n)
@@ -40,7 +43,7 @@ def bn_matched_inputs(model: nn.Module, shape: tuple[int, ...], n: int, *, steps
             cached = torch.load(path, map_location="cpu", weights_only=True)
             if tuple(cached.shape) == (n, *shape):
                 return cached
-    x = _optimise_all(model, shape, n, steps=steps, seed=seed, lr=lr, batch_size=batch_size)
+    x = _optimise_all(model, shape, n, steps=steps, seed=seed, lr=lr, batch_size=batch_size, progress=progress)
     if path is not None:
         with atomic_path(path) as temp:
             torch.save(x, temp)
@@ -98,19 +101,25 @@ def _check(shape: tuple[int, ...], n: int, steps: int, lr: float, batch_size: in
 
 
 def _optimise_all(model: nn.Module, shape: tuple[int, ...], n: int, *, steps: int, seed: int, lr: float,
-                  batch_size: int) -> torch.Tensor:
+                  batch_size: int, progress: Callable[[int, int], None] | None) -> torch.Tensor:
     flags = {m: m.training for m in model.modules()}
     grads = {p: p.requires_grad for p in model.parameters()}
     chunks = [(start, min(n, start + batch_size)) for start in range(0, n, batch_size)]
-    bar = _progress(len(chunks) * steps)
+    total, done = len(chunks) * steps, 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
     try:
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)  # only x is optimised; no gradient buffers on the caller's weights
-        out = [_optimise_chunk(model, (stop - start, *shape), steps, seed * 1_000_003 + i, lr, bar)
+        out = [_optimise_chunk(model, (stop - start, *shape), steps, seed * 1_000_003 + i, lr, step)
                for i, (start, stop) in enumerate(chunks)]
     finally:
-        bar.close()
         for m, was_training in flags.items():
             m.training = was_training
         for p, wanted in grads.items():
@@ -118,7 +127,8 @@ def _optimise_all(model: nn.Module, shape: tuple[int, ...], n: int, *, steps: in
     return torch.cat(out).contiguous()
 
 
-def _optimise_chunk(model: nn.Module, shape: tuple[int, ...], steps: int, seed: int, lr: float, bar) -> torch.Tensor:
+def _optimise_chunk(model: nn.Module, shape: tuple[int, ...], steps: int, seed: int, lr: float,
+                    step: Callable[[], None]) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=generator).requires_grad_(True)
     optimiser = torch.optim.Adam([x], lr=lr)
@@ -127,12 +137,6 @@ def _optimise_chunk(model: nn.Module, shape: tuple[int, ...], steps: int, seed: 
         loss = bn_statistic_loss(model, x)
         loss.backward()
         optimiser.step()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3g}", refresh=False)
+        step()
     return x.detach().float()
 
-
-def _progress(total: int):
-    from tqdm import tqdm
-    return tqdm(total=total, desc="synthetic inputs", unit="step", file=sys.stderr, leave=False,
-                disable=not sys.stderr.isatty())
