@@ -127,7 +127,9 @@ def _summary(r: dict) -> str:
     parts.append(f"parity max|diff| {r['parity']['max_abs_err']:.1e}")
     # a parity pass on outputs of ~zero scale proves nothing: said where the user looks, not only in report.json
     notes = "".join(f"\nwarning: {w}" for w in r["parity"].get("warnings", []))
-    return "; ".join(parts) + notes + f"\nwrote {r['artifacts']['dir']}/report.json and report.md"
+    notice = r.get("prune", {}).get("notice")
+    return (f"notice: {notice}\n" if notice else "") + "; ".join(parts) + notes \
+        + f"\nwrote {r['artifacts']['dir']}/report.json and report.md"
 
 
 def _metric_value(value) -> str:

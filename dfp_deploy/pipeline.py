@@ -587,6 +587,11 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
                       "plan": "plan.json", "report_json": REPORT_NAME, "report_md": "report.md"},
         "warnings": list(analysis.warnings),
     }
+    if (recipe.compress.prune.ratio or recipe.compress.prune.ratios) and not plan.keep:
+        from dfp_deploy.analysis import nothing_pruned_notice
+
+        report["prune"]["notice"] = nothing_pruned_notice(  # the CLI prints it on stdout
+            analysis, include_residual=recipe.compress.prune.include_residual)
     if accuracy is not None:
         report["accuracy"] = accuracy
     if search_report is not None:

@@ -151,8 +151,59 @@ def analyze(model: nn.Module, example_input: torch.Tensor) -> Analysis:
     walk = _propagate(gm)
     groups, members = _build_groups(walk, dict(gm.named_modules()))
     order = list(dict.fromkeys(str(n.target) for n in gm.graph.nodes if n.op == "call_module"))
-    return Analysis(groups=groups, warnings=walk.warnings, bn_after=walk.bn_after, module_order=order,
-                    _members=members)
+    return Analysis(groups=groups, warnings=walk.warnings + _unused_warnings(model, gm), bn_after=walk.bn_after,
+                    module_order=order, _members=members)
+
+
+def nothing_pruned_notice(analysis: Analysis, *, include_residual: bool = False, limit: int = 280) -> str:
+    """One line for a build that was asked to prune but pruned nothing: why, naming the widest group's reason."""
+    prunable = [g for g in analysis.groups if g.prunable]
+    if prunable and not include_residual and all(g.residual for g in prunable):
+        text = (f"nothing was pruned: the model's {len(prunable)} prunable channel groups are all tied across "
+                "residual adds, which are pruned only with compress.prune.include_residual=true")
+    elif prunable:
+        text = (f"nothing was pruned: the recipe's ratios, exclude patterns and channel rounding keep every channel "
+                f"of the {len(prunable)} prunable channel groups")
+    elif not analysis.groups:
+        first = analysis.warnings[0] if analysis.warnings else "no conv or Linear produces a channel tensor"
+        text = f"nothing was pruned: no channel groups were found ({first})"
+    else:
+        widest = max(analysis.groups, key=lambda g: g.channels)
+        text = (f"nothing was pruned: none of the model's {len(analysis.groups)} channel groups is prunable "
+                f"(the widest, '{widest.name}', {widest.channels} channels: {widest.reason})")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _unused_warnings(model: nn.Module, gm: fx.GraphModule) -> list[str]:
+    """Submodules whose parameters the traced (eval-mode) forward never reads, e.g. a training-only auxiliary head:
+    pruning resizes the tensors they would read but not them, so they no longer fit the pruned model."""
+    used: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            used.add(str(node.target))
+        elif node.op == "call_module":
+            used.update(f"{node.target}.{p}" for p, _ in gm.get_submodule(str(node.target)).named_parameters())
+    unused = [name for name, _ in model.named_parameters() if name not in used]
+    if not unused:
+        return []
+    every, dead = [name for name, _ in model.named_parameters()], set(unused)
+    owners: dict[str, int] = {}
+    for name in unused:
+        parts = name.split(".")[:-1]
+        # the outermost module all of whose parameters are unused names the dead branch
+        for depth in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:depth]) + "."
+            if all(p in dead for p in every if p.startswith(prefix)):
+                owners[prefix[:-1]] = owners.get(prefix[:-1], 0) + 1
+                break
+        else:
+            owners[name] = owners.get(name, 0) + 1
+    names = list(owners)
+    shown = ", ".join(names[:_MAX_REASONS]) + (f" and {len(names) - _MAX_REASONS} more" if len(names) > _MAX_REASONS
+                                                else "")
+    return [f"submodule(s) {shown} never run in eval mode ({len(unused)} parameter tensors): pruning does not "
+            "resize them, so they will not fit the pruned model; remove them (e.g. a training-only auxiliary "
+            "head) before building"]
 
 
 # --- propagation -----------------------------------------------------------------------------------------------

@@ -583,7 +583,7 @@ def _pad(node, stats) -> ChannelStats | None:
 
 
 def _slice(node, stats) -> ChannelStats | None:
-    s = stats[0]
+    s = _every_channel(stats[0], node.inputs[0])
     starts, ends = _const(node.inputs[1]), _const(node.inputs[2])
     axes = _const(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else None
     steps = _const(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4].name else None
@@ -613,9 +613,18 @@ def _concat(node, stats) -> ChannelStats | None:
     return joined if int(node.attrs.get("axis", 1)) == 1 else _merge(joined)
 
 
+def _every_channel(s: ChannelStats, tensor) -> ChannelStats:
+    """An input summarised as one channel (after a channel-mixing reshape, e.g. ShuffleNet's shuffle) stands for
+    all of its channels: repeated, so that slicing the channel axis keeps one entry per channel."""
+    shape = tensor.shape
+    if len(s.mean) == 1 and shape is not None and len(shape) > 1 and isinstance(shape[1], int) and shape[1] > 1:
+        return _broadcast(s, shape[1])
+    return s
+
+
 def _split(node, stats) -> list[ChannelStats] | None:
     """One ChannelStats per output: the channel slices when splitting the channel axis, else the input's."""
-    s, outputs = stats[0], node.outputs
+    s, outputs = _every_channel(stats[0], node.inputs[0]), node.outputs
     axis = int(node.attrs.get("axis", 0))
     rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
     if axis < 0 and rank:

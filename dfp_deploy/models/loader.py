@@ -125,11 +125,34 @@ def load_model(
     if weights is not None:
         loaded_from = str(load_weights(module, weights))
     module = module.to(device="cpu", dtype=torch.float32).eval()
+    if name not in _BUILTINS:
+        drop_auxiliary_heads(module)
     if num_classes is None:
         num_classes = _infer_num_classes(module, shape, name)
     if preprocess is None:
         preprocess = _adapt_preprocess(default_pre, shape)
     return LoadedModel(module, name, shape, preprocess, num_classes, loaded_from)
+
+
+def drop_auxiliary_heads(module: nn.Module) -> list[str]:
+    """Remove training-only auxiliary classifiers (torchvision's GoogLeNet `aux1`/`aux2`, Inception v3's
+    `AuxLogits`) and return their names.
+
+    They never run in eval mode, so the channel analysis never sees them: pruning would shrink the tensors they read
+    and leave them at the old width, and the pruned model would fail in train mode. The convention is torchvision's:
+    a boolean `aux_logits` attribute and children named aux*; the forward skips an aux child that is None. Called
+    after the weights are loaded, so a checkpoint that holds the heads still loads strictly.
+    """
+    dropped = []
+    for owner in module.modules():
+        if getattr(owner, "aux_logits", None) is not True:
+            continue
+        for child, sub in list(owner.named_children()):
+            if child.lower().startswith("aux") and sub is not None:
+                setattr(owner, child, None)
+                dropped.append(child)
+        owner.aux_logits = False
+    return dropped
 
 
 def _forms_hint() -> str:
