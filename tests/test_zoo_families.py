@@ -16,7 +16,7 @@ from torch import nn
 
 from dfp_deploy.analysis import analyze, count_macs, macs_by_module
 from dfp_deploy.compress.prune import prune_model
-from dfp_deploy.compress.selection import ChannelPlanner
+from dfp_deploy.compress.select.planner import ChannelPlanner
 from dfp_deploy.models.random_init import non_degenerate_
 
 torch.set_num_threads(1)
