@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dfp_deploy.compress.quantize.weights import (activation_ranges_from_bn, quantize_model_weights, quantize_weight,
-                                                  weight_scale)
+from dfp_deploy.compress.quantize.weights import quantize_model_weights, quantize_weight, weight_scale
 from dfp_deploy.core.errors import InputError
 
 
@@ -87,42 +86,6 @@ def test_bad_bits_raise_input_error():
         quantize_weight(torch.ones(2, 2), 1)
     with pytest.raises(InputError, match="weight_bits"):
         quantize_model_weights(nn.Linear(2, 2), 4.0)
-
-
-class _BnAct(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 2, 1)
-        self.bn_relu = nn.BatchNorm2d(2)
-        self.relu = nn.ReLU()
-        self.conv2 = nn.Conv2d(2, 2, 1)
-        self.bn_relu6 = nn.BatchNorm2d(2)
-        self.relu6 = nn.ReLU6()
-        self.conv3 = nn.Conv2d(2, 2, 1)
-        self.bn_plain = nn.BatchNorm2d(2)
-
-    def forward(self, x):
-        x = self.relu(self.bn_relu(self.conv(x)))
-        x = self.relu6(self.bn_relu6(self.conv2(x)))
-        return self.bn_plain(self.conv3(x))
-
-
-def test_activation_ranges_from_bn_known_answer():
-    model = _BnAct().eval()
-    with torch.no_grad():
-        for bn in (model.bn_relu, model.bn_relu6, model.bn_plain):
-            bn.weight.copy_(torch.tensor([1.0, -2.0]))
-            bn.bias.copy_(torch.tensor([0.5, 4.0]))
-    ranges = activation_ranges_from_bn(model, torch.zeros(1, 1, 4, 4), k=3.0)
-    # β ± k|γ| = [0.5 − 3, 0.5 + 3] = [−2.5, 3.5] and [4 − 6, 4 + 6] = [−2, 10]
-    lo, hi = ranges["bn_relu"]
-    assert lo.tolist() == [0.0, 0.0] and hi.tolist() == [3.5, 10.0]
-    lo, hi = ranges["bn_relu6"]
-    assert lo.tolist() == [0.0, 0.0] and hi.tolist() == [3.5, 6.0]
-    lo, hi = ranges["bn_plain"]
-    assert lo.tolist() == [-2.5, -2.0] and hi.tolist() == [3.5, 10.0]
-    with pytest.raises(InputError, match="k"):
-        activation_ranges_from_bn(model, torch.zeros(1, 1, 4, 4), k=0)
 
 
 def test_hessian_rounding_is_nearest_for_identity_and_better_in_its_metric():

@@ -9,6 +9,7 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
+from dfp_deploy.core.errors import InputError
 from dfp_deploy.core.types import Preprocess
 from dfp_deploy.export.int8 import has_dynamic_batch, int8_onnx
 from dfp_deploy.export.onnx_export import export_onnx
@@ -268,3 +269,19 @@ def test_has_dynamic_batch_reads_the_first_input(tmp_path):
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
     onnx.save(model, tmp_path / "dynamic.onnx")
     assert not has_dynamic_batch(tmp_path / "static.onnx") and has_dynamic_batch(tmp_path / "dynamic.onnx")
+
+
+def test_bn_ranges_are_beta_plus_minus_k_gamma_clipped_by_the_activation():
+    # BN outputs N(0.5, 1) and N(4, 4): at k = 3 the channels span [-2.5, 3.5] and [-2, 10]; ReLU raises the floor to
+    # 0, Clip(0, 6) (ReLU6) also caps at 6; the tensor's range is the union over its channels
+    inits = _bn_inits([1.0, -2.0], [0.5, 4.0]) + [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+                                                  helper.make_tensor("six", TensorProto.FLOAT, [], [6.0])]
+    nodes = [helper.make_node("BatchNormalization", ["input", "g", "b", "m", "v"], ["bn"]),
+             helper.make_node("Relu", ["bn"], ["relu"]),
+             helper.make_node("Clip", ["bn", "zero", "six"], ["relu6"])]
+    r = data_free_ranges(_graph(nodes, inits, ["bn", "relu", "relu6"]), (-1.0, 1.0), k=3.0)
+    assert r["bn"] == pytest.approx((-2.5, 10.0))
+    assert r["relu"] == pytest.approx((0.0, 10.0))
+    assert r["relu6"] == pytest.approx((0.0, 6.0))
+    with pytest.raises(InputError, match="k"):
+        data_free_ranges(_graph(nodes, inits, ["bn"]), (-1.0, 1.0), k=0.0)

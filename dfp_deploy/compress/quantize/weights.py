@@ -1,4 +1,4 @@
-"""Simulated (fake-quant) weight quantization and data-free activation ranges from BatchNorm statistics.
+"""Simulated (fake-quant) weight quantization: the per-channel symmetric round-to-nearest grid.
 
 Weights: per-output-channel symmetric round-to-nearest with b bits. For output channel c with n = 2^(b−1) − 1,
 
@@ -9,12 +9,6 @@ result is returned dequantized, in float, so the PyTorch model simulates the int
 scale is per output channel, Q(λ·w_c) = λ·Q(w_c) for any λ ≠ 0: quantizing a conv's raw filters or its BN-folded
 filters (γ/σ)·W gives the same folded result, so reconstruction may reason on folded filters while we quantize the
 raw conv weights that deployment later folds.
-
-Activations (data-free, DFQ-style): an inference-mode BN output channel has mean β_c and standard deviation |γ_c|
-over the training data (bnfold.py). Modelling it as a Gaussian, its range is β_c ± k·|γ_c|; an activation after the
-BN clips that range: ReLU to [max(lo, 0), max(hi, 0)], ReLU6 to [clip(lo, 0, 6), clip(hi, 0, 6)]. Activations are
-heavier-tailed than a Gaussian, which is why k is larger than a Gaussian's 3 (the ONNX pass in export/ranges.py
-measured k = 6 on held-out training images; we use the same default).
 """
 
 from __future__ import annotations
@@ -27,7 +21,6 @@ from torch import nn
 
 from dfp_deploy.core.errors import InputError
 
-DEFAULT_RANGE_K = 6.0
 QUANTIZABLE = (nn.modules.conv._ConvNd, nn.Linear)
 
 
@@ -84,52 +77,6 @@ def edge_layers(model: nn.Module, order: list[str] | None = None) -> list[str]:
     modules = dict(model.named_modules())
     names = [n for n in (order or modules) if isinstance(modules.get(n), QUANTIZABLE)]
     return list(dict.fromkeys(names[:1] + names[-1:]))
-
-
-def activation_ranges_from_bn(model: nn.Module, example_input: torch.Tensor, *,
-                              k: float = DEFAULT_RANGE_K) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{BN module name: (lo, hi)} per channel, for the tensor that follows the BN's activation (or the BN output
-    itself when no ReLU/ReLU6 is its only user). See the module docstring for the formula."""
-    if isinstance(k, bool) or not isinstance(k, (int, float)) or not k > 0:
-        raise InputError(f"activation range k: {k!r} must be a positive number of standard deviations")
-    ranges = {}
-    for name, act in bn_activations(model, example_input).items():
-        bn = dict(model.named_modules())[name]
-        ranges[name] = bn_range(bn, act, k)
-    return ranges
-
-
-def bn_range(bn: nn.modules.batchnorm._BatchNorm, activation: str, k: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lo, hi) = β ± k|γ| clipped by `activation` ("relu", "relu6" or "none")."""
-    count = bn.num_features
-    gamma = bn.weight.detach() if bn.weight is not None else torch.ones(count)
-    beta = bn.bias.detach() if bn.bias is not None else torch.zeros(count)
-    lo, hi = beta - k * gamma.abs(), beta + k * gamma.abs()
-    if activation == "relu":
-        lo, hi = lo.clamp_min(0), hi.clamp_min(0)
-    elif activation == "relu6":
-        lo, hi = lo.clamp(0, 6), hi.clamp(0, 6)
-    return lo, hi
-
-
-def bn_activations(model: nn.Module, example_input: torch.Tensor) -> dict[str, str]:
-    """{BN module name: "relu" | "relu6" | "none"}: the activation that is the BN output's only user."""
-    from dfp_deploy.analysis.trace import TraceFailure, call_counts, describe_node, trace_with_shapes
-
-    try:
-        gm = trace_with_shapes(model, example_input)
-    except TraceFailure as exc:
-        raise InputError(f"cannot find the activations after BatchNorm layers: {exc}") from exc
-    modules = dict(gm.named_modules())
-    counts = call_counts(gm)
-    found = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[str(node.target)], nn.modules.batchnorm._BatchNorm):
-            continue
-        users = list(node.users)
-        label = describe_node(users[0], modules, counts).label if len(users) == 1 else ""
-        found[str(node.target)] = label if label in ("relu", "relu6") else "none"
-    return found
 
 
 def bits_lookup(bits: int | None, layer_bits: dict[str, int] | None) -> Callable[[str], int | None]:
