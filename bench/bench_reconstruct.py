@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import tempfile
@@ -54,7 +55,7 @@ import torch
 
 from dfp_deploy.analysis import analyze, count_macs
 from dfp_deploy.compress.quantize.weights import edge_layers
-from dfp_deploy.compress.repair.apply import METHODS, compress_model
+from dfp_deploy.compress.repair.apply import METHODS, RepairOptions, compress_model
 from dfp_deploy.compress.select.lmmse import select_plan
 from dfp_deploy.compress.select.plan import make_plan
 from dfp_deploy.core.types import PrunePlan
@@ -208,8 +209,10 @@ class Bench:
         return self._plans[key]
 
     def run(self, evaluate, plan, method, bits, **kw) -> tuple[dict, float]:
+        """kw: compress_model's arguments, and RepairOptions' tuning constants by name (the sweeps vary them)."""
+        tuning = {f.name: kw.pop(f.name) for f in dataclasses.fields(RepairOptions) if f.name in kw}
         model = compress_model(self.model, self.analysis, plan, method=method,
-                                 weight_bits=None if bits == 32 else bits, **kw)
+                               weight_bits=None if bits == 32 else bits, options=RepairOptions(**tuning), **kw)
         return evaluate(model), self.macs_cut(model)
 
     def cifar_tuning_sets(self) -> dict:

@@ -13,9 +13,9 @@ from dfp_deploy.compress.bnfold import folded_filters
 from dfp_deploy.compress.prune import prune_model
 from dfp_deploy.compress.quantize.bias_correction import remove_output_shift
 from dfp_deploy.compress.quantize.weights import quantize_weight
-from dfp_deploy.compress.repair.apply import METHODS, build_mixing, compress_model
+from dfp_deploy.compress.repair.apply import METHODS, RepairOptions, build_reconstruction, compress_model
 from dfp_deploy.compress.repair.moments import activation_moments, cosine_gram
-from dfp_deploy.compress.repair.nm import cosine_matrix, nm_scale_from_raw
+from dfp_deploy.compress.repair.nm import cosine_matrix
 from dfp_deploy.compress.repair.sites import find_site
 from dfp_deploy.compress.repair.udfc import (guard_merges, nnls_rows, udfc_prune_partners, udfc_quant_scales,
                                              udfc_vectors)
@@ -130,6 +130,15 @@ def _max_err(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
     return float((ya - yb).abs().max() / ya.abs().max())
 
 
+def _mixing(model, analysis, plan, **kwargs) -> dict[str, torch.Tensor]:
+    return build_reconstruction(model, analysis, plan, **kwargs).mixing
+
+
+def nm_scale_from_raw(raw_ratio: float, gamma_p: float, sigma_p: float, gamma_q: float, sigma_q: float) -> float:
+    """Neuron Merging's z for W_p = raw_ratio·W_q: z = raw_ratio·γ_p·σ_q/(γ_q·σ_p) (σ = sqrt(var + eps))."""
+    return raw_ratio * gamma_p * sigma_q / (gamma_q * sigma_p)
+
+
 # --- exact merging ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method,options", [
@@ -139,18 +148,18 @@ def _max_err(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
 def test_merging_an_exact_multiple_restores_the_output_exactly(method, options):
     model, analysis = _toy()
     plain = prune_model(model, analysis, _without(P))
-    merged = compress_model(model, analysis, _without(P), method=method, **options)
+    merged = compress_model(model, analysis, _without(P), method=method, options=RepairOptions(**options))
     x = _inputs()
     assert _max_err(model, plain, x) > 1e-2  # pruning alone does hurt
     assert _max_err(model, merged, x) < 1e-5
-    mixing = build_mixing(model, analysis, _without(P), method=method, **options)["conv1"]
+    mixing = _mixing(model, analysis, _without(P), method=method, options=RepairOptions(**options))["conv1"]
     assert mixing[P, Q - 1].item() == pytest.approx(BN_RATIO, rel=1e-6)  # column of q among kept (0,2,3,4,5)
 
 
 def test_lmmse_recovers_an_exact_multiple_from_bn_statistics_alone():
     model, analysis = _toy()
     merged = compress_model(model, analysis, _without(P), method="lmmse")
-    mixing = build_mixing(model, analysis, _without(P), method="lmmse")["conv1"]
+    mixing = _mixing(model, analysis, _without(P), method="lmmse")["conv1"]
     assert mixing[P, Q - 1].item() == pytest.approx(BN_RATIO, rel=1e-3)
     assert _max_err(model, merged, _inputs()) < 5e-3
 
@@ -194,7 +203,7 @@ def test_depthwise_site_merges_exactly_when_both_stages_are_proportional():
     for method in ("neuron_merging", "udfc"):
         merged = compress_model(model, analysis, plan, method=method)
         assert _max_err(model, merged, x) < 1e-4, method  # float32 round-off through two stages
-    mixing = build_mixing(model, analysis, plan, method="udfc")["expand"]
+    mixing = _mixing(model, analysis, plan, method="udfc")["expand"]
     assert mixing[p, q - 1].item() == pytest.approx(t, rel=1e-6)
 
 
@@ -456,9 +465,11 @@ def test_bad_options_raise_input_errors():
     with pytest.raises(InputError, match="weight_bits"):
         compress_model(model, analysis, PrunePlan(), method="udfc", weight_bits=1)
     with pytest.raises(InputError, match="alpha"):
-        build_mixing(model, analysis, _without(P), method="udfc", alpha=-1.0)
+        RepairOptions(alpha=-1.0)
     with pytest.raises(InputError, match="merge_grid_growth"):
-        build_mixing(model, analysis, _without(P), method="udfc", weight_bits=4, merge_grid_growth=-0.5)
+        RepairOptions(merge_grid_growth=-0.5)
+    with pytest.raises(InputError, match="spatial_rho"):
+        RepairOptions(spatial_rho=1.0)
     with pytest.raises(InputError, match="budget"):
         select_plan(model, analysis, ratio=0.3, budget="latency")
 
@@ -535,12 +546,14 @@ def test_guarded_udfc_never_widens_a_quantized_consumer_row_beyond_the_growth(gr
     with torch.no_grad():
         model.conv1.weight[1] = 3.0 * model.conv1.weight[0] + 0.1 * torch.randn(model.conv1.weight[0].shape,
                                                                                   generator=gen)
-    free = build_mixing(model, analysis, plan, method="udfc", weight_bits=4, merge_grid_growth=math.inf)["conv1"]
+    unguarded = RepairOptions(merge_grid_growth=math.inf)
+    free = _mixing(model, analysis, plan, method="udfc", weight_bits=4, options=unguarded)["conv1"]
     kept_only = torch.zeros_like(free)
     kept_only[list(keep)] = free[list(keep)]  # the kept columns with UDFC's quantization rescale s', no merges
     selected = torch.einsum("oc...,ck->ok...", model.conv2.weight.detach().double(), kept_only).abs().amax(dim=(1, 2, 3))
-    guarded = build_mixing(model, analysis, plan, method="udfc", weight_bits=4, merge_grid_growth=growth)["conv1"]
-    fp32 = build_mixing(model, analysis, plan, method="udfc", merge_grid_growth=growth)["conv1"]
+    options = RepairOptions(merge_grid_growth=growth)
+    guarded = _mixing(model, analysis, plan, method="udfc", weight_bits=4, options=options)["conv1"]
+    fp32 = _mixing(model, analysis, plan, method="udfc", options=options)["conv1"]
     merged = torch.einsum("oc...,ck->ok...", model.conv2.weight.detach().double(), guarded)
     assert (merged.abs().amax(dim=(1, 2, 3)) <= (1 + growth) * selected * (1 + 1e-12)).all()
     unguarded = torch.einsum("oc...,ck->ok...", model.conv2.weight.detach().double(), free)

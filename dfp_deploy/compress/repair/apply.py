@@ -29,10 +29,38 @@ from dfp_deploy.core.errors import InputError
 from dfp_deploy.core.types import PrunePlan
 
 METHODS = ("none", "neuron_merging", "udfc", "lmmse")
-
-
 SPATIAL_RHO_DEFAULT = 0.8  # input model: correlation of neighbouring pixels (natural images), chosen on train images
 
+
+def _check_positive(what: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
+        raise InputError(f"reconstruction {what}: {value!r} must be a finite number >= 0")
+
+
+@dataclass(frozen=True)
+class RepairOptions:
+    """Tuning constants of the closed forms. The defaults are the values measured best on training images
+    (docs/methods/reconstruction.md, docs/research/reconstruction.md); builds use them, benchmarks sweep them."""
+
+    alpha: float = DEFAULT_ALPHA  # UDFC: weight of the bias term in ‖ŵ_p − s ŵ_q‖² + α(b̂_p − s b̂_q)²
+    alpha_q: float = DEFAULT_ALPHA_Q  # UDFC: the same weight α' for a quantized kept channel's own rescale s'*
+    nm_threshold: float = NM_THRESHOLD  # Neuron Merging: smallest cosine between merged filters
+    nm_lambda: float = NM_LAMBDA  # Neuron Merging: weight of the cosine against the bias gap in choosing a partner
+    merge_grid_growth: float = MERGE_GRID_GROWTH  # UDFC: widest growth of a quantized consumer's grid (inf: off)
+    spatial_rho: float = SPATIAL_RHO_DEFAULT  # quantization's input model: correlation of neighbouring taps
+
+    def __post_init__(self) -> None:
+        _check_positive("alpha", self.alpha)
+        _check_positive("alpha_q", self.alpha_q)
+        growth = self.merge_grid_growth
+        if isinstance(growth, bool) or not isinstance(growth, (int, float)) or not growth >= 0:
+            raise InputError(f"reconstruction merge_grid_growth: {growth!r} must be a number >= 0 (inf: off)")
+        rho = self.spatial_rho
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 <= rho < 1:
+            raise InputError(f"spatial_rho: {rho!r} is not a correlation in [0, 1)")
+
+
+DEFAULTS = RepairOptions()
 
 
 @dataclass
@@ -54,22 +82,15 @@ def check_method(method) -> str:
 
 
 def build_reconstruction(model: nn.Module, analysis: Analysis, plan: PrunePlan, *, method: str,
-                         weight_bits: int | None = None, alpha: float = DEFAULT_ALPHA,
-                         alpha_q: float = DEFAULT_ALPHA_Q, nm_threshold: float = NM_THRESHOLD,
-                         nm_lambda: float = NM_LAMBDA, multi: bool = False,
-                         merge_grid_growth: float = MERGE_GRID_GROWTH,
-                         groups: list[str] | None = None, layer_bits: dict[str, int] | None = None) -> Reconstruction:
+                         weight_bits: int | None = None, layer_bits: dict[str, int] | None = None,
+                         multi: bool = False, groups: list[str] | None = None,
+                         options: RepairOptions = DEFAULTS) -> Reconstruction:
     """Mixing (and lmmse offsets) for every planned group, and, when quantizing, every compensable group.
-    `layer_bits` {module: bits} overrides weight_bits per module (only when weight_bits is set).
-    `merge_grid_growth`: UDFC merges into quantized consumers are guarded by guard_merges with this growth."""
+    `layer_bits` {module: bits} overrides weight_bits per module (only when weight_bits is set); `multi`: UDFC's
+    vector form; `groups`: only these groups (default all)."""
     check_method(method)
     bits = check_bits(weight_bits) if weight_bits is not None else None
     bits_of = bits_lookup(bits, layer_bits)
-    _check_positive("alpha", alpha)
-    _check_positive("alpha_q", alpha_q)
-    if isinstance(merge_grid_growth, bool) or not isinstance(merge_grid_growth, (int, float)) \
-            or not merge_grid_growth >= 0:
-        raise InputError(f"reconstruction merge_grid_growth: {merge_grid_growth!r} must be a number >= 0 (inf: off)")
     result = Reconstruction()
     if method == "none":
         return result
@@ -92,10 +113,10 @@ def build_reconstruction(model: nn.Module, analysis: Analysis, plan: PrunePlan, 
             continue
         st = site_tensors(modules, site, bits_of)
         if method in ("neuron_merging", "udfc"):
-            mixing = (nm_site(st, keep, nm_threshold, nm_lambda) if method == "neuron_merging"
-                      else udfc_site(st, keep, alpha, alpha_q, multi))
+            mixing = (nm_site(st, keep, options.nm_threshold, options.nm_lambda) if method == "neuron_merging"
+                      else udfc_site(st, keep, options.alpha, options.alpha_q, multi))
             if method == "udfc" and planned and bits is not None:
-                mixing = guard_site_merges(mixing, keep, modules, site, st, bits_of, merge_grid_growth)
+                mixing = guard_site_merges(mixing, keep, modules, site, st, bits_of, options.merge_grid_growth)
             result.mixing[name] = mixing
         else:
             mixing, offset, kept_mean, kept_cov = lmmse_site(st, keep, site.activation)
@@ -104,24 +125,10 @@ def build_reconstruction(model: nn.Module, analysis: Analysis, plan: PrunePlan, 
     return result
 
 
-def build_mixing(model: nn.Module, analysis: Analysis, plan: PrunePlan, *, method: str,
-                 weight_bits: int | None = None, alpha: float = DEFAULT_ALPHA,
-                 alpha_q: float = DEFAULT_ALPHA_Q, **options) -> dict[str, torch.Tensor]:
-    """mixing[group] = M [C, K] for prune_model (module docstring). lmmse's offsets need compress_model."""
-    return build_reconstruction(model, analysis, plan, method=method, weight_bits=weight_bits, alpha=alpha,
-                                alpha_q=alpha_q, **options).mixing
-
-
-def _check_positive(what: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
-        raise InputError(f"reconstruction {what}: {value!r} must be a finite number >= 0")
-
-
 def compress_model(model: nn.Module, analysis: Analysis, plan: PrunePlan, *, method: str,
-                   weight_bits: int | None = None, alpha: float = DEFAULT_ALPHA, alpha_q: float = DEFAULT_ALPHA_Q,
+                   weight_bits: int | None = None, layer_bits: dict[str, int] | None = None, multi: bool = False,
                    bias_correction: bool | None = None, rounding: str | None = None,
-                   spatial_rho: float = SPATIAL_RHO_DEFAULT, layer_bits: dict[str, int] | None = None,
-                   **options) -> nn.Module:
+                   options: RepairOptions = DEFAULTS) -> nn.Module:
     """Prune (plan), reconstruct (method) and fake-quantize (weight_bits) jointly; returns a new model.
 
     Order, and why: (1) every reconstruction is computed from the ORIGINAL model, with the producers' kept filters
@@ -132,7 +139,8 @@ def compress_model(model: nn.Module, analysis: Analysis, plan: PrunePlan, *, met
     (4) with bias_correction, each quantized layer's mean output shift (Q(W) − W)·E[x] is removed using the same
     input means. Defaults: lmmse uses both (3, hessian) and (4); the other methods neither (as published).
     `layer_bits` {module name: bits} gives some layers other bits than weight_bits (quantize.edge_layers at 8 is
-    the usual low-bit mixed precision); steps (1) and (3) use each module's own bits.
+    the usual low-bit mixed precision); steps (1) and (3) use each module's own bits. `multi`: UDFC's vector form
+    (compress.udfc_form: vector). `options`: the closed forms' tuning constants (RepairOptions).
     A producer that is itself the consumer of another compensated group (a chain) is modelled with its original
     filters' quantization, an approximation (ResNets have no such chain; EfficientNet-Lite0 has one: stem → block 0's
     projection, whose own pruned output rows the offsets follow)."""
@@ -143,8 +151,8 @@ def compress_model(model: nn.Module, analysis: Analysis, plan: PrunePlan, *, met
     rounding = rounding or ("hessian" if method == "lmmse" else "nearest")
     if rounding not in ROUNDINGS:
         raise InputError(f"weight rounding: {rounding!r} is not one of {', '.join(ROUNDINGS)}")
-    recon = build_reconstruction(model, analysis, plan, method=method, weight_bits=bits, alpha=alpha,
-                                 alpha_q=alpha_q, layer_bits=layer_bits, **options)
+    recon = build_reconstruction(model, analysis, plan, method=method, weight_bits=bits, layer_bits=layer_bits,
+                                 multi=multi, options=options)
     bits_of = bits_lookup(bits, layer_bits)
     compressed = prune_model(model, analysis, plan, recon.mixing)
     original = dict(model.named_modules())
@@ -153,11 +161,9 @@ def compress_model(model: nn.Module, analysis: Analysis, plan: PrunePlan, *, met
         _add_consumer_offsets(original, modules, analysis, name, offset, plan)
     if bits is None:
         return compressed
-    if isinstance(spatial_rho, bool) or not isinstance(spatial_rho, (int, float)) or not 0 <= spatial_rho < 1:
-        raise InputError(f"spatial_rho: {spatial_rho!r} is not a correlation in [0, 1)")
     needed = bias_correction or rounding == "hessian"
     inputs = input_models(model, analysis, plan, {g: (m, recon.kept_covs[g]) for g, m in recon.kept_means.items()},
-                          spatial_rho) if needed else {}
+                          options.spatial_rho) if needed else {}
     with torch.no_grad():
         for name, module in modules.items():
             if not isinstance(module, QUANTIZABLE):
@@ -166,7 +172,7 @@ def compress_model(model: nn.Module, analysis: Analysis, plan: PrunePlan, *, met
             known = inputs.get(name)
             own = bits_of(name)
             if rounding == "hessian" and known is not None:
-                hessian = layer_hessian(module, *known, spatial_rho)
+                hessian = layer_hessian(module, *known, options.spatial_rho)
                 module.weight.copy_(quantize_weight_hessian(full, own, hessian))
             else:
                 module.weight.copy_(quantize_weight(full, own))

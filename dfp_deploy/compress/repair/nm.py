@@ -19,11 +19,6 @@ NM_THRESHOLD = 0.1
 NM_LAMBDA = 0.85
 
 
-def nm_scale_from_raw(raw_ratio: float, gamma_p: float, sigma_p: float, gamma_q: float, sigma_q: float) -> float:
-    """Neuron Merging's z for W_p = raw_ratio·W_q: z = raw_ratio·γ_p·σ_q/(γ_q·σ_p) (σ = sqrt(var + eps))."""
-    return raw_ratio * gamma_p * sigma_q / (gamma_q * sigma_p)
-
-
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """cos(a_i, b_j) for rows of a [P, D] and b [K, D] (0 where a row is all zero)."""
     na = a.norm(dim=1).clamp_min(1e-300)
