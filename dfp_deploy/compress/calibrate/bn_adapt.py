@@ -1,40 +1,11 @@
 """Adaptive BatchNorm: re-estimate a compressed model's BatchNorm statistics on unlabeled (or synthetic) inputs.
 
-Why. Pruning and quantization change what each BatchNorm sees: a BN after a pruned-and-repaired conv, and every BN
-downstream of it, still normalises with the ORIGINAL model's running mean μ and variance σ², which no longer describe
-its input. The data-free repairs (compress/repair/) correct the next layer's weights but can only predict the shift
-from the BN statistics themselves. Re-estimating the statistics of the compressed model on inputs that look like the
-data ("adaptive BN", as in EagleEye's candidate evaluation) removes the remaining shift of every channel's mean and
-scale at once. With BN-matched synthetic inputs (data/synthetic.py: generated so that the ORIGINAL model's batch
-statistics equal its running statistics) this stays data-free; with a few hundred real images it is the cheapest
-use of them (no gradient step at all).
-
-What is computed. All inputs x_1..x_N go through the model once, as one batch, in eval mode; just before each
-BatchNorm layer l runs, its running statistics are replaced by the moments of its current input a_l over the batch
-and the positions,
-    μ_l ← m_l = (1/M) Σ_{n,h,w} a_l(n,·,h,w),     σ²_l ← v_l = (1/M) Σ_{n,h,w} (a_l(n,·,h,w) − m_l)²,   M = N·H·W,
-and the layer then normalises with them. Because the pass goes in execution order, a_l is computed with every
-earlier BN already normalising by its NEW statistics, so the stored statistics describe the compressed model as it
-will be deployed (not a mix of old and new), and re-running the pass changes nothing: the result is a fixed point.
-(PyTorch's train-mode estimate would store the unbiased variance while normalising by the biased one, which breaks
-the fixed point by a factor M/(M − 1); one batch also makes the moments exact rather than averages over chunks.)
-No weight changes and no gradient is tracked. Memory grows with N (one forward pass at batch N).
-
-Exact cases (tests/test_bn_adapt.py): if the running statistics already equal the input moments, nothing changes;
-if the original's statistics (μ, σ²) are the moments of its BN inputs over these inputs and a compression scales
-channel c of that BN's input by s > 0 and shifts it by t (a ↦ s·a + t), re-estimation gives μ' = s·μ + t and
-σ'² = s²·σ², so (s·a + t − μ')/σ' = (a − μ)/σ for EVERY input a, not only the ones used: the BN output is the
-original one again (up to ε in √(σ² + ε)).
-
-Trust check. self_agreement() adapts the UNCHANGED original on the same inputs and counts on how many of them it
-keeps its top-1 class; builds report it and warn below SELF_AGREEMENT_WARN, since inputs that move a model that needs
-no repair also mislead the repair of a compressed one (on ImageNet-scale models, synthetic inputs matched for a few
-steps drive an adapted EfficientNet-Lite0 to 0 % top-1).
-
-Limits. The re-estimated statistics are only as good as the inputs: synthetic inputs matched for too few steps
-describe the original model poorly and the re-estimation then moves even an unchanged model (measured in
-docs/BENCHMARKS.md, section "Adaptive BatchNorm"); that is why `compress.bn_adapt.synthetic_steps` defaults to 200
-where the search's proxy inputs use 50.
+One eval-mode pass over all inputs as one batch; just before each BN runs, its running statistics become the moments
+of its current input, μ_l ← (1/M) Σ a_l, σ²_l ← (1/M) Σ (a_l − μ_l)² (M = N·H·W), so every later BN sees the earlier
+ones already re-estimated and the result is a fixed point. No weight changes. A channel scaled and shifted by the
+compression (a ↦ s·a + t, s > 0) gets back the original BN output for every input. self_agreement() adapts the
+UNCHANGED original on the same inputs and reports how often its top-1 survives, a trust check on the inputs
+(docs/methods/bn-adapt.md).
 """
 
 from __future__ import annotations

@@ -1,58 +1,12 @@
 """Few-shot calibration: squeeze the channels a plan removes into the kept ones, prune, then calibrate layer outputs.
 
-Needs a few hundred UNLABELED inputs x (real images or BN-matched synthetic ones); labels are never used. The frozen
-original model f° is the teacher; Y_l(x) is the output of layer l (every Conv, Linear and BatchNorm module).
-
-Objective (both phases). The normalised layer-output error
-    L(θ) = Σ_l ‖Y_l(x; θ) − Y°_l(x)|_K‖² / ‖Y°_l(x)|_K‖²
-summed over the layers and over a batch; |_K restricts the original output to the channels the student still has
-(all of them in phase 1, the kept ones in phase 2). The student sees its own activations, so the error of early
-layers accumulates and later layers learn to cancel it. BatchNorm runs in eval mode (running statistics): a few
-hundred images give noisy batch statistics, and the deployed model uses running statistics anyway.
-
-Phase 1, squeeze (on a copy of the ORIGINAL, unpruned model). Adam (step size η) on L, while the weights that the plan
-removes — producer output rows and biases, BatchNorm / depthwise γ, β (and filters) of removed channels, consumer input
-columns — are pulled to zero by a proximal L2 step after every Adam step t = 1..T:
-    w ← argmin_v ½‖v − w‖² + (η λ_t / 2)‖v‖² = w / (1 + η λ_t),   λ_t = 1 / (η (T − t)),
-i.e. w ← w · (T − t)/(T − t + 1). The pull grows without bound (λ_T = ∞), so at the end the removed channels are
-EXACTLY zero and cutting them changes nothing; meanwhile the task gradient keeps reaching every weight, so the kept
-channels learn to carry what the removed ones fade out of. (The reference implementation instead overwrites the
-removed weights' gradient with a growing multiple of w; under Adam's per-element normalisation that moves them by
-about η per step whatever the multiple, so whether they reach zero depends on the number of steps. The proximal form
-makes "zero at the end" independent of data size, batch and learning rate.)
-
-Phase 2, calibrate (on the physically pruned model, prune_model):
- (a) closed-form least squares, consumer by consumer in graph order. For a consumer (conv with groups=1, or Linear)
-     write its output as Y = P Wᵀ, where P ∈ R^{N×d} are its input patches (im2col of the PRUNED model's input to it,
-     which already includes the corrections of earlier consumers; plus a column of ones if it has a bias) and
-     W ∈ R^{out×d} its flattened weight. The target is the original layer output T = Y°|_K ∈ R^{N×out}. Minimise
-         ‖P Wᵀ − T‖² + λ ‖W − W₀‖²,   λ = ρ · tr(PᵀP)/d,
-     a ridge pulled toward the current weights W₀ (so directions the data does not excite stay put). Setting the
-     gradient to zero: (PᵀP + λ I) Wᵀ = PᵀT + λ W₀ᵀ, solved in float64 from accumulated PᵀP and PᵀT. If a removed
-     channel is an exact linear combination of kept ones (a_p = Σ_k s_k a_k), T is exactly reachable and λ → 0 gives
-     W_new[:, k] = W[:, k] + s_k W[:, p]: the least-squares step generalises Neuron Merging / UDFC compensation to
-     several source channels, with coefficients fitted on data instead of on weights.
-     Choosing ρ. A fixed small ρ over-fits wherever the data give few rows per unknown: a classifier gets one row per
-     image for d ≈ 1280 unknowns and interpolates a few hundred images exactly, and a 7×7 layer gets 49 rows per
-     image for up to ~1150 unknowns (measured on EfficientNet-Lite0: calibration error 0, held-out error as large as
-     the logits). So by default (ridge = None) ρ is chosen per consumer by K-fold cross-validation over whole images
-     (image j in fold j mod K, K = 4): the statistics G_f = P_fᵀP_f, C_f = P_fᵀT_f, t_f = ‖T_f‖² are accumulated
-     per fold in the same single pass, the fit on the other folds is W_λ (above, with G₋f, C₋f), and its error on
-     fold f needs no second pass: ‖P_f W_λᵀ − T_f‖² = tr(W_λ G_f W_λᵀ) − 2 tr(W_λ C_f) + t_f. ρ ranges over
-     1e-4 … 100 and ∞ (= keep W₀, i.e. skip the layer); the lowest summed held-out error wins (ties go to the larger
-     ρ), then the layer is refit on all folds with it. Where the data determine the fit, the smallest ρ wins and the
-     result is the fixed-ridge one; where they do not, the weights stay near W₀.
-     Cost: one forward pass of the pruned model up to each consumer per batch (the pass stops there); the original
-     outputs are cached from one pass per batch when they fit in 1 GiB, else recomputed the same way; K
-     eigendecompositions of a d×d matrix per consumer. Only the first `ls_samples` inputs are used (default 1024).
- (b) BatchNorm re-estimation (kept only if it lowers L on the calibration inputs; see _maybe_reestimate_bn).
- (c) a few epochs of Adam on L over every Conv/Linear/BN parameter, with per-layer step sizes η_k = η · k / M for the
-     k-th of M layers in execution order (later layers correct the accumulated error; early ones barely move, which
-     limits over-fitting to the few images). Kept only if it lowers L on the calibration inputs: with few images and
-     large layer outputs (Lite0: 64 images at batch 16 = 4 steps per epoch) a handful of noisy steps can raise it.
- (d) BatchNorm re-estimation again (same rule; skipped with calib_epochs = 0).
-
-Determinism: data order comes from a torch.Generator seeded with `seed`; every op runs on CPU in a fixed order.
+Needs a few hundred UNLABELED inputs (labels are never used); the frozen original model is the teacher. Both phases
+minimise the normalised layer-output error L(θ) = Σ_l ‖Y_l(x; θ) − Y°_l(x)|_K‖² / ‖Y°_l(x)|_K‖² over every Conv,
+Linear and BatchNorm output (|_K: the channels the student still has). Phase 1 (squeeze, on the unpruned model): Adam
+on L while the removed weights are pulled to exactly zero by a proximal step w ← w·(T − t)/(T − t + 1). Phase 2 (on
+the pruned model): per consumer, ridge least squares (PᵀP + λI)Wᵀ = PᵀT + λW₀ᵀ with λ chosen by K-fold
+cross-validation over images; BatchNorm re-estimation; per-layer Adam on L (each step kept only if it lowers L).
+The derivation and the choices behind it: docs/methods/calibration.md.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from dfp_deploy.compress.bnfold import bn_scale_shift
 from dfp_deploy.compress.quantize.weights import bits_lookup
 from dfp_deploy.compress.repair.moments import site_moments
 from dfp_deploy.compress.repair.sites import Site, find_site, position_channels, site_tensors
+from dfp_deploy.compress.select.plan import kept_count
 from dfp_deploy.core.errors import InputError
 from dfp_deploy.core.types import PrunePlan
 
@@ -127,8 +128,6 @@ def select_plan(model: nn.Module, analysis: Analysis, *, ratio: float, budget: s
     of ΔE / tr(GC). `measured` {group: (mean, covariance)}: activation statistics measured on images
     (select/measured.py) used instead of the data-free model for the groups it has.
     Returns (plan, {group: why it was left out}) for groups not compensable."""
-    from dfp_deploy.compress.select.plan import kept_count
-
     if budget not in BUDGETS:
         raise InputError(f"selection budget: {budget!r} is not one of {', '.join(BUDGETS)}")
     for what, value in (("ratio", ratio), ("max_ratio", max_ratio)):

@@ -1,26 +1,9 @@
 """Measured activation statistics of compensable channel groups, for choosing channels from a few real images.
 
-The lmmse channel selection (select/lmmse.py) keeps, in every compensable group, the channels that best explain
-all of the group's channels in the consumers' outputs. Without data it MODELS the activations'
-mean m and covariance C from weights and BatchNorm statistics (Gaussian pre-activations with cosine correlations).
-When the recipe has calibration images (compress.calibration.data), this module MEASURES them instead.
-
-What is measured. For a site (a group whose consumers read a = f(BN(producer)) — or, through a depthwise stage,
-f(BN_dw(dw ⊛ f(BN(producer))))) we record the activation a ∈ R^C at every spatial position of every image
-(N·H·W samples x_i) and return, in float64,
-    m = (1/n) Σ_i a_i,     C = (1/n) Σ_i a_i a_iᵀ − m mᵀ      (n = N·H·W; the biased, centered covariance).
-
-Why centered. Reconstructing every channel from the kept set K by an affine map, a ≈ M a_K + d, the least-squares
-optimum over the samples is d = m − M m_K and M = C_{·K} C_KK⁻¹ (the normal equations of ordinary least squares with
-an intercept), with residual covariance R = C − C_{·K} C_KK⁻¹ C_{K·}. A consumer with weights W' (taps t) adds
-‖Σ_t W'_t r‖² per position, so with G = Σ_t W'_tᵀ W'_t (select/lmmse.consumer_gram; spatial taps treated as
-independent) the expected consumer-output error is E(K) = tr(G R) = tr(G C) − tr(C_KK⁻¹ (C G C)_KK), exactly the
-quantity select/lmmse.greedy_elimination minimises. With measured m, C it is the error the calibration's least-squares
-step (calibrate/two_phase.py, phase 2a) starts from when only the input channels of the consumers change; the
-constant d is what a bias absorbs, which is why the covariance is centered. The plan is chosen from the ORIGINAL model's
-activations, before any phase of calibration touches the weights.
-
-Cost: one forward pass over the inputs with a hook per site; memory C² float64 per site.
+For each site, the activation a ∈ R^C its consumers read is recorded at every spatial position of every image, and
+m = (1/n) Σ_i a_i, C = (1/n) Σ_i a_i a_iᵀ − m mᵀ (n = N·H·W; biased and centered) replace the data-free Gaussian
+model in the lmmse selection (select/lmmse.py). Why centered, and what E(K) then measures:
+docs/methods/reconstruction.md, "Measured statistics".
 """
 
 from __future__ import annotations

@@ -30,7 +30,9 @@ from collections.abc import Iterable
 from torch import nn
 
 from dfp_deploy.analysis import Analysis
+from dfp_deploy.compress.repair.sites import find_site
 from dfp_deploy.compress.select.importance import IMPORTANCE
+from dfp_deploy.compress.select.lmmse import select_plan, site_error_path
 from dfp_deploy.compress.select.plan import make_plan
 from dfp_deploy.core.errors import InputError
 from dfp_deploy.core.threads import torch_threads
@@ -91,23 +93,17 @@ class ChannelPlanner:
 
     def _site(self, name: str):
         if name not in self._sites:
-            from dfp_deploy.compress.repair.sites import find_site
-
             self._sites[name] = find_site(self.model, self.analysis, name)[0]
         return self._sites[name]
 
     def _lmmse_keep(self, name: str, kept: int) -> tuple[int, ...]:
         if (name, kept) not in self._kept:
-            from dfp_deploy.compress.select.lmmse import site_error_path
-
             path = site_error_path(self.model, self.analysis, self._site(name), [kept],
                                    measured=self.measured.get(name))
             self._kept[(name, kept)] = tuple(sorted(path[kept][0]))
         return self._kept[(name, kept)]
 
     def _macs(self, base: PrunePlan, ratio: float, compensable: list[str]) -> PrunePlan:
-        from dfp_deploy.compress.select.lmmse import select_plan
-
         keep = {name: kept for name, kept in base.keep.items() if name not in compensable}
         if compensable:
             chosen, _ = select_plan(self.model, self.analysis, ratio=ratio, budget="macs", groups=compensable,
