@@ -7,8 +7,8 @@ exactly those N images: an array for a model with one output, else a {output nam
 every array with N rows. Any N works: batching and the zero padding of a static-batch engine happen inside.
 `data` is a dict: "images" (those float32 images, the first eval.limit of the file) and every other array of the
 eval.data .npz under its own key, its first eval.limit rows where its length is the file's image count.
-The metric is called once with the original model's engine and once with the compressed one; what it returns must
-be a finite number or a non-empty dict of them (a bool is not a number).
+The metric is called once with the original model's engine and once with the compressed one, on the same read-only
+arrays; what it returns must be a finite number or a non-empty dict of them (a bool is not a number).
 """
 
 from __future__ import annotations
@@ -75,6 +75,9 @@ def eval_data(images: np.ndarray, arrays: Mapping[str, np.ndarray], count: int) 
     n = len(images)
     data = {name: (a[:n] if a.ndim and len(a) == count else a) for name, a in arrays.items()}
     data["images"] = images
+    for a in data.values():
+        # both engines must see the same data: a metric that edits it in place fails instead of skewing the second
+        a.setflags(write=False)
     return data
 
 
