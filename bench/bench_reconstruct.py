@@ -80,6 +80,9 @@ def parse_args(argv=None):
     add_data_root(ap)
     ap.add_argument("--weights", default=None, help="default: models/resnet56-4bfd9763.th under --data-root")
     ap.add_argument("--test", default=None, help="default: data/cifar10_test_exact932.npz under --data-root")
+    ap.add_argument("--test-start", type=int, default=0,
+                    help="first --test image evaluated (e.g. 0 with --test-count 500: the val1300 tuning split)")
+    ap.add_argument("--test-count", type=int, default=None, help="--test images evaluated (default: to the end)")
     ap.add_argument("--train", default=None, help="default: data/cifar10_train_exact4660.npz under --data-root")
     ap.add_argument("--jpeg", default=None, help="default: data/cifar10_test.npz under --data-root")
     ap.add_argument("--tune-train", type=int, default=1000)
@@ -108,6 +111,8 @@ def parse_args(argv=None):
     ap.add_argument("--engine", choices=("auto", "torch", "ort"), default="auto")
     ap.add_argument("--batch", type=int, default=None, help="images per forward pass (default 500, 50 at 224x224)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--round-to", type=int, default=1, help="lmmse selections: kept counts snap to this multiple "
+                    "(the recipe's compress.prune.round_to)")
     ap.add_argument("--out", default=None, help="write all numbers as JSON here")
     return fill(ap.parse_args(argv), {"weights": "models/resnet56-4bfd9763.th",
                                       "test": "data/cifar10_test_exact932.npz",
@@ -199,13 +204,15 @@ class Bench:
         key = (ratio, selection)
         if key not in self._plans:
             if selection in ("l2", "group_l2", "bn_l2"):
-                self._plans[key] = make_plan(self.model, self.analysis, ratio=ratio, importance=selection)
+                self._plans[key] = make_plan(self.model, self.analysis, ratio=ratio, importance=selection,
+                                            round_to=self.args.round_to)
             else:
                 budget = {"lmmse-u": "uniform", "lmmse-macs": "macs", "lmmse-macs-abs": "macs"}[selection]
                 # lmmse-macs-abs: groups compete on ΔE itself, each keeping ≥ 30% (chosen by --sections select on
                 # the tuning images at r=0.5, ResNet-56)
                 extra = {"normalise": False, "max_ratio": 0.7} if selection == "lmmse-macs-abs" else {}
-                self._plans[key], _ = select_plan(self.model, self.analysis, ratio=ratio, budget=budget, **extra)
+                self._plans[key], _ = select_plan(self.model, self.analysis, ratio=ratio, budget=budget,
+                                                  round_to=self.args.round_to, **extra)
         return self._plans[key]
 
     def run(self, evaluate, plan, method, bits, **kw) -> tuple[dict, float]:
@@ -459,7 +466,7 @@ def main(argv=None) -> int:
     if "select" in sections:
         bench.select()
     if {"prune", "quant", "peers"} & set(sections):
-        ev = bench.evaluator({"test": load_set(args.test, bench.pre)})
+        ev = bench.evaluator({"test": load_set(args.test, bench.pre, args.test_start, args.test_count)})
         base = ev(bench.model)
         bench.results["base_top1"] = base["test"]
         print(f"\n{args.model}: fp32 top-1 {base['test']:.2f} on {args.test} ({bench.base_macs / 1e6:.2f} M MACs, "

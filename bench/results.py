@@ -81,6 +81,7 @@ def row_from_report(name: str, command: str, report: dict, wall_s: float | None,
         "params": [report["params"]["before"], report["params"]["after"]],
         "macs": [report["macs"]["before"], report["macs"]["after"]],
         "top1": ([report["accuracy"]["before"], report["accuracy"]["after"]] if "accuracy" in report else None),
+        "eval_images": _eval_images(report.get("accuracy")),
         "p50_ms": ([lat["before"]["p50_ms"], lat["after"]["p50_ms"]] if "before" in lat else None),
         "speedup": lat.get("speedup"),
         "speedup_rounds": ([min(lat["speedup_rounds"]), max(lat["speedup_rounds"])]
@@ -98,6 +99,20 @@ def row_from_report(name: str, command: str, report: dict, wall_s: float | None,
         "source": None,
     }
     return row
+
+
+def _eval_images(accuracy: dict | None) -> list[int] | None:
+    """[first, last] image index of eval.data that the top-1 was measured on."""
+    if not accuracy:
+        return None
+    first = int(accuracy.get("start", 0))
+    return [first, first + int(accuracy["n"]) - 1]
+
+
+def _top1_cell(r: dict) -> str:
+    text = _pair(r.get("top1"), "{:.2f}")
+    span = r.get("eval_images")
+    return text + (f" (images {span[0]}–{span[1]})" if span and r.get("top1") else "")
 
 
 def build(name: str, data_root: Path, out_root: Path, *, reuse: bool = False) -> dict:
@@ -163,7 +178,7 @@ def render(rows: dict[str, dict]) -> str:
         cells = [r["model"], f"[{name}](../recipes/{name}.yaml){mark}",
                  _pair(r.get("params"), "{:,}"), _pair([m / 1e6 for m in r["macs"]] if isinstance(r.get("macs"), list)
                                                       else r.get("macs"), "{:.1f}"),
-                 _pair(r.get("top1"), "{:.2f}"), _pair(r.get("p50_ms"), "{:.3f}"),
+                 _top1_cell(r), _pair(r.get("p50_ms"), "{:.3f}"),
                  _speedup_cell(r), r.get("engine") or "–",
                  r.get("hardware") or "–", r.get("versions") or "–", f"`{r['command']}`", r.get("commit") or "–"]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
@@ -171,7 +186,9 @@ def render(rows: dict[str, dict]) -> str:
         "# Results",
         "",
         "One row per shipped recipe, written by `python bench/results.py` from the report.json of a real build "
-        "(`dfp-deploy build`, exactly the command in the row). Before → after; top-1 on the recipe's `eval.data`; "
+        "(`dfp-deploy build`, exactly the command in the row). Before → after; top-1 on the recipe's `eval.data` (the "
+        "image indices in the cell: the ImageNet recipes report on val1300 images 500–1299 and were tuned on 0–499 "
+        "only, docs/research/imagenet-split.md); "
         "p50 from the build's interleaved timing (the original and the compressed engine alternate in one process, "
         "so machine load hits both); MACs per image. The numbers of `quickstart` use random weights: its top-1 is "
         "meaningless and it has no `eval.data`.",

@@ -84,20 +84,21 @@ def _load(recipe: Recipe):
                          f"{recipe.target.batch * math.prod(shape):,} values per batch, above {MAX_INPUT_ELEMENTS:,}; "
                          "use a smaller input or batch")
     loaded = load_model(recipe.model.name, recipe.model.weights, kwargs=recipe.model.kwargs or None,
-                        input_shape=tuple(shape) if shape else None)
-    from dfp_deploy.data.images import check_file, check_labels
+                        input_shape=tuple(shape) if shape else None, resize=recipe.model.resize)
+    from dfp_deploy.data.images import check_file, check_geometry, check_labels
 
     c = recipe.compress
     for key, path in (("eval.data", recipe.eval.data), ("compress.calibration.data", c.calibration.data),
                       ("compress.bn_adapt.data", c.bn_adapt.data), ("search.proxy_data", recipe.search.proxy_data)):
         if path and path != "synthetic":
             check_file(path, key)
+            check_geometry(path, loaded.preprocess, key)
     if recipe.eval.data and recipe.eval.metric == "top1":
         if loaded.num_classes is None:
             raise InputError(f"eval.metric: top1 needs a model that returns one [N, classes] logits tensor; "
                              f"{recipe.model.name} returns other outputs: set eval.metric: package.module:function "
                              "(README: custom metrics)")
-        check_labels(recipe.eval.data, loaded.num_classes, recipe.eval.limit)
+        check_labels(recipe.eval.data, loaded.num_classes, recipe.eval.limit, start=recipe.eval.start)
     _metric_function(recipe)  # imported before any work: a wrong path fails now, not after the build
     return loaded
 
@@ -225,11 +226,11 @@ def _check_prunable(recipe: Recipe, analysis) -> None:
         return
     p = recipe.compress.prune
     # only values the recipe set: the target's default multiple is reported under `rounding`, not refused
-    for key, value in (("round_to", p.round_to or 1), ("min_channels", p.min_channels)):
+    for key, value in (("compress.prune.round_to", p.round_to or 1), ("compress.prune.min_channels", p.min_channels)):
         if value >= max(widths):
-            raise InputError(f"compress.prune.{key}: {value} is at least the width of every prunable group "
+            raise InputError(f"{key}: {value} is at least the width of every prunable group "
                              f"(the widest has {max(widths)} channels), so nothing would be pruned; use a smaller "
-                             f"{key}")
+                             f"{key.rsplit('.', 1)[1]}")
 
 
 def _measured_statistics(recipe: Recipe, loaded, analysis, inputs: torch.Tensor | None = None) -> dict | None:
@@ -361,7 +362,8 @@ def _reference_inputs(recipe: Recipe, loaded, batch: int) -> tuple[np.ndarray, s
     if recipe.eval.data:
         from dfp_deploy.data.images import load_images, to_tensor
 
-        x, _ = load_images(recipe.eval.data, loaded.preprocess, limit=n, require_labels=False)
+        x, _ = load_images(recipe.eval.data, loaded.preprocess, limit=n, require_labels=False,
+                           start=recipe.eval.start)
         if len(x) >= batch:
             x = x[: len(x) // batch * batch]
             return to_tensor(x, loaded.preprocess), "eval images"
@@ -1002,10 +1004,10 @@ def _accuracy(recipe, loaded, eng_before, eng_after, batch, dynamic, *, quiet):
 
     if recipe.eval.metric != "top1":
         return _custom_metric(recipe, loaded, eng_before, eng_after, batch, dynamic, quiet=quiet)
-    x8, y = load_images(recipe.eval.data, loaded.preprocess, limit=recipe.eval.limit)
+    x8, y = load_images(recipe.eval.data, loaded.preprocess, limit=recipe.eval.limit, start=recipe.eval.start)
     x = to_tensor(x8, loaded.preprocess)
     kw = dict(batch=batch, static_batch=not dynamic, progress=not quiet)
-    return {"data": recipe.eval.data, "n": int(len(y)), "metric": "top1_percent",
+    return {"data": recipe.eval.data, "start": recipe.eval.start, "n": int(len(y)), "metric": "top1_percent",
             "before": top1(eng_before.run, x, y, **kw), "after": top1(eng_after.run, x, y, **kw)}
 
 
@@ -1016,9 +1018,10 @@ def _custom_metric(recipe, loaded, eng_before, eng_after, batch, dynamic, *, qui
     from dfp_deploy.measure.metric import eval_data, evaluate, other_arrays
 
     spec, function = recipe.eval.metric, _metric_function(recipe)
-    x8, _ = load_images(recipe.eval.data, loaded.preprocess, limit=recipe.eval.limit, require_labels=False)
+    x8, _ = load_images(recipe.eval.data, loaded.preprocess, limit=recipe.eval.limit, require_labels=False,
+                        start=recipe.eval.start)
     arrays, count = other_arrays(recipe.eval.data)
-    data = eval_data(to_tensor(x8, loaded.preprocess), arrays, count)
+    data = eval_data(to_tensor(x8, loaded.preprocess), arrays, count, start=recipe.eval.start)
 
     def score(engine):
         def run(x):

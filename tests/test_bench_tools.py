@@ -57,3 +57,15 @@ def test_code_shape_counts_functions_methods_and_nesting(bench):
     tree = ast.parse("def f():\n    def g():\n        pass\n    return g\n\n"
                      "class C:\n    @staticmethod\n    def m():\n        return 1\n")
     assert sorted(bench["code_shape"].functions(tree)) == [("C.m", 3), ("f", 4), ("f.g", 2)]
+
+
+def test_results_row_names_the_images_its_top1_was_measured_on(bench):
+    results = bench["results"]
+    report = {"model": {"name": "m"}, "params": {"before": 10, "after": 5}, "macs": {"before": 2e6, "after": 1e6},
+              "accuracy": {"before": 83.5, "after": 78.25, "n": 800, "start": 500},
+              "latency": {"backend": "ort-cpu", "precision": "fp32", "batch": 1, "threads": 1},
+              "environment": {"cpu": "x", "cores": 2, "torch": "2"}}
+    row = results.row_from_report("r", "dfp-deploy build recipes/r.yaml", report, None, "abc")
+    assert row["eval_images"] == [500, 1299]
+    line = next(line for line in results.render({"r": row}).splitlines() if "[r](" in line)
+    assert "83.50 → 78.25 (images 500–1299)" in line

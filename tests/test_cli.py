@@ -626,3 +626,28 @@ def test_udfc_form_without_udfc_is_refused(recipe, tmp_path):
     assert res.exit_code == 2
     assert "compress.udfc_form: vector applies to compress.reconstruct: udfc only" in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_input_larger_than_the_images_fails_at_once_naming_model_resize(recipe, tmp_path):
+    res = run("build", recipe, "--out", tmp_path / "o", "--set", "model.input_size=[3,40,40]")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    line = res.output.strip().splitlines()[-1]
+    assert line.startswith("error: eval.data: ") and "32x32 images, smaller than the model's 40x40 input" in line
+    assert "model.resize=46" in line and len(line) <= 300
+    assert not (tmp_path / "o").exists()
+    res = run("build", recipe, "--out", tmp_path / "o", "--set", "model.input_size=[3,40,40]",
+              "--set", "model.resize=36")
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines()[-1].startswith("error: model.resize: 36 is smaller than the 40x40 input")
+    res = run("build", recipe, "--out", tmp_path / "o", "--set", "eval.start=24")
+    assert res.exit_code == 2 and "eval.start: 24 is beyond the 24 images" in res.output
+
+
+def test_resize_and_start_reach_the_build(recipe, tmp_path):
+    """A 40-px model on 32-px images with model.resize, evaluated on images 8..19 only."""
+    res = run("build", recipe, "--out", tmp_path / "o", *FAST, "--set", "model.input_size=[3,40,40]",
+              "--set", "model.resize=44", "--set", "eval.start=8", "--set", "eval.limit=12")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["accuracy"]["start"] == 8 and report["accuracy"]["n"] == 12
+    assert report["model"]["input_shape"] == [3, 40, 40]

@@ -73,7 +73,7 @@ def test_centre_crop_without_resize(tmp_path):
 
 def test_image_smaller_than_crop_is_an_error(tmp_path):
     x = random_images(2, 30, 40)
-    with pytest.raises(DataError, match="smaller than the model's 32x32 crop"):
+    with pytest.raises(DataError, match="smaller than the model's 32x32 input; set model.resize"):
         load_images(write_array_npz(tmp_path / "d.npz", x, np.zeros(2, np.int64)), CIFAR)
 
 
@@ -288,3 +288,65 @@ def test_top1_refuses_labels_no_logit_can_match():
     assert top1(run, x, np.array([0, 0, 1]), batch=2, static_batch=False) == pytest.approx(200 / 3)
     with pytest.raises(DataError, match=r"eval.data: labels span \[0, 10\] but the model has 10 classes"):
         top1(run, x, np.array([0, 10, 1]), batch=2, static_batch=False)
+
+
+# ---- selection [start, start + limit) and geometry checked before any work ----
+
+
+def test_start_and_limit_select_a_split(tmp_path):
+    x, y = random_images(8, 32, 32), np.arange(8)
+    path = write_array_npz(tmp_path / "d.npz", x, y)
+    images, labels = load_images(path, CIFAR, start=3, limit=4)
+    assert np.array_equal(images, x[3:7]) and np.array_equal(labels, [3, 4, 5, 6])
+    tune, _ = load_images(path, CIFAR, limit=3)
+    report, report_y = load_images(path, CIFAR, start=3)
+    assert np.array_equal(np.concatenate([tune, report]), x) and np.array_equal(report_y, np.arange(3, 8))
+    with pytest.raises(DataError, match=r"holds 8 images: the first image asked for is index 8.*eval.start"):
+        load_images(path, CIFAR, start=8)
+
+
+def test_start_selects_jpegs_without_decoding_the_others(tmp_path):
+    rng = np.random.default_rng(5)
+    images = [Image.fromarray(rng.integers(0, 256, (27, 27, 3), dtype=np.uint8)) for _ in range(4)]
+    blobs = write_jpeg_npz(tmp_path / "j.npz", images, y=[5, 6, 7, 8])
+    x, y = load_images(tmp_path / "j.npz", LITE, start=2, limit=5)
+    assert np.array_equal(y, [7, 8])
+    assert all(np.array_equal(got, decode(blob)[1:25, 1:25]) for got, blob in zip(x, blobs[2:]))
+
+
+def test_check_labels_refuses_a_start_beyond_the_file(tmp_path):
+    from dfp_deploy.data.images import check_labels
+
+    write_array_npz(tmp_path / "d.npz", random_images(3, 32, 32), np.array([0, 1, 12]))
+    check_labels(tmp_path / "d.npz", 10, limit=2, start=0)
+    with pytest.raises(DataError, match=r"1 labels outside"):
+        check_labels(tmp_path / "d.npz", 10, start=1)  # label 12 lies in the selected images
+    with pytest.raises(DataError, match=r"^eval.start: 3 is beyond the 3 images"):
+        check_labels(tmp_path / "d.npz", 10, start=3)
+
+
+def test_resize_brings_small_images_up_to_a_larger_input(tmp_path):
+    """27-px JPEGs for a 30-px model (as 227-px files for EfficientNet-Lite1's 240): short side to 34, centre 30."""
+    rng = np.random.default_rng(6)
+    images = [Image.fromarray(rng.integers(0, 256, (27, 27, 3), dtype=np.uint8)) for _ in range(2)]
+    blobs = write_jpeg_npz(tmp_path / "j.npz", images, y=[0, 1])
+    pre = Preprocess(size=30, mean=(0.0,) * 3, std=(1.0,) * 3, resize=34)
+    x, _ = load_images(tmp_path / "j.npz", pre)
+    for got, blob in zip(x, blobs):
+        resized = np.asarray(Image.fromarray(decode(blob)).resize((34, 34), Image.BILINEAR))
+        assert np.array_equal(got, resized[2:32, 2:32])
+
+
+def test_geometry_is_checked_from_the_first_image(tmp_path):
+    from dfp_deploy.data.images import check_geometry, first_image_size
+
+    images = [Image.new("RGB", (27, 25), (0, 0, 0)) for _ in range(2)]
+    write_jpeg_npz(tmp_path / "j.npz", images, y=[0, 1])
+    write_array_npz(tmp_path / "a.npz", random_images(2, 32, 36), np.zeros(2, np.int64))
+    assert first_image_size(tmp_path / "j.npz") == (25, 27) and first_image_size(tmp_path / "a.npz") == (32, 36)
+    check_geometry(tmp_path / "a.npz", CIFAR, "eval.data")  # larger: centre-cropped
+    check_geometry(tmp_path / "j.npz", Preprocess(size=30, mean=(0.0,) * 3, std=(1.0,) * 3, resize=30), "eval.data")
+    with pytest.raises(DataError, match=r"^compress.calibration.data: .*j.npz holds 25x27 images, smaller than the "
+                                        r"model's 30x30 input; set model.resize \(e.g. model.resize=34"):
+        check_geometry(tmp_path / "j.npz", Preprocess(size=30, mean=(0.0,) * 3, std=(1.0,) * 3),
+                       "compress.calibration.data")

@@ -373,7 +373,7 @@ def test_unknown_name_lists_the_forms():
 
 
 def test_factory_input_shape_must_fit_the_model():
-    with pytest.raises(InputError, match=r"fails on an input of shape \(1, 3, 224, 224\).*model.input_shape"):
+    with pytest.raises(InputError, match=r"fails on an input of shape \(1, 3, 224, 224\).*model.input_size"):
         load_model(f"{__name__}:flat_net")
     assert load_model(f"{__name__}:flat_net", input_shape=(3, 8, 8)).num_classes == 2
     # a dense output is a model for a user-supplied eval.metric: it loads, with no class count (top-1 is refused later)

@@ -73,6 +73,8 @@ def test_metric_data_pairs_arrays_with_the_evaluated_images_and_is_read_only():
     images = np.zeros((3, 3, 4, 4), np.float32)
     data = eval_data(images, {"y": np.arange(5), "classes": np.arange(2)}, count=5)
     assert data["y"].tolist() == [0, 1, 2] and data["classes"].tolist() == [0, 1] and data["images"] is images
+    later = eval_data(images, {"y": np.arange(5)}, count=5, start=2)  # eval.start: file images 2..4
+    assert later["y"].tolist() == [2, 3, 4]
     with pytest.raises(ValueError, match="read-only"):
         data["images"][0] = 1
 

@@ -7,8 +7,11 @@ Two layouts are accepted:
 
 Geometry for Preprocess(size, resize): an image that is already size x size passes through bit-exact. Otherwise,
 with `resize` set, the short side is resized to `resize` (bilinear, long side = floor(long * resize / short)) and the
-centre size x size is cut; without `resize`, the centre is cut directly, and an image smaller than `size` is an error.
+centre size x size is cut; without `resize`, the centre is cut directly, and an image smaller than `size` is an error
+(the recipe key `model.resize` sets `resize`; `check_geometry` refuses a mismatch before any work).
 The centre crop starts at floor((H - size) / 2), floor((W - size) / 2).
+
+Selection: images [start, start + limit) of the file, in file order (a tuning and a reporting split of one file).
 
 Normalisation (to_tensor): t[n, c, h, w] = (x[n, h, w, c] - mean[c]) / std[c], mean and std in 0..255 units.
 """
@@ -39,9 +42,12 @@ def load_images(
     preprocess: Preprocess,
     limit: int | None = None,
     require_labels: bool = True,
+    start: int = 0,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Images as uint8 [N, size, size, 3] (first `limit` of the file) and labels int64 [N] (None if absent)."""
+    """Images as uint8 [N, size, size, 3] (`limit` images of the file from index `start`) and labels int64 [N]
+    (None if absent)."""
     _check_limit(limit)
+    _check_start(start)
     with _open_npz(Path(path)) as data:
         keys = set(data.files)
         if "x" in keys:
@@ -57,12 +63,15 @@ def load_images(
             raise DataError(f"{path} has no labels 'y': accuracy needs labelled images ({EXPECTED_LAYOUTS})")
         if labels is not None and len(labels) != count:
             raise DataError(f"{path}: {count} images but {len(labels)} labels in 'y'; they must have the same length")
-        n = count if limit is None else min(int(limit), count)
+        if start >= count:
+            raise DataError(f"{path} holds {count} images: the first image asked for is index {start}; start below "
+                            f"{count} (eval.start)")
+        end = count if limit is None else min(start + int(limit), count)
         if "x" in keys:
-            out = _fit_array_images(images[:n], preprocess, path)
+            out = _fit_array_images(images[start:end], preprocess, path)
         else:
-            out = _decode_jpegs(jpeg, offsets, n, preprocess, path)
-    return out, (None if labels is None else labels[:n])
+            out = _decode_jpegs(jpeg, offsets, start, end, preprocess, path)
+    return out, (None if labels is None else labels[start:end])
 
 
 def to_tensor(x_uint8: np.ndarray, preprocess: Preprocess) -> np.ndarray:
@@ -83,6 +92,11 @@ def _check_limit(limit) -> None:
         return
     if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
         raise DataError(f"limit must be a positive number of images or None, got {limit!r}")
+
+
+def _check_start(start) -> None:
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
+        raise DataError(f"start must be a non-negative image index, got {start!r}")
 
 
 def _open_npz(path: Path):
@@ -135,17 +149,23 @@ def check_file(path: str | Path, key: str) -> None:
         raise DataError(f"{key}: {exc}") from exc
 
 
-def check_labels(path: str | Path, num_classes: int, limit: int | None = None, key: str = "eval.data") -> None:
+def check_labels(path: str | Path, num_classes: int, limit: int | None = None, key: str = "eval.data",
+                 start: int = 0) -> None:
     """Refuse labels outside [0, num_classes) before any work: a top-1 against them is 0 % and says nothing.
+    Refuse a `start` (eval.start) at or beyond the file's labelled images too.
 
     Reads only 'y' (the images are not decoded); a file without labels passes (load_images refuses it later where
     labels are required)."""
     _check_limit(limit)
+    _check_start(start)
     with _open_npz(Path(path)) as data:
         if "y" not in data.files:
             return
         y = _read_labels(data, path)
-    y = y if limit is None else y[:limit]
+    if start >= len(y):
+        raise DataError(f"eval.start: {start} is beyond the {len(y)} images of {path}; the selected images are "
+                        f"[eval.start, eval.start + eval.limit), so eval.start must be below {len(y)}")
+    y = y[start:] if limit is None else y[start:start + limit]
     if len(y) == 0:
         return
     low, high = int(y.min()), int(y.max())
@@ -192,7 +212,8 @@ def _fit_array_images(x: np.ndarray, preprocess: Preprocess, path) -> np.ndarray
 def _centre_crop_batch(x: np.ndarray, size: int, path) -> np.ndarray:
     height, width = x.shape[1:3]
     if height < size or width < size:
-        raise DataError(f"{path}: images are {height}x{width}, smaller than the model's {size}x{size} crop")
+        raise DataError(f"{path}: images are {height}x{width}, smaller than the model's {size}x{size} input; "
+                        f"set model.resize (e.g. {suggested_resize(size)}) or model.input_size")
     top, left = (height - size) // 2, (width - size) // 2
     return np.ascontiguousarray(x[:, top : top + size, left : left + size])
 
@@ -208,8 +229,9 @@ def _fit_image(img, preprocess: Preprocess, path, index: int) -> np.ndarray:
         width, height = img.size
     if width < size or height < size:
         raise DataError(
-            f"{path}: image {index} is {height}x{width}, smaller than the model's {size}x{size} crop; "
-            "set a resize in the preprocessing"
+            f"{path}: image {index} is {height}x{width}, smaller than the model's {size}x{size} input; "
+            f"set model.resize (e.g. {suggested_resize(size)}: the short side is resized to it, then the centre "
+            f"{size}x{size} is cut) or model.input_size"
         )
     left, top = (width - size) // 2, (height - size) // 2
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
@@ -226,11 +248,12 @@ def _resize_short_side(img, short: int):
     return img.resize(new_size, Image.BILINEAR)
 
 
-def _decode_jpegs(jpeg: np.ndarray, offsets: np.ndarray, n: int, preprocess: Preprocess, path) -> np.ndarray:
+def _decode_jpegs(jpeg: np.ndarray, offsets: np.ndarray, start: int, end: int, preprocess: Preprocess,
+                  path) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
-    out = np.empty((n, preprocess.size, preprocess.size, 3), dtype=np.uint8)
-    for i in _progress(range(n), n, f"decoding {Path(path).name}"):
+    out = np.empty((end - start, preprocess.size, preprocess.size, 3), dtype=np.uint8)
+    for i in _progress(range(start, end), end - start, f"decoding {Path(path).name}"):
         blob = jpeg[offsets[i] : offsets[i + 1]].tobytes()
         try:
             with Image.open(io.BytesIO(blob)) as img:
@@ -238,8 +261,48 @@ def _decode_jpegs(jpeg: np.ndarray, offsets: np.ndarray, n: int, preprocess: Pre
                 rgb = img.convert("RGB")
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise DataError(f"{path}: image {i} is not a decodable image ({exc})") from exc
-        out[i] = _fit_image(rgb, preprocess, path, i)
+        out[i - start] = _fit_image(rgb, preprocess, path, i)
     return out
+
+
+def suggested_resize(size: int) -> int:
+    """The short side torchvision's ImageNet evaluation resizes to for a `size` crop (256 for 224)."""
+    return round(size * 256 / 224)
+
+
+def first_image_size(path: str | Path) -> tuple[int, int] | None:
+    """(height, width) of the file's first image, read without decoding the others (None: the file holds none)."""
+    from PIL import Image, UnidentifiedImageError
+
+    with _open_npz(Path(path)) as data:
+        keys = set(data.files)
+        if "x" in keys:
+            x = _read_array_images(data, path)
+            return (int(x.shape[1]), int(x.shape[2])) if len(x) else None
+        if "jpeg" in keys and "offsets" in keys:
+            jpeg, offsets = _read_jpeg_index(data, path)
+            if len(offsets) < 2:
+                return None
+            try:
+                with Image.open(io.BytesIO(jpeg[offsets[0] : offsets[1]].tobytes())) as img:
+                    return int(img.size[1]), int(img.size[0])
+            except (UnidentifiedImageError, OSError, ValueError) as exc:
+                raise DataError(f"{path}: image 0 is not a decodable image ({exc})") from exc
+    raise DataError(f"{path} has keys {sorted(keys)}: expected {EXPECTED_LAYOUTS}")
+
+
+def check_geometry(path: str | Path, preprocess: Preprocess, key: str) -> None:
+    """Refuse, before any work, images that the preprocessing cannot bring to the model's input: without a resize,
+    an image smaller than the input. Only the first image is read (files of mixed sizes fail later, at decode)."""
+    size = preprocess.size
+    if preprocess.resize is not None:
+        return  # every image is resized to short side `resize` >= size (recipe/loader check it) before the crop
+    hw = first_image_size(path)
+    if hw is None or min(hw) >= size:
+        return
+    raise DataError(f"{key}: {path} holds {hw[0]}x{hw[1]} images, smaller than the model's {size}x{size} input; "
+                    f"set model.resize (e.g. model.resize={suggested_resize(size)}: short side resized to "
+                    f"{suggested_resize(size)}, centre {size}x{size} cut) or model.input_size to the images' size")
 
 
 def _progress(iterable, total: int, desc: str):

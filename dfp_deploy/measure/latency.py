@@ -42,21 +42,21 @@ UNSETTLED_SPREAD = 0.1  # per-round speedups spread over more than 10 % of their
 
 def _require_int(key: str, value, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise InputError(f"measure.{key}: {value!r} must be an integer >= {low}")
+        raise InputError(f"{key}: {value!r} must be an integer >= {low}")
 
 
 def _check_protocol(runners, warmup, runs, rounds, batch) -> None:
     if not runners:
         raise InputError("latency: nothing to time (no runners given)")
-    _require_int("warmup", warmup, 0)
+    _require_int("measure.warmup", warmup, 0)
     if isinstance(runs, int) and not isinstance(runs, bool) and runs < MIN_RUNS:
         raise InputError(f"measure.runs: {runs} is below {MIN_RUNS}; percentiles from fewer runs are too noisy "
                          f"to compare engines, use runs >= {MIN_RUNS}")
-    _require_int("runs", runs, MIN_RUNS)
-    _require_int("rounds", rounds, 1)
+    _require_int("measure.runs", runs, MIN_RUNS)
+    _require_int("measure.rounds", rounds, 1)
     if rounds > runs:
         raise InputError(f"measure.rounds: {rounds} is more than measure.runs ({runs}); use rounds <= runs")
-    _require_int("batch", batch, 1)
+    _require_int("target.batch", batch, 1)
 
 
 def schedule(names: list[str], runs: int, rounds: int) -> list[tuple[str, int]]:

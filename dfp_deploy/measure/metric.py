@@ -70,10 +70,11 @@ def evaluate(spec: str, function: Callable, run: Callable, data: dict) -> float 
     return check_result(spec, value)
 
 
-def eval_data(images: np.ndarray, arrays: Mapping[str, np.ndarray], count: int) -> dict:
-    """The `data` argument: the images and the file's other arrays, cut to the evaluated images where they pair."""
+def eval_data(images: np.ndarray, arrays: Mapping[str, np.ndarray], count: int, start: int = 0) -> dict:
+    """The `data` argument: the images and the file's other arrays, cut to the evaluated images where they pair
+    (file images [start, start + len(images)), eval.start)."""
     n = len(images)
-    data = {name: (a[:n] if a.ndim and len(a) == count else a) for name, a in arrays.items()}
+    data = {name: (a[start:start + n] if a.ndim and len(a) == count else a) for name, a in arrays.items()}
     data["images"] = images
     for a in data.values():
         # both engines must see the same data: a metric that edits it in place fails instead of skewing the second

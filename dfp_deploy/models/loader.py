@@ -97,15 +97,19 @@ def load_model(
     kwargs: dict | None = None,
     input_shape: tuple[int, int, int] | None = None,
     preprocess: Preprocess | None = None,
+    resize: int | None = None,
 ) -> LoadedModel:
     """Build model `name`, load `weights` strictly (None = random init), and return it in eval mode on CPU.
 
-    `kwargs` go to the model's constructor/factory; `input_shape` (C, H, W) and `preprocess` override the defaults.
+    `kwargs` go to the model's constructor/factory; `input_shape` (C, H, W) and `preprocess` override the defaults;
+    `resize` (recipe model.resize) replaces the preprocessing's short-side resize.
     """
     kwargs = _check_kwargs(kwargs)
     input_shape = _check_input_shape(input_shape)
     if preprocess is not None and not isinstance(preprocess, Preprocess):
         raise InputError(f"preprocess must be a Preprocess, got {type(preprocess).__name__}")
+    if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < 1):
+        raise InputError(f"model.resize: expected a positive number of pixels, got {resize!r}")
     if not isinstance(name, str) or not name.strip():
         raise InputError(f"model name must be a non-empty string, got {name!r}: {_forms_hint()}")
     name = name.strip()
@@ -131,6 +135,8 @@ def load_model(
         num_classes = _infer_num_classes(module, shape, name)
     if preprocess is None:
         preprocess = _adapt_preprocess(default_pre, shape)
+    if resize is not None:
+        preprocess = _with_resize(preprocess, resize, name)
     return LoadedModel(module, name, shape, preprocess, num_classes, loaded_from)
 
 
@@ -184,14 +190,23 @@ def _check_input_shape(shape) -> tuple[int, int, int] | None:
         and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
     )
     if not ok:
-        raise InputError(f"input_shape must be three positive ints (C, H, W), got {shape!r}")
+        raise InputError(f"model.input_size: expected three positive ints [C, H, W], got {shape!r}")
     return tuple(shape)
+
+
+def _with_resize(pre: Preprocess, resize: int, name: str) -> Preprocess:
+    if resize < pre.size:
+        raise InputError(f"model.resize: {resize} is smaller than the {pre.size}x{pre.size} input of {name}: the "
+                         f"short side is resized to model.resize and the centre {pre.size}x{pre.size} cut from it, so "
+                         f"it must be at least {pre.size}")
+    return dataclasses.replace(pre, resize=resize)
 
 
 def _adapt_preprocess(pre: Preprocess, shape: tuple[int, int, int]) -> Preprocess:
     """The default preprocessing adapted to the input size: crop = H, and a resize scaled alike."""
     if shape[1] != shape[2]:
-        raise InputError(f"input_shape {shape} is not square: pass an explicit preprocess for non-square inputs")
+        raise InputError(f"model.input_size: {list(shape)} is not square; images are centre-cropped to a square, so "
+                         "give H = W")
     if shape[1] == pre.size:
         return pre
     resize = None if pre.resize is None else round(shape[1] * pre.resize / pre.size)
@@ -207,7 +222,8 @@ def _build_builtin(name: str, kwargs: dict, input_shape):
         )
     shape = input_shape or spec.input_shape
     if shape[0] != 3:
-        raise InputError(f"model {name} takes 3-channel RGB input, but input_shape has {shape[0]} channels")
+        raise InputError(f"model.input_size: model {name} takes 3-channel RGB input, but {list(shape)} has "
+                         f"{shape[0]} channels")
     module = spec.build(kwargs, (shape[1], shape[2]))
     return module, shape, spec.preprocess, kwargs.get("num_classes", spec.num_classes)
 
@@ -317,7 +333,7 @@ def _infer_num_classes(module: nn.Module, shape: tuple[int, int, int], name: str
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise InputError(
             f"model {name} fails on an input of shape (1, {', '.join(map(str, shape))}): {first}; "
-            "set model.input_shape to what the model expects"
+            "set model.input_size [C, H, W] to what the model expects"
         ) from exc
     flatten(out, f"model {name}")  # refuses what cannot be exported (None, strings, empty containers)
     return int(out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() == 2 else None

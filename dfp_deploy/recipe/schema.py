@@ -43,6 +43,10 @@ class ModelSection:
     kwargs: dict[str, object] = spec(None, "keyword arguments for a 'package.module:factory' model", factory=dict)
     input_size: list[int] | None = spec(None, f"override the input shape [C, H, W] (each in [1, {MAX_INPUT_SIDE}])",
                                         length=3, item_lo=1, item_hi=MAX_INPUT_SIDE)
+    resize: int | None = spec(None, "resize every image's short side to this many pixels (bilinear) before the "
+                              "centre crop to the input size, e.g. 274 for a 240 input from 227-px images (null: the "
+                              "model's rule: EfficientNet-Lite and CIFAR crop only, other models 256/224 of the input "
+                              "side); must be at least the input side", lo=1, hi=MAX_INPUT_SIDE)
 
 
 @dataclass(frozen=True)
@@ -186,7 +190,9 @@ class MeasureSection:
 @dataclass(frozen=True)
 class EvalSection:
     data: str | None = spec(None, ".npz with x uint8 [N,H,W,3] and y labels (or jpeg/offsets/y)", path=True)
-    limit: int | None = spec(None, "evaluate only the first N images", lo=1,
+    start: int = spec(0, "index of the first evaluated image: images [start, start + limit) of eval.data (a "
+                      "reporting split held out from the images settings were chosen on)", lo=0, hi=100_000_000)
+    limit: int | None = spec(None, "evaluate only N images (from eval.start)", lo=1,
                               hi=100_000_000)
     metric: str = spec("top1", "top1 (built-in: labels 'y', one logits output), or 'package.module:function' called "
                        "as function(run, data) -> number or {name: number} (README: custom metrics)")

@@ -34,7 +34,9 @@ def render_markdown(r: dict) -> str:
         lines.append(f"| latency p90 | {b['p90_ms']:.3f} ms | {a['p90_ms']:.3f} ms | |")
     acc = r.get("accuracy")
     if acc and acc["metric"] == "top1_percent":
-        lines.append(f"| top-1 ({acc['n']} images) | {acc['before']:.2f}% | {acc['after']:.2f}% | "
+        first = acc.get("start", 0)
+        which = f"images {first}–{first + acc['n'] - 1}" if first else f"{acc['n']} images"
+        lines.append(f"| top-1 ({which}) | {acc['before']:.2f}% | {acc['after']:.2f}% | "
                      f"{acc['after'] - acc['before']:+.2f} pt |")
     elif acc:  # eval.metric: the user's numbers, one row each
         before, after = ((v if isinstance(v, dict) else {"": v}) for v in (acc["before"], acc["after"]))

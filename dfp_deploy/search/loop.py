@@ -287,9 +287,9 @@ def _save_checkpoint(log_path: Path, agent: SacAgent, episodes_done: int, meta: 
 # --- helpers ---------------------------------------------------------------------------------------------------
 
 def _check_counts(episodes: int, warmup: int, seed: int) -> None:
-    for what, value, low in (("episodes", episodes, 1), ("warmup", warmup, 0), ("seed", seed, 0)):
+    for key, value, low in (("search.episodes", episodes, 1), ("search.warmup", warmup, 0), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise InputError(f"search.{what}: {value!r} must be an integer >= {low}")
+            raise InputError(f"{key}: {value!r} must be an integer >= {low}")
 
 
 @contextmanager

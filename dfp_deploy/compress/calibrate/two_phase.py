@@ -145,17 +145,18 @@ def _check_arguments(inputs, squeeze_epochs, calib_epochs, batch, lr, ridge, ls_
         raise DataError(f"compress.calibration: inputs must be a float tensor [N, ...], got {got}")
     if len(inputs) < 1:
         raise DataError("compress.calibration: no calibration inputs; give at least one image (samples >= 1)")
-    for key, value in (("squeeze_epochs", squeeze_epochs), ("calib_epochs", calib_epochs)):
+    for key, value in (("compress.calibration.squeeze_epochs", squeeze_epochs),
+                       ("compress.calibration.calib_epochs", calib_epochs)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise InputError(f"compress.calibration.{key}: {value!r} must be an integer >= 0")
-    for key, value in (("batch", batch), ("ls_samples", ls_samples)):
+            raise InputError(f"{key}: {value!r} must be an integer >= 0")
+    for key, value in (("batch", batch), ("ls_samples", ls_samples)):  # arguments of calibrate(), not recipe keys
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InputError(f"compress.calibration.{key}: {value!r} must be an integer >= 1")
+            raise InputError(f"calibrate(): {key}={value!r} must be an integer >= 1")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
         raise InputError(f"compress.calibration.lr: {lr!r} must be a positive number, e.g. 1e-3")
     if ridge is not None and (isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0
                               or not math.isfinite(ridge)):
-        raise InputError(f"compress.calibration.ridge: {ridge!r} must be a number >= 0 (e.g. 1e-3) or null "
+        raise InputError(f"calibrate(): ridge={ridge!r} must be a number >= 0 (e.g. 1e-3) or None "
                          "(cross-validated per layer)")
 
 
