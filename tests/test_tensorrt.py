@@ -609,6 +609,41 @@ def test_the_engine_cache_reuses_a_plan_only_for_the_same_graph_settings_and_tar
     assert len(list(engines.glob("*.plan"))) == 2  # only the most recently used are kept
 
 
+def test_backend_build_reuses_a_stored_plan_and_rebuilds_a_damaged_one(tmp_path, monkeypatch):
+    """TensorRTBackend.build's orchestration with the fake library: CUDA, deserialization and the engine stubbed."""
+    from dfp_deploy.backends.tensorrt import backend as backend_module
+    from dfp_deploy.core.types import LayerSummary
+
+    trt, loaded = fake_tensorrt(), []
+
+    def deserialize(trt_module, plan, source):
+        loaded.append(plan)
+        if plan == b"DAMAGED":
+            raise ExportError(f"tensorrt: could not deserialize the plan just built from {source}: bad magic")
+        return "runtime", "engine"
+
+    summary = LayerSummary(0, 0, (), 0, (), 0, (), "0 conv/gemm layers (none), 0 reformats")
+    monkeypatch.setattr(backend_module, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(backend_module, "cuda_unavailable_reason", lambda: None)
+    monkeypatch.setattr(backend_module, "device_timing_cache_path", lambda trt, folder: tmp_path / "gpu.cache")
+    monkeypatch.setattr(backend_module, "deserialize", deserialize)
+    monkeypatch.setattr(backend_module, "engine_layers", lambda trt, engine, nodes: ([], summary, "{}"))
+    monkeypatch.setattr(backend_module, "TensorRTEngine", lambda *args, **kwargs: kwargs)
+    onnx_path, engines = tmp_path / "model.onnx", tmp_path / "engines"
+    tiny_fp32_model(onnx_path)
+    backend = TensorRTBackend(engine_cache_dir=engines)
+    first = backend.build(onnx_path, precision="fp32", threads=None, out_dir=tmp_path)
+    assert first["notes"] == [] and first["plan_path"].read_bytes() == loaded[-1]
+    assert (tmp_path / "model.fp32.layers.json").read_text() == "{}"
+    second = backend.build(onnx_path, precision="fp32", threads=None, out_dir=tmp_path)
+    assert loaded[-1] == loaded[0] and "reused from the engine cache" in second["notes"][0]
+    (stored,) = engines.glob("*.plan")
+    stored.write_bytes(b"DAMAGED")
+    third = backend.build(onnx_path, precision="fp32", threads=None, out_dir=tmp_path)
+    assert loaded[-2:] == [b"DAMAGED", loaded[0]] and third["notes"] == []  # built anew, stored again
+    assert stored.read_bytes() == loaded[0]
+
+
 # ------------------------------------------------------------------------------------------------ real GPU builds
 
 @pytest.mark.tensorrt
@@ -622,7 +657,7 @@ def test_tensorrt_builds_and_runs_a_tiny_model(precision, tmp_path):
     model = tiny_qdq_model(path) if precision == "int8" else tiny_fp32_model(path)
     if precision == "fp16":  # the pipeline's export pass: the engine builds from the fp16 graph
         onnx.save(pass_fp16(model)[0], str(path))
-    backend = TensorRTBackend(timing_cache_dir=tmp_path / "cache")
+    backend = TensorRTBackend(timing_cache_dir=tmp_path / "cache", engine_cache_dir=tmp_path / "engines")
     engine = backend.build(path, precision=precision, threads=None, out_dir=tmp_path)
     assert (tmp_path / f"model.{precision}.plan").stat().st_size > 0
     assert (tmp_path / f"model.{precision}.layers.json").is_file() and engine.timing_cache.is_file()
@@ -641,6 +676,9 @@ def test_tensorrt_builds_and_runs_a_tiny_model(precision, tmp_path):
         assert "INT8" not in dict(summary.weighted_by_precision)
     if precision == "fp16":
         assert "FP16" in dict(summary.weighted_by_precision), summary
+    reused = backend.build(path, precision=precision, threads=None, out_dir=tmp_path / "again")
+    assert any("engine cache" in note for note in reused.inspect().notes)
+    np.testing.assert_array_equal(reused.run(x), engine.run(x))  # the same plan: the same kernels
 
 
 def test_recipe_target_keys_reach_the_tensorrt_builder_settings():
