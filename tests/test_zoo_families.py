@@ -338,3 +338,15 @@ def test_functional_attention_macs_known_answer():
     x = torch.randn(1, 5, 8)
     assert count_macs(model, x) == 960 + 400 + 200 + 320
     assert macs_by_module(model, x)[""] == 600  # the functions run in the root module's forward
+
+
+def test_notice_names_include_residual_when_only_residual_groups_are_prunable(models):
+    """ResNeXt-like: the grouped conv freezes the block's inner channels; only the residual stream is prunable, and
+    by default residual groups are not pruned, so the notice names the key that would prune them."""
+    from dfp_deploy.analysis import nothing_pruned_notice
+
+    analysis = analyze(models["ResNeXtLike"], _x(1))
+    assert "compress.prune.include_residual=true" in nothing_pruned_notice(analysis)
+    assert "keep every channel" in nothing_pruned_notice(analysis, include_residual=True)
+    vit = nothing_pruned_notice(analyze(models["TinyViT"], _x(1)))
+    assert vit.startswith("nothing was pruned: none of the model's") and len(vit) <= 280
