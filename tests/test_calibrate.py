@@ -216,14 +216,14 @@ def test_auto_batch_bounds_the_activation_memory_and_leaves_bn_statistics_alone(
 
 
 def _fold_statistics(patches, target, folds=4):
-    from dfp_deploy.compress.calibrate.two_phase import _FoldStatistics
-    stats = _FoldStatistics(folds)
+    from dfp_deploy.compress.calibrate.least_squares import FoldStatistics
+    stats = FoldStatistics(folds)
     stats.add(patches.double(), target.double(), first_image=0, images=len(patches))
     return stats
 
 
 def test_cross_validation_picks_the_smallest_ridge_when_the_data_determine_the_fit():
-    from dfp_deploy.compress.calibrate.two_phase import RIDGE_GRID, choose_ridge
+    from dfp_deploy.compress.calibrate.least_squares import RIDGE_GRID, choose_ridge
     g = torch.Generator().manual_seed(0)
     p, w_true = torch.randn(400, 10, generator=g), torch.randn(3, 10, generator=g)
     stats = _fold_statistics(p, p @ w_true.T)  # exactly reachable, 40 rows per unknown
@@ -233,7 +233,7 @@ def test_cross_validation_picks_the_smallest_ridge_when_the_data_determine_the_f
 def test_cross_validation_keeps_the_weights_when_the_target_is_unrelated_noise():
     """N < d and a target independent of the inputs: any fit is pure over-fitting, so the held-out error of what
     cross-validation picks must beat the fixed small ridge on fresh rows."""
-    from dfp_deploy.compress.calibrate.two_phase import _held_out_error, _ridge_solution, choose_ridge
+    from dfp_deploy.compress.calibrate.least_squares import choose_ridge, held_out_error, ridge_solution
     g = torch.Generator().manual_seed(1)
     d, n = 60, 40
     p, t = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, 3, generator=g, dtype=torch.float64)
@@ -245,31 +245,31 @@ def test_cross_validation_keeps_the_weights_when_the_target_is_unrelated_noise()
     fresh_p = torch.randn(400, d, generator=g, dtype=torch.float64)
     fresh_t = torch.randn(400, 3, generator=g, dtype=torch.float64)
     fresh = (fresh_p.T @ fresh_p, fresh_p.T @ fresh_t, float(fresh_t.pow(2).sum()))
-    chosen = current if rho == float("inf") else _ridge_solution(gram, cross, current, rho)
-    fixed = _ridge_solution(gram, cross, current, 1e-3)
-    assert _held_out_error(chosen, *fresh) < 0.8 * _held_out_error(fixed, *fresh)
+    chosen = current if rho == float("inf") else ridge_solution(gram, cross, current, rho)
+    fixed = ridge_solution(gram, cross, current, 1e-3)
+    assert held_out_error(chosen, *fresh) < 0.8 * held_out_error(fixed, *fresh)
 
 
 def test_held_out_error_from_statistics_equals_the_direct_residual():
-    from dfp_deploy.compress.calibrate.two_phase import _held_out_error
+    from dfp_deploy.compress.calibrate.least_squares import held_out_error
     g = torch.Generator().manual_seed(2)
     p, t = torch.randn(30, 7, generator=g, dtype=torch.float64), torch.randn(30, 4, generator=g, dtype=torch.float64)
     w = torch.randn(4, 7, generator=g, dtype=torch.float64)
     direct = float((p @ w.T - t).pow(2).sum())
-    assert _held_out_error(w, p.T @ p, p.T @ t, float(t.pow(2).sum())) == pytest.approx(direct, rel=1e-10)
+    assert held_out_error(w, p.T @ p, p.T @ t, float(t.pow(2).sum())) == pytest.approx(direct, rel=1e-10)
 
 
 def test_folds_take_whole_images():
     """Rows of one image (its patches) must land in one fold: image j goes to fold (first_image + j) mod K."""
-    from dfp_deploy.compress.calibrate.two_phase import _FoldStatistics
-    stats = _FoldStatistics(3)
+    from dfp_deploy.compress.calibrate.least_squares import FoldStatistics
+    stats = FoldStatistics(3)
     rows = torch.arange(5, dtype=torch.float64).repeat_interleave(4)[:, None]  # 5 images x 4 rows, value = image
     stats.add(rows, rows, first_image=1, images=5)  # images 1..5 -> folds 1, 2, 0, 1, 2
     assert [float(c) for c in stats.cross] == [4 * 2.0 ** 2, 4 * (0.0 + 3.0 ** 2), 4 * (1.0 + 4.0 ** 2)]
 
 
 def test_default_calibration_records_a_cross_validated_ridge_per_layer():
-    from dfp_deploy.compress.calibrate.two_phase import RIDGE_GRID
+    from dfp_deploy.compress.calibrate.least_squares import RIDGE_GRID
     model, analysis, plan = setup()
     log = CalibrationLog()
     calibrate(model, analysis, plan, images(48, seed=1), squeeze_epochs=0, calib_epochs=0, progress=False, log=log)
