@@ -1,4 +1,4 @@
-"""Tests for data-free closed-form reconstruction (Neuron Merging, UDFC, lmmse) and reconstruction-driven selection."""
+"""compress/repair (Neuron Merging, UDFC, lmmse, joint quantization) and the lmmse selection of compress/select."""
 
 from __future__ import annotations
 
