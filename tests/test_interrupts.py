@@ -65,7 +65,7 @@ def test_a_signal_the_library_turned_into_an_error_stops_the_export(monkeypatch,
 
 
 def test_a_signal_lost_inside_the_exporter_stops_after_it(monkeypatch, tmp_path):
-    def export(model, x, temp, dynamic_batch, opset, optimize=True):  # _export_dynamo's signature
+    def export(model, x, temp, dynamic_batch, opset, optimize=True, names=("logits",)):  # _export_dynamo's
         temp.write_bytes(b"an exported model")
         interrupts.record(signal.SIGINT)  # raised in a destructor: printed and dropped by the interpreter
 
