@@ -292,14 +292,14 @@ def test_resumed_search_refuses_changed_scoring(searched, tmp_path, monkeypatch)
 def calibrated(tmp_path_factory):
     """One build that reads the calibration images for every use at once: channels chosen on their activations
     (lmmse, macs-abs, round_to 1), two-phase calibration, and int8 activation ranges. It counts the loads."""
-    import dfp_deploy.pipeline as pipeline
+    import dfp_deploy.data.sources as sources
 
     tmp = tmp_path_factory.mktemp("calibrated")
     recipe, data, out = _write_recipe(tmp), tmp / "eval.npz", tmp / "out"
     calls = []
-    load = pipeline._calibration_images
+    load = sources.load_inputs
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline, "_calibration_images", lambda *a, **k: calls.append(1) or load(*a, **k))
+        mp.setattr(sources, "load_inputs", lambda spec, **k: calls.append(spec.key) or load(spec, **k))
         res = run("build", recipe, "--out", out, *FAST, "--set", f"compress.calibration.data={data}",
                   "--set", "compress.calibration.samples=16", "--set", "compress.calibration.squeeze_epochs=1",
                   "--set", "compress.calibration.calib_epochs=1", "--set", "compress.prune.importance=lmmse",
@@ -356,7 +356,7 @@ def test_calibration_images_are_loaded_once_for_every_use(calibrated):
     r = json.loads((out / "report.json").read_text())
     assert r["quantization"]["activations"] == "calibration"
     assert r["compress"]["calibration"]["samples"] == 16
-    assert len(calls) == 1
+    assert calls == ["compress.calibration"]
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -519,7 +519,7 @@ def test_shipped_search_recipes_can_reach_their_budget():
     whose budget sits below it would stop with "unreachable" on its default settings."""
     from dfp_deploy.analysis import analyze
     from dfp_deploy.models import load_model
-    from dfp_deploy.pipeline import _round_to
+    from dfp_deploy.pipeline import resolve_recipe
     from dfp_deploy.recipe import load_recipe
     from dfp_deploy.search.env import MacCost, PruneEnv
     from dfp_deploy.search.space import build_space
@@ -532,7 +532,7 @@ def test_shipped_search_recipes_can_reach_their_budget():
         loaded = load_model(recipe.model.name, None)
         one = torch.zeros((1, *loaded.input_shape))
         space = build_space(loaded.module, analyze(loaded.module, one), one, min_keep=recipe.search.min_keep,
-                            round_to=_round_to(recipe), include_residual=recipe.search.include_residual)
+                            round_to=resolve_recipe(recipe).select.round_to, include_residual=recipe.search.include_residual)
         PruneEnv(space, MacCost(space), recipe.search.budget).check_reachable()  # raises InputError if not
         checked += 1
     assert checked >= 1
@@ -540,7 +540,7 @@ def test_shipped_search_recipes_can_reach_their_budget():
 
 def test_summary_and_warnings_say_when_the_speedup_moved_between_rounds():
     from dfp_deploy.cli import _summary
-    from dfp_deploy.pipeline import _latency_warnings
+    from dfp_deploy.report.assemble import latency_warnings as _latency_warnings
 
     def report(rounds):
         latency = {"backend": "ort-cpu", "batch": 8, "speedup": 1.39, "speedup_rounds": rounds,

@@ -100,34 +100,44 @@ def test_cli_measures_a_real_ort_target_once_then_reuses_it(tmp_path, monkeypatc
 
 def test_a_stored_fingerprint_sets_the_default_channel_multiple(tmp_path, monkeypatch):
     from dfp_deploy import pipeline
+    from dfp_deploy.pipeline.context import fingerprint_key
     from dfp_deploy.recipe import load_recipe
+
+    source_of = _source_of
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     path = tmp_path / "r.yaml"
     path.write_text("model: {name: cifar_resnet20}\ntarget: {backend: ort-cpu, batch: 2, threads: 1}\n")
     recipe = load_recipe(path, [])
-    value, source = pipeline._round_to_source(recipe)
+    value, source = source_of(recipe)
     assert source.startswith("table") and value == pipeline.default_round_to("ort-cpu", "fp32")
 
     # a fingerprint of exactly this target (device, backend, precision, batch, threads, versions) says 4
     backend = __import__("dfp_deploy.backends.registry", fromlist=["get_backend"]).get_backend("ort-cpu")
-    key = pipeline._fingerprint_key(backend, "ort-cpu", "fp32", 2, 14, 1)
+    key = fingerprint_key(backend, "ort-cpu", "fp32", 2, 14, 1)
     truth = dict(zip(CHANNELS, [0.05 + 1e-4 * _up(c, 4) ** 2 for c in CHANNELS]))
     stored = fp.save(fp.measure(key, lambda c: (lambda: float(truth[c])), warmup=1, runs=50, rounds=5),
                      tmp_path / "dfp-deploy" / "fingerprints")
-    assert pipeline._round_to_source(recipe) == (4, f"fingerprint {stored}")
+    assert source_of(recipe) == (4, f"fingerprint {stored}")
     # another batch is another target: back to the table; a recipe value always wins
-    assert pipeline._round_to_source(load_recipe(path, ["target.batch=8"]))[1].startswith("table")
-    assert pipeline._round_to_source(load_recipe(path, ["compress.prune.round_to=2"])) == (2, "recipe")
+    assert source_of(load_recipe(path, ["target.batch=8"]))[1].startswith("table")
+    assert source_of(load_recipe(path, ["compress.prune.round_to=2"])) == (2, "recipe")
+
+
+def _source_of(recipe) -> tuple[int, str]:
+    from dfp_deploy import pipeline
+
+    select = pipeline.resolve_recipe(recipe).select
+    return select.round_to, select.round_to_source
 
 
 def _store_fingerprint(tmp_path, batch: int, multiple: int):
     """A fingerprint of this machine's ort-cpu fp32 target at `batch`, one thread, measured on a known step of
     `multiple` channels, stored where builds look."""
-    from dfp_deploy import pipeline
     from dfp_deploy.backends.registry import get_backend
+    from dfp_deploy.pipeline.context import fingerprint_key
 
-    key = pipeline._fingerprint_key(get_backend("ort-cpu"), "ort-cpu", "fp32", batch, 14, 1)
+    key = fingerprint_key(get_backend("ort-cpu"), "ort-cpu", "fp32", batch, 14, 1)
     truth = dict(zip(CHANNELS, [0.05 + 1e-4 * _up(c, multiple) ** 2 for c in CHANNELS]))
     return fp.save(fp.measure(key, lambda c: (lambda: float(truth[c])), warmup=1, runs=50, rounds=5),
                    tmp_path / "dfp-deploy" / "fingerprints")
@@ -143,7 +153,7 @@ def test_auto_measures_a_fingerprint_only_where_the_build_needs_one_and_times_th
                     "target: {backend: ort-cpu, batch: 2, threads: 1}\n")
 
     def needed(*settings):
-        return pipeline._fingerprint_needed(load_recipe(path, list(settings)))
+        return pipeline.resolve_recipe(load_recipe(path, list(settings))).target.measure_fingerprint
 
     assert needed() and load_recipe(path, []).target.fingerprint == "auto"
     assert not needed("target.fingerprint=stored") and not needed("target.fingerprint=table")
@@ -165,18 +175,19 @@ def test_target_fingerprint_table_ignores_a_stored_fingerprint(tmp_path, monkeyp
     path = tmp_path / "r.yaml"
     path.write_text("model: {name: cifar_resnet20}\ntarget: {backend: ort-cpu, batch: 2, threads: 1}\n")
     stored = _store_fingerprint(tmp_path, batch=2, multiple=4)
-    assert pipeline._round_to_source(load_recipe(path, ["target.fingerprint=stored"])) == (4, f"fingerprint {stored}")
-    value, source = pipeline._round_to_source(load_recipe(path, ["target.fingerprint=table"]))
+    assert _source_of(load_recipe(path, ["target.fingerprint=stored"])) == (4, f"fingerprint {stored}")
+    value, source = _source_of(load_recipe(path, ["target.fingerprint=table"]))
     assert (value, source) == (pipeline.default_round_to("ort-cpu", "fp32"), "table (target.fingerprint: table)")
 
 
 @pytest.mark.slow
 def test_a_timed_build_measures_the_missing_fingerprint_once_and_reports_it(tmp_path, monkeypatch):
     from dfp_deploy import pipeline
+    from dfp_deploy.pipeline import context
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     # a short sweep (the rule needs 8 counts); the default one is what a real build measures
-    monkeypatch.setattr(pipeline, "AUTO_FINGERPRINT_CHANNELS", tuple(range(65, 73)))
+    monkeypatch.setattr(context, "AUTO_FINGERPRINT_CHANNELS", tuple(range(65, 73)))
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {name: cifar_resnet20, input_size: [3, 8, 8]}\n"
                       "compress: {prune: {ratio: 0.5}, reconstruct: none}\n"
@@ -195,4 +206,4 @@ def test_a_timed_build_measures_the_missing_fingerprint_once_and_reports_it(tmp_
                                                          abs=1e-4)
     from dfp_deploy.recipe import load_recipe
 
-    assert not pipeline._fingerprint_needed(load_recipe(recipe, []))  # the next build reads it
+    assert not pipeline.resolve_recipe(load_recipe(recipe, [])).target.measure_fingerprint  # the next build reads it

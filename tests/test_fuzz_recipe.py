@@ -24,6 +24,7 @@ import yaml
 from click.testing import CliRunner
 
 import dfp_deploy.pipeline
+import dfp_deploy.recipe.resolve
 from dfp_deploy.cli import MAX_MESSAGE, main
 from dfp_deploy.recipe.schema import Recipe
 
@@ -153,7 +154,7 @@ class _Accepted(Exception):
 
 def _stand_in_build(recipe, recipe_path=None, *, quiet=False):
     """What a valid recipe promises the pipeline, checked instead of building: finite floats everywhere."""
-    dfp_deploy.pipeline._check_consistency(recipe)
+    dfp_deploy.recipe.resolve.check_consistency(recipe)
 
     def walk(value, where):
         if isinstance(value, float):

@@ -3,6 +3,7 @@ builds, swaps under a lock and follows a symlinked --out."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import multiprocessing
@@ -23,16 +24,18 @@ from dfp_deploy.core.atomic import write_json_atomic
 from dfp_deploy.core.errors import InputError
 from dfp_deploy.recipe import load_recipe
 
+sequence = importlib.import_module("dfp_deploy.pipeline.build")  # the module; `pipeline.build` is the function
+
 QUICKSTART = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
 
 
 def _real_build_into_signature():
-    return inspect.signature(pipeline._build_into)
+    return inspect.signature(sequence._build_into)
 
 
 def fake_build_into(recipe, recipe_path, work, stage, *, files=None):
     """Stands in for the seconds-long real build: writes artifacts into `work` and returns a report dict with
-    the keys build() reads, like pipeline._build_into (whose signature the fixture checks)."""
+    the keys build() reads, like pipeline/build.py's _build_into (whose signature the fixture checks)."""
     files = files or {"model.onnx": "onnx", "model.pt": "pt", "report.md": "# report\n"}
     for name, text in files.items():
         (work / name).parent.mkdir(parents=True, exist_ok=True)
@@ -49,7 +52,7 @@ def fake_build(monkeypatch):
             == list(_real_build_into_signature().parameters))
 
     def run(out: Path, files: dict | None = None):
-        monkeypatch.setattr(pipeline, "_build_into",
+        monkeypatch.setattr(sequence, "_build_into",
                             lambda r, p, w, s: fake_build_into(r, p, w, s, files=files))
         return pipeline.build(load_recipe(QUICKSTART, [], out=str(out)), QUICKSTART, quiet=True)
 

@@ -144,21 +144,22 @@ class _Inspected:
 
 
 def test_pipeline_check_accepts_an_fp32_engine_on_large_logits_and_names_the_rule_on_failure():
-    from dfp_deploy.pipeline import _check_parity, _parity_rule
+    from dfp_deploy.pipeline.engine_step import enforce_parity, parity_rule
     from dfp_deploy.recipe import load_recipe
+    from dfp_deploy.recipe.resolve import resolve
 
-    recipe = load_recipe(None)  # the default recipe: fp32, measure.parity_tolerance 1e-3
+    spec = resolve(load_recipe(None)).parity  # the default recipe: fp32, measure.parity_tolerance 1e-3
     # ResNet-56's shape for the rule (55 convs up to 64x3x3 inputs, one linear); its random-weight logits are ~2.5e4
     model = nn.Sequential(*[nn.Conv2d(64, 64, 3) for _ in range(55)], nn.Flatten(), nn.Linear(64, 10))
     ref = np.linspace(-2.5e4, 2.5e4, 40).reshape(4, 10)
-    rule = _parity_rule(recipe, model, engine=_Inspected("fp32", "fp32"))
+    rule = parity_rule(spec, model, engine=_Inspected("fp32", "fp32"))
     assert (rule.arithmetic, rule.layers, rule.max_dot, rule.abs_floor) == ("fp32", 56, 576, 1e-3)
     ok = parity(lambda x: ref, _Engine(lambda x: ref + 1.2e-2), np.zeros((4, 1)), rule=rule)
-    _check_parity(recipe, ok, "gaussian noise")
+    enforce_parity(spec, ok, "gaussian noise")
     assert ok["tolerance"] == ok["rule"]["tolerance"] > 1e-3
     bad = parity(lambda x: ref, _Engine(lambda x: ref * 1.01), np.zeros((4, 1)), rule=rule)
     with pytest.raises(ParityError, match=r"> tolerance .* for fp32 arithmetic"):
-        _check_parity(recipe, bad, "gaussian noise")
-    fp16 = load_recipe(None, ["target.precision=fp16"])
-    assert _parity_rule(fp16, model, engine=_Inspected("fp16", "fp16")).arithmetic == "fp16"
-    assert _parity_rule(recipe, model, _Inspected("fp32", "tf32")).arithmetic == "tf32"  # the engine says TF32
+        enforce_parity(spec, bad, "gaussian noise")
+    fp16 = resolve(load_recipe(None, ["target.precision=fp16"])).parity
+    assert parity_rule(fp16, model, engine=_Inspected("fp16", "fp16")).arithmetic == "fp16"
+    assert parity_rule(spec, model, _Inspected("fp32", "tf32")).arithmetic == "tf32"  # the engine says TF32

@@ -113,13 +113,13 @@ def test_a_group_joining_layers_of_different_widths_is_refused():
 
 
 def test_a_missed_mac_budget_is_reported():
-    from dfp_deploy.pipeline import _search_budget_warnings
-    from dfp_deploy.recipe import load_recipe
+    from dfp_deploy.report.assemble import search_budget_warnings
 
-    recipe = load_recipe(None, ["search.episodes=4", "search.budget=0.5"])
-    assert _search_budget_warnings(recipe, {"before": 1000, "after": 502}, {"episodes": 4}) == []
-    assert "over the budget 0.5" in _search_budget_warnings(recipe, {"before": 1000, "after": 540}, {"episodes": 4})[0]
-    assert _search_budget_warnings(recipe, {"before": 1000, "after": 540}, None) == []
+    searched = {"episodes": 4, "target": "macs", "budget": 0.5}  # report.json `search`
+    assert search_budget_warnings({"before": 1000, "after": 502}, searched) == []
+    assert "over the budget 0.5" in search_budget_warnings({"before": 1000, "after": 540}, searched)[0]
+    assert search_budget_warnings({"before": 1000, "after": 540}, None) == []
+    assert search_budget_warnings({"before": 1000, "after": 900}, {**searched, "target": "latency"}) == []
 
 
 def test_space_features_are_normalised_and_snap_respects_round_to():

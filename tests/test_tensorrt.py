@@ -248,7 +248,7 @@ def test_summarize_layers_lists_nodes_no_layer_names(sample_layers):
 
 
 def test_layers_that_miss_int8_become_build_warnings(sample_layers):
-    from dfp_deploy.pipeline import _engine_warnings
+    from dfp_deploy.report.assemble import engine_warnings as _engine_warnings
 
     s = summarize_layers(sample_layers, SAMPLE_INT8_NODES | {"/head/extra/Conv"}).as_dict()
     warnings = _engine_warnings(s)
@@ -683,8 +683,11 @@ def test_tensorrt_builds_and_runs_a_tiny_model(precision, tmp_path):
 
 def test_recipe_target_keys_reach_the_tensorrt_builder_settings():
     from dfp_deploy.backends.registry import get_backend
-    from dfp_deploy.pipeline import _backend_options
     from dfp_deploy.recipe import load_recipe
+    from dfp_deploy.recipe.resolve import resolve
+
+    def _backend_options(recipe):
+        return dict(resolve(recipe).target.options)
 
     recipe = load_recipe(None, ["target.backend=tensorrt", "target.opt_level=5", "target.workspace_mb=512",
                                 "target.cuda_graph=false"])

@@ -1,1 +1,2 @@
-"""Reports: render the JSON report (the source of truth) as Markdown; compute nothing new."""
+"""Reports: assemble the frozen BuildReport from the stages' results (the JSON source of truth) and render it as
+Markdown; compute nothing new."""

@@ -1,0 +1,205 @@
+"""The engine side of a build: the int8 graph, the engine that prices rounding, parity, timing and accuracy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dfp_deploy.core.types import PrunePlan
+from dfp_deploy.recipe.resolve import BuildPlan, ParitySpec
+from dfp_deploy.pipeline.compress_step import compress, metric_function
+
+
+def int8_onnx(plan: BuildPlan, loaded, compressed, example, fp32_onnx: Path, out: Path,
+              calib_inputs: torch.Tensor | None) -> Path:
+    """The Q/DQ graph of the compressed model, with activation ranges from BN statistics or calibration inputs."""
+    from dfp_deploy.export.int8 import int8_onnx as make_int8
+
+    q = plan.int8
+    calib = calib_inputs.numpy() if q.inputs is not None and calib_inputs is not None else None
+    return make_int8(compressed, example, fp32_onnx, out, style=q.style, preprocess=loaded.preprocess,
+                     calibration_inputs=calib, range_k=q.range_k, opset=plan.export.opset,
+                     threads=plan.target.threads)
+
+
+def unrounded_engine(plan: BuildPlan, loaded, analysis, keep: PrunePlan, example, work: Path, adapt_inputs,
+                     backend, calib_inputs: torch.Tensor | None, cache: Path):
+    """Build the unrounded plan's engine exactly like the shipped one, to time what rounding cost or gained. Its
+    files are hidden in the staging folder and removed once the engine is loaded."""
+    from dfp_deploy.analysis import count_macs
+    from dfp_deploy.export.onnx_export import export_onnx
+
+    t = plan.target
+    model = compress(plan, loaded.module, analysis, keep, adapt_inputs=adapt_inputs).eval()
+    path = export_onnx(model, example, work / ".unrounded.onnx", dynamic_batch=plan.export.dynamic_batch,
+                       opset=plan.export.opset, cache=cache).path
+    path = engine_onnx(plan, loaded, model, example, path, work / ".unrounded", calib_inputs)
+    engine = backend.build(path, precision=t.precision, threads=t.threads, out_dir=work, torch_model=model)
+    for leftover in work.glob(".unrounded*"):
+        leftover.unlink()
+    info = {"round_to": plan.select.round_to, "macs_unrounded": count_macs(model, example[:1])}
+    return info, engine
+
+
+def reference_inputs(plan: BuildPlan, loaded) -> tuple[np.ndarray, str]:
+    """Parity inputs: real evaluation images when the recipe has them, else seeded Gaussian noise."""
+    batch = plan.target.batch
+    n = -(-plan.parity.samples // batch) * batch
+    if plan.eval.data:
+        from dfp_deploy.data.images import load_images, to_tensor
+
+        x, _ = load_images(plan.eval.data, loaded.preprocess, limit=n, require_labels=False, start=plan.eval.start)
+        if len(x) >= batch:
+            x = x[: len(x) // batch * batch]
+            return to_tensor(x, loaded.preprocess), "eval images"
+    rng = np.random.default_rng(plan.seed)
+    return rng.standard_normal((n, *loaded.input_shape), dtype=np.float32), "gaussian noise"
+
+
+def engine_onnx(plan: BuildPlan, loaded, compressed, example, fp32_onnx: Path, out_stem: Path,
+                calib_inputs: torch.Tensor | None) -> Path:
+    """The graph the compressed engine is built from: the Q/DQ graph for int8, the fp16 rewrite for fp16, else the
+    exported fp32 graph."""
+    if plan.int8 is not None:
+        return int8_onnx(plan, loaded, compressed, example, fp32_onnx, out_stem.with_suffix(".int8.onnx"),
+                         calib_inputs)
+    if plan.target.precision == "fp16":
+        from dfp_deploy.export.passes.fp16 import write_fp16_onnx
+
+        return write_fp16_onnx(fp32_onnx, out_stem.with_suffix(".fp16.onnx"))
+    return fp32_onnx
+
+
+def torch_runner(model):
+    from dfp_deploy.core.outputs import to_numpy
+
+    def run(x: np.ndarray):
+        with torch.inference_mode():
+            return to_numpy(model(torch.from_numpy(np.ascontiguousarray(x))))
+    return run
+
+
+def chunked(run, batch: int):
+    """Feed an engine built for a static batch: split into chunks of exactly `batch` rows."""
+    from dfp_deploy.core.outputs import concat
+
+    def go(x: np.ndarray):
+        return concat([run(x[i:i + batch]) for i in range(0, len(x), batch)])
+    return go
+
+
+class ChunkedEngine:
+    """Adapter: an engine with a static batch seen as one that takes any multiple of that batch."""
+
+    def __init__(self, engine, batch: int):
+        self.name = engine.name
+        self.run = chunked(engine.run, batch)
+
+
+def check_parity(plan: BuildPlan, loaded, compressed, engine, engine_onnx: Path) -> dict:
+    """The engine against PyTorch on the reference inputs, with the precision-aware rule; refused when it fails."""
+    from dfp_deploy.measure.parity import parity
+
+    t = plan.target
+    x_ref, ref_kind = reference_inputs(plan, loaded)
+    par = parity(torch_runner(compressed), ChunkedEngine(engine, t.batch), x_ref,
+                 rule=parity_rule(plan.parity, compressed, engine))
+    par.update(inputs=ref_kind, precision=t.precision)
+    from dfp_deploy.backends.registry import simulates, simulation
+
+    if simulates(t.precision):
+        # the float model is not what an int8 engine computes: also compare with the simulated quantization
+        simulated = simulation(t.precision, engine_onnx, t.threads)
+        sim = parity(chunked(simulated.run, t.batch), ChunkedEngine(engine, t.batch), x_ref)
+        par["simulated"] = {k: sim[k] for k in ("max_abs_err", "mean_abs_err", "top1_agreement")}
+        if len(sim["outputs"]) > 1:  # several outputs: no class agreement to read, so each output's error
+            par["simulated"]["outputs"] = {k: {"max_abs_err": o["max_abs_err"], "rel_err": o["rel_err"]}
+                                           for k, o in sim["outputs"].items()}
+    enforce_parity(plan.parity, par, ref_kind)
+    return par
+
+
+def enforce_parity(spec: ParitySpec, par: dict, ref_kind: str) -> None:
+    """fp32/fp16 engines must reproduce PyTorch's logits within the precision-aware rule (measure/parity.py;
+    measure.parity_tolerance is its absolute floor); int8 engines must agree on the predicted class."""
+    from dfp_deploy.core.errors import ParityError
+
+    if spec.precision == "int8":
+        par["min_agreement"] = spec.int8_min_agreement
+        if (ref_kind == "eval images" and par["top1_agreement"] is not None
+                and not par["top1_agreement"] >= spec.int8_min_agreement):
+            raise ParityError(f"parity: the int8 engine agrees with PyTorch on {100 * par['top1_agreement']:.1f}% "
+                              f"of the images (< measure.int8_min_agreement {spec.int8_min_agreement:g})")
+        return
+    from dfp_deploy.measure.parity import enforce
+
+    par["tolerance"] = par["rule"]["tolerance"]
+    enforce(par)
+
+
+def parity_rule(spec: ParitySpec, compressed, engine):
+    """The float arithmetic the engine says it runs (fp16, TF32 or fp32) and the net's size; None for int8 (held
+    to class agreement)."""
+    from dfp_deploy.measure.parity import ParityRule, network_size
+
+    if spec.precision == "int8":
+        return None
+    layers, max_dot = network_size(compressed)
+    return ParityRule(engine.inspect().arithmetic, layers, max_dot, spec.tolerance)
+
+
+def time_engines(plan: BuildPlan, engines: dict, example, *, quiet: bool) -> tuple[dict, dict | None]:
+    """Latency of the engines, interleaved (measure/latency.py), as report.json's `latency`, and the raw stats."""
+    t, m = plan.target, plan.measure
+    latency = {"backend": t.backend, "precision": t.precision, "batch": t.batch}
+    if not m.latency:
+        return latency, None
+    from dfp_deploy.measure.latency import noise, round_speedups, time_interleaved
+
+    xb = example.numpy()
+    stats = time_interleaved({name: engine.prepare(xb) for name, engine in engines.items()},
+                             warmup=m.warmup, runs=m.runs, rounds=m.rounds, batch=t.batch, threads=t.threads,
+                             progress=not quiet)
+    after = engines["after"]
+    latency.update(threads=getattr(after, "threads", None) or stats["after"].threads,
+                   before=stats["before"].as_dict(), after=stats["after"].as_dict(),
+                   speedup=stats["before"].p50_ms / stats["after"].p50_ms,
+                   speedup_rounds=round_speedups(stats["before"], stats["after"]),
+                   noise={name: noise(stats[name]) for name in ("before", "after")},
+                   protocol=dict(warmup=m.warmup, runs=m.runs, rounds=m.rounds, order="interleaved, rotating"))
+    return latency, stats
+
+
+def accuracy(plan: BuildPlan, loaded, eng_before, eng_after, *, quiet: bool) -> dict:
+    from dfp_deploy.data.images import load_images, to_tensor
+    from dfp_deploy.measure.accuracy import top1
+
+    if plan.eval.metric != "top1":
+        return custom_metric(plan, loaded, eng_before, eng_after, quiet=quiet)
+    x8, y = load_images(plan.eval.data, loaded.preprocess, limit=plan.eval.limit, start=plan.eval.start)
+    x = to_tensor(x8, loaded.preprocess)
+    kw = dict(batch=plan.target.batch, static_batch=not plan.export.dynamic_batch, progress=not quiet)
+    return {"data": plan.eval.data, "start": plan.eval.start, "n": int(len(y)), "metric": "top1_percent",
+            "before": top1(eng_before.run, x, y, **kw), "after": top1(eng_after.run, x, y, **kw)}
+
+
+def custom_metric(plan: BuildPlan, loaded, eng_before, eng_after, *, quiet: bool) -> dict:
+    """eval.metric: package.module:function on each engine (the call contract: measure/metric.py)."""
+    from dfp_deploy.data.images import load_images, to_tensor
+    from dfp_deploy.measure.accuracy import run_batched
+    from dfp_deploy.measure.metric import eval_data, evaluate, other_arrays
+
+    spec, function, e = plan.eval.metric, metric_function(plan), plan.eval
+    x8, _ = load_images(e.data, loaded.preprocess, limit=e.limit, require_labels=False, start=e.start)
+    arrays, count = other_arrays(e.data)
+    data = eval_data(to_tensor(x8, loaded.preprocess), arrays, count, start=e.start)
+
+    def score(engine):
+        def run(x):
+            return run_batched(engine.run, x, batch=plan.target.batch, static_batch=not plan.export.dynamic_batch,
+                               progress=not quiet)
+        return evaluate(spec, function, run, data)
+
+    return {"data": e.data, "n": int(len(x8)), "metric": spec, "before": score(eng_before), "after": score(eng_after)}
