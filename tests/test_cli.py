@@ -1,5 +1,6 @@
 """End to end through the CLI: a real (tiny) build, the report contract, and bad input handled without damage."""
 
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -99,7 +100,8 @@ def test_interrupted_build_keeps_the_previous_output(built, tmp_path, monkeypatc
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("dfp_deploy.analysis.analyze", interrupt)
+    # the build sequence's own name for it (pipeline/build.py imports it at the top)
+    monkeypatch.setattr(importlib.import_module("dfp_deploy.pipeline.build"), "analyze", interrupt)
     res = run("build", recipe, "--out", out, *FAST)
     assert res.exit_code == 130
     assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before

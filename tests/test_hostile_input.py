@@ -133,12 +133,13 @@ def tiny(tmp_path: Path) -> Path:
 @pytest.fixture
 def no_work(monkeypatch):
     """Fail loudly if a build gets past loading: analysis is the first stage after it."""
-    import dfp_deploy.analysis
+    import importlib
 
     def analyze(*_, **__):
         raise AssertionError("the build went past loading")
 
-    monkeypatch.setattr(dfp_deploy.analysis, "analyze", analyze)
+    # the build sequence's own name for it (pipeline/build.py imports it at the top)
+    monkeypatch.setattr(importlib.import_module("dfp_deploy.pipeline.build"), "analyze", analyze)
 
 
 @pytest.mark.parametrize("labels", [[0, 1, 2, 10], [0, -1, 2, 3]])
