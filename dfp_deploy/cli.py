@@ -176,12 +176,15 @@ def backends():
 
 
 @main.command("recipe-keys")
-def recipe_keys():
-    """List every recipe key with its type, default and meaning."""
+@click.option("--advanced", is_flag=True, help="also the keys under `advanced:` (research variants, lab knobs)")
+def recipe_keys(advanced):
+    """List the recipe keys with their type, default and meaning."""
     from dfp_deploy.recipe import iter_keys
+    from dfp_deploy.recipe.loader import ADVANCED
 
     for key, typ, default, doc in iter_keys():
-        click.echo(f"{key}  ({typ}, default {default!r})\n    {doc}")
+        if advanced or not key.startswith(ADVANCED):
+            click.echo(f"{key}  ({typ}, default {default!r})\n    {doc}")
 
 
 @main.command()

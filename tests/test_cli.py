@@ -151,6 +151,8 @@ def test_backends_lists_ort_cpu_available():
 def test_recipe_keys_lists_contract_keys():
     res = run("recipe-keys")
     assert "compress.prune.ratio" in res.output and "target.batch" in res.output
+    assert "\nadvanced." not in res.output  # the advanced keys only with --advanced
+    assert "advanced.compress.udfc_form" in run("recipe-keys", "--advanced").output
 
 
 @pytest.mark.slow
@@ -595,8 +597,8 @@ def test_bn_adapt_with_calibration_is_refused(recipe, tmp_path):
 
 @pytest.mark.slow
 def test_udfc_vector_form_reaches_the_build(recipe, tmp_path):
-    """compress.udfc_form: vector builds exactly what the library's UDFC vector (NNLS) form gives for the plan, which
-    is not what the default single merges give; the report names the form."""
+    """advanced.compress.udfc_form: vector builds exactly what the library's UDFC vector (NNLS) form gives for the
+    plan, which is not what the default single merges give; the report names the form."""
     from dfp_deploy.analysis import analyze
     from dfp_deploy.compress.repair.apply import compress_model
     from dfp_deploy.core.types import PrunePlan
@@ -604,7 +606,7 @@ def test_udfc_vector_form_reaches_the_build(recipe, tmp_path):
 
     out = tmp_path / "vector"
     res = run("build", recipe, "--out", out, *FAST, "--set", "measure.latency=false",
-              "--set", "compress.reconstruct=udfc", "--set", "compress.udfc_form=vector")
+              "--set", "compress.reconstruct=udfc", "--set", "advanced.compress.udfc_form=vector")
     assert res.exit_code == 0, res.output
     r = json.loads((out / "report.json").read_text())
     assert r["compress"]["reconstruct"] == "udfc" and r["compress"]["udfc_form"] == "vector"
@@ -624,9 +626,9 @@ def test_udfc_vector_form_reaches_the_build(recipe, tmp_path):
 
 def test_udfc_form_without_udfc_is_refused(recipe, tmp_path):
     res = run("build", recipe, "--out", tmp_path / "o", "--quiet", "--set", "compress.reconstruct=lmmse",
-              "--set", "compress.udfc_form=vector")
+              "--set", "advanced.compress.udfc_form=vector")
     assert res.exit_code == 2
-    assert "compress.udfc_form: vector applies to compress.reconstruct: udfc only" in res.output
+    assert "advanced.compress.udfc_form: vector applies to compress.reconstruct: udfc only" in res.output
     assert not (tmp_path / "o").exists()
 
 

@@ -198,3 +198,25 @@ def test_check_output_dir(tmp_path):
                          (tmp_path / ("o" * 240), "at most"), ("/", "filesystem root")]:
         with pytest.raises(RecipeError, match=message):
             check_output_dir(out, "--out")
+
+
+@pytest.mark.parametrize("where", ["set", "file"])
+def test_a_moved_key_fails_in_one_line_naming_its_new_place(tmp_path, where):
+    if where == "set":
+        with pytest.raises(RecipeError) as err:
+            load_recipe(None, ["compress.udfc_form=vector"])
+    else:
+        with pytest.raises(RecipeError) as err:
+            load_recipe(write(tmp_path, "search:\n  episodes: 4\n  latency_penalty: 3\n"))
+    message = str(err.value)
+    assert "\n" not in message and "moved to advanced." in message
+    moved = "compress.udfc_form" if where == "set" else "search.latency_penalty"
+    assert message.startswith(f"{moved}: moved to advanced.{moved}")
+
+
+def test_advanced_keys_load_under_advanced_with_their_ranges(tmp_path):
+    r = load_recipe(write(tmp_path, "advanced:\n  search:\n    proxy: top1\n"),
+                    ["advanced.compress.quantize.range_k=4"])
+    assert (r.advanced.search.proxy, r.advanced.compress.quantize.range_k) == ("top1", 4.0)
+    with pytest.raises(RecipeError, match=r"advanced.compress.quantize.range_k: 0 is not in \(0, inf\)"):
+        load_recipe(None, ["advanced.compress.quantize.range_k=0"])

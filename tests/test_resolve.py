@@ -64,7 +64,7 @@ def test_hidden_couplings_are_fields_hessian_rounding_bias_correction_and_the_bn
     assert (udfc.rounding, udfc.bias_correction, udfc.multi) == ("nearest", False, False)
     assert plan_of("compress.reconstruct=lmmse").repair.bias_correction is None  # nothing quantized
     forced = plan_of("compress.reconstruct=udfc", "compress.quantize.weight_bits=4",
-                     "compress.quantize.bias_correction=true", "compress.udfc_form=vector").repair
+                     "compress.quantize.bias_correction=true", "advanced.compress.udfc_form=vector").repair
     assert forced.bias_correction and forced.multi
     adapt = plan_of("compress.bn_adapt.data=synthetic", "seed=7").inputs["bn_adapt"]
     assert (adapt.seed, adapt.synthetic, adapt.steps, adapt.chunk) == (8, True, 200, 64)
@@ -87,7 +87,7 @@ def test_named_inputs_only_where_a_step_reads_them(tmp_path):
 
 
 @pytest.mark.parametrize("settings, message", [
-    (["compress.udfc_form=vector"], "compress.udfc_form: vector applies to compress.reconstruct: udfc"),
+    (["advanced.compress.udfc_form=vector"], "advanced.compress.udfc_form: vector applies to compress.reconstruct"),
     (["compress.prune.allocation=macs"], "compress.prune.allocation: macs needs compress.prune.importance: lmmse"),
     (["compress.prune.importance=lmmse", "compress.prune.allocation=macs", "compress.prune.ratios={a: 0.5}"],
      "cannot be combined with per-group compress.prune.ratios"),

@@ -298,7 +298,7 @@ class RayMeasurer:
         self.replaced = 0
 
     def _no_worker(self, why: str) -> str:
-        return (f"measure.target_resource: no live Ray worker holds the resource {self.resource!r} ({why}); "
+        return (f"advanced.measure.target_resource: no live Ray worker holds the resource {self.resource!r} ({why}); "
                 f"start one on the target with ray start --address=<head> --resources='{{\"{self.resource}\": 1}}'")
 
     def _start(self):

@@ -185,6 +185,34 @@ def iter_keys(cls=Recipe, prefix: str = ""):
             yield key, _type_name(hints[f.name]), default, f.metadata.get("doc", "")
 
 
+ADVANCED = "advanced."
+
+
+def _moved() -> dict[str, str]:
+    """Old path -> new path of every key (and section) that moved under `advanced:`: a recipe or --set that still
+    uses the old path is told where the key went, in one line."""
+    moved = {}
+    user = {k for k, *_ in iter_keys() if not k.startswith(ADVANCED)}
+    user_sections = {k.rsplit(".", i)[0] for k in user for i in range(1, k.count(".") + 1)}
+    for key, *_ in iter_keys():
+        if key.startswith(ADVANCED):
+            old = key[len(ADVANCED):]
+            moved[old] = key
+            parts = old.split(".")
+            for i in range(1, len(parts)):  # a section that exists only under advanced: moved as a whole
+                section = ".".join(parts[:i])
+                if section not in user_sections:
+                    moved.setdefault(section, ADVANCED + section)
+    return moved
+
+
+def _refuse_moved(key: str) -> None:
+    new = _moved().get(key)
+    if new is not None:
+        raise RecipeError(f"{_name(key)}: moved to {new} (an advanced key; `dfp-deploy recipe-keys --advanced` "
+                          "lists them)")
+
+
 def _parse_override(item: str) -> tuple[str, object]:
     if "=" not in item:
         raise RecipeError(f"--set {_show(item)}: expected key=value, e.g. --set compress.prune.ratio=0.5")
@@ -197,8 +225,9 @@ def _parse_override(item: str) -> tuple[str, object]:
     except yaml.YAMLError:
         value = text  # not YAML: take it as a plain string
     known = {k for k, *_ in iter_keys()}
-    section_keys = {k.rsplit(".", 1)[0] for k in known if "." in k}
+    section_keys = {k.rsplit(".", i)[0] for k in known for i in range(1, k.count(".") + 1)}
     if key not in known and key not in section_keys:
+        _refuse_moved(key)
         hint = difflib.get_close_matches(key, sorted(known), n=1)
         raise RecipeError(f"{_name(key)}: unknown key" + (f" (did you mean {hint[0]}?)" if hint else ""))
     return key, value
@@ -227,6 +256,7 @@ def _build(cls, raw, prefix: str, base: Path, overridden: set[str]):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in fields:
+            _refuse_moved(f"{prefix}{key}")
             hint = difflib.get_close_matches(str(key), list(fields), n=1)
             allowed = ", ".join(fields)
             raise RecipeError(f"{prefix}{_name(key)}: unknown key" + (f" (did you mean {hint[0]}?)" if hint else "")

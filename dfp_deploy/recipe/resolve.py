@@ -238,7 +238,7 @@ def resolve(recipe: Recipe, *, fingerprint: FingerprintLookup | None = None,
     c, t, m = recipe.compress, recipe.target, recipe.measure
     inputs = _inputs(recipe)
     calibrate = (CalibrateSpec("calibration", c.calibration.squeeze_epochs, c.calibration.calib_epochs,
-                               c.calibration.lr, recipe.seed) if _two_phase(recipe) else None)
+                               recipe.advanced.compress.calibration.lr, recipe.seed) if _two_phase(recipe) else None)
     select = _select(recipe, fingerprint)
     return BuildPlan(
         seed=recipe.seed,
@@ -248,14 +248,16 @@ def resolve(recipe: Recipe, *, fingerprint: FingerprintLookup | None = None,
         calibrate=calibrate,
         bn_adapt=BnAdaptSpec("bn_adapt") if c.bn_adapt.data else None,
         int8=(Int8Spec(c.quantize.activations, "calibration" if c.quantize.activations == "calibration" else None,
-                       c.quantize.range_k, qdq_style(t.backend)) if t.precision == "int8" else None),
+                       recipe.advanced.compress.quantize.range_k, qdq_style(t.backend))
+              if t.precision == "int8" else None),
         export=ExportSpec(recipe.export.opset, recipe.export.dynamic_batch),
         target=_target(recipe, fingerprint, cache),
         parity=ParitySpec(t.precision, m.parity_tolerance, m.parity_samples, m.int8_min_agreement),
         measure=MeasureSpec(m.latency, m.warmup, m.runs, m.rounds,
                             # calibrated builds skip it: a second calibration would double their cost
                             m.rounding_cost and m.latency and calibrate is None and select.round_to != 1,
-                            m.workers, m.local_workers, m.target_resource, m.worker_timeout,
+                            m.workers, m.local_workers, recipe.advanced.measure.target_resource,
+                            recipe.advanced.measure.worker_timeout,
                             Path(m.cache) if m.cache else cache / "measurements"),
         search=_search(recipe),
         eval=EvalSpec(recipe.eval.data, recipe.eval.limit, recipe.eval.start, recipe.eval.metric),
@@ -273,8 +275,9 @@ def check_consistency(recipe: Recipe) -> None:
         raise InputError(f"model.input_size: {list(shape)} at target.batch {recipe.target.batch} is "
                          f"{recipe.target.batch * math.prod(shape):,} values per batch, above {MAX_INPUT_ELEMENTS:,}; "
                          "use a smaller input or batch")
-    if c.udfc_form != "merge" and c.reconstruct != "udfc":
-        raise InputError(f"compress.udfc_form: {c.udfc_form} applies to compress.reconstruct: udfc "
+    udfc_form = recipe.advanced.compress.udfc_form
+    if udfc_form != "merge" and c.reconstruct != "udfc":
+        raise InputError(f"advanced.compress.udfc_form: {udfc_form} applies to compress.reconstruct: udfc "
                          f"only, not {c.reconstruct}; remove it or set reconstruct: udfc")
     if p.allocation != "uniform" and p.importance != "lmmse":
         raise InputError(f"compress.prune.allocation: {p.allocation} needs compress.prune.importance: lmmse "
@@ -415,7 +418,8 @@ def _repair(recipe: Recipe) -> RepairSpec:
         bias_correction = None
     else:  # the methods' published defaults: DFQ-style correction with lmmse, none with the others
         bias_correction = q.bias_correction if q.bias_correction is not None else c.reconstruct == "lmmse"
-    return RepairSpec(c.reconstruct, c.udfc_form if c.reconstruct == "udfc" else None, q.weight_bits,
+    form = recipe.advanced.compress.udfc_form
+    return RepairSpec(c.reconstruct, form if c.reconstruct == "udfc" else None, q.weight_bits,
                       q.first_last_bits if q.weight_bits is not None else None, bias_correction,
                       "hessian" if c.reconstruct == "lmmse" else "nearest")
 
@@ -424,12 +428,14 @@ def _search(recipe: Recipe) -> SearchSpec | None:
     s = recipe.search
     if not s.episodes:
         return None
-    scoring = {"model": asdict(recipe.model), "compress": asdict(recipe.compress), "proxy": s.proxy,
+    a = recipe.advanced
+    scoring = {"model": asdict(recipe.model), "compress": asdict(recipe.compress),
+               "compress_advanced": asdict(a.compress), "proxy": a.search.proxy,
                "proxy_data": s.proxy_data, "samples": s.synthetic_samples,
                "steps": s.synthetic_steps if s.proxy_data == SYNTHETIC else None}
     return SearchSpec(s.episodes, s.warmup if s.warmup is not None else s.episodes // 4, s.target, s.budget,
-                      s.min_keep, s.include_residual, s.proxy, "search", s.measure, s.latency_penalty, s.resume,
-                      s.batch, MappingProxyType(scoring))
+                      s.min_keep, s.include_residual, a.search.proxy, "search", s.measure, a.search.latency_penalty,
+                      s.resume, s.batch, MappingProxyType(scoring))
 
 
 def _data_files(recipe: Recipe) -> tuple[tuple[str, str], ...]:

@@ -87,8 +87,7 @@ class QuantizeSection:
     activations: Literal["data_free", "calibration"] = spec(
         "data_free", "where int8 engines get activation ranges: BatchNorm statistics (no data) or "
         "compress.calibration.data images")
-    range_k: float = spec(6.0, "data-free ranges cover mean ± range_k·std of each channel (see export/ranges.py)",
-                          lo=0.0, lo_open=True)
+
 
 
 @dataclass(frozen=True)
@@ -102,7 +101,6 @@ class CalibrationSection:
     squeeze_epochs: int = spec(2, "phase 1 epochs (pull removed channels to zero while matching layer outputs)",
                                lo=0, hi=MAX_COUNT)
     calib_epochs: int = spec(2, "phase 2 epochs of per-layer Adam after the least-squares step", lo=0, hi=MAX_COUNT)
-    lr: float = spec(3e-4, "Adam step size of both phases", lo=0.0, lo_open=True)
     synthetic_steps: int = spec(50, "optimisation steps for data: synthetic (cached per model)", lo=1,
                                 hi=MAX_COUNT)
 
@@ -122,11 +120,6 @@ class CompressSection:
     prune: PruneSection = spec(None, "channel pruning", factory=PruneSection)
     reconstruct: Literal["none", "neuron_merging", "udfc", "lmmse"] = spec(
         "none", "closed-form data-free repair folded into the next layer (see dfp_deploy/compress/repair/)")
-    udfc_form: Literal["merge", "vector"] = spec(
-        "merge", "reconstruct: udfc only. merge: each pruned channel merges into its one best kept partner (the "
-        "published form); vector: non-negative least squares over several kept channels (its bound has an extra "
-        "term, docs/methods/reconstruction.md 2; measured better at deep cuts, docs/BENCHMARKS.md); depthwise sites "
-        "keep merges")
     quantize: QuantizeSection = spec(None, "weight quantization", factory=QuantizeSection)
     calibration: CalibrationSection = spec(None, "optional few unlabeled images", factory=CalibrationSection)
     bn_adapt: BnAdaptSection = spec(None, "adaptive BatchNorm after the data-free repair", factory=BnAdaptSection)
@@ -174,14 +167,11 @@ class MeasureSection:
     rounding_cost: bool = spec(True, "also build and time the plan without the target's channel rounding "
                                "(report.json `rounding`: the MACs and latency that rounding cost or gained)")
     workers: str = spec("local", "where the search times candidates: local (this machine, measure.local_workers "
-                        "processes), ray://host:port (a Ray cluster: one actor per unit of measure.target_resource) "
-                        "or auto (a running Ray cluster that offers the resource, else local)")
+                        "processes), ray://host:port (a Ray cluster: one actor per unit of "
+                        "advanced.measure.target_resource) or auto (a running Ray cluster that offers the resource, "
+                        "else local)")
     local_workers: int = spec(1, "processes timing candidates concurrently on this machine (1: in the search's own "
                               "process); they share its cores, so give each engine target.threads", lo=1, hi=64)
-    target_resource: str | None = spec(None, "Ray custom resource naming the target device, one unit per device "
-                                       "(default target:<target.backend>)")
-    worker_timeout: float = spec(60.0, "seconds to wait for a worker holding the target before failing", lo=0.0,
-                                 lo_open=True)
     cache: str | None = spec(None, "measurement cache folder, may be shared (default <user cache>/dfp-deploy/"
                              "measurements); entries are keyed by the ONNX bytes, target, device and versions",
                              path=True)
@@ -214,7 +204,6 @@ class SearchSection:
     min_keep: float = spec(0.2, "no group keeps fewer than this fraction of its channels", lo=0.0, hi=1.0,
                            lo_open=True)
     include_residual: bool = spec(False, "also search the groups tied across residual adds")
-    proxy: Literal["kl", "top1"] = spec("kl", "fidelity score of a candidate to the original on the proxy inputs")
     proxy_data: str = spec("synthetic", "the proxy inputs: 'synthetic' (generated to match the model's BatchNorm "
                            "statistics, data-free) or an .npz of unlabeled images (the search then sees real images: "
                            "not data-free; on ResNet-56 it found no better plans, docs/BENCHMARKS.md)", path=True)
@@ -225,12 +214,59 @@ class SearchSection:
     measure: Literal["best", "none"] = spec("best", "with target latency: time on the target (against the "
                                             "original) each candidate that could become the best, correct the "
                                             "latency model and penalise a missed target; none: predict only")
-    latency_penalty: float = spec(
-        10.0, "with target latency: reward lost per unit of relative miss of a timed candidate (λ in "
-        "search/reward.py; 10: missing the target by 10 % costs 1 nat of KL)", lo=0.0)
     resume: bool = spec(True, "continue an interrupted search from its log")
     batch: int = spec(1, "episodes proposed per policy update and evaluated together (their candidates timed "
                       "concurrently by measure.workers); episodes depend on the seed and batch only", lo=1, hi=1024)
+
+
+# Advanced keys: research variants, lab knobs and protocol details a user rarely needs. Each lives under
+# `advanced:` at the path it would have outside it (advanced.compress.udfc_form), so the rule is one rule; the
+# loader answers the old path with the new one (loader.MOVED).
+
+
+@dataclass(frozen=True)
+class AdvancedQuantize:
+    range_k: float = spec(6.0, "data-free ranges cover mean ± range_k·std of each channel (see export/ranges.py)",
+                          lo=0.0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class AdvancedCalibration:
+    lr: float = spec(3e-4, "Adam step size of both phases", lo=0.0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class AdvancedCompress:
+    udfc_form: Literal["merge", "vector"] = spec(
+        "merge", "compress.reconstruct: udfc only. merge: each pruned channel merges into its one best kept partner "
+        "(the published form); vector: non-negative least squares over several kept channels (its bound has an extra "
+        "term, docs/methods/reconstruction.md 2; measured better at deep cuts, docs/BENCHMARKS.md); depthwise sites "
+        "keep merges")
+    quantize: AdvancedQuantize = spec(None, "weight quantization", factory=AdvancedQuantize)
+    calibration: AdvancedCalibration = spec(None, "two-phase calibration", factory=AdvancedCalibration)
+
+
+@dataclass(frozen=True)
+class AdvancedMeasure:
+    target_resource: str | None = spec(None, "Ray custom resource naming the target device, one unit per device "
+                                       "(default target:<target.backend>)")
+    worker_timeout: float = spec(60.0, "seconds to wait for a worker holding the target before failing", lo=0.0,
+                                 lo_open=True)
+
+
+@dataclass(frozen=True)
+class AdvancedSearch:
+    proxy: Literal["kl", "top1"] = spec("kl", "fidelity score of a candidate to the original on the proxy inputs")
+    latency_penalty: float = spec(
+        10.0, "with target latency: reward lost per unit of relative miss of a timed candidate (λ in "
+        "search/reward.py; 10: missing the target by 10 % costs 1 nat of KL)", lo=0.0)
+
+
+@dataclass(frozen=True)
+class AdvancedSection:
+    compress: AdvancedCompress = spec(None, "compression variants", factory=AdvancedCompress)
+    measure: AdvancedMeasure = spec(None, "measurement workers", factory=AdvancedMeasure)
+    search: AdvancedSearch = spec(None, "search scoring", factory=AdvancedSearch)
 
 
 @dataclass(frozen=True)
@@ -244,3 +280,5 @@ class Recipe:
     output: OutputSection = spec(None, "where artifacts go", factory=OutputSection)
     search: SearchSection = spec(None, "per-group ratios chosen by a SAC agent (AutoDFP)", factory=SearchSection)
     seed: int = spec(0, "seed for every random choice", lo=0, hi=MAX_SEED)
+    advanced: AdvancedSection = spec(None, "research variants and lab knobs (dfp-deploy recipe-keys --advanced)",
+                                     factory=AdvancedSection)

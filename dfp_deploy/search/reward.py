@@ -12,7 +12,7 @@ Reward of an episode:
 with ℓ the measured latency of the candidate and ℓ* the target latency. The budget itself is enforced by the
 environment's action wall on a cost model, so within budget R is fidelity only (HAQ-style constraint, not AMC's
 −Err·log FLOPs trade-off); the penalty only bites when the cost model was wrong and the real engine still misses
-the target. λ is the recipe's `search.latency_penalty`, 10 by default: missing the target by 10 % costs 1 nat of KL,
+the target. λ is the recipe's `advanced.search.latency_penalty`, 10 by default: missing the target by 10 % costs 1 nat of KL,
 more than the fidelity gap between most plans near one budget, so a timed plan that misses the target loses to a
 plan that meets it. (With λ = 1, a ResNet-56 search for 0.7 of the original latency on an AVX-512 CPU returned a plan
 that ran at 0.79: its first timed candidate missed by 13 % yet kept the best reward, and since only candidates

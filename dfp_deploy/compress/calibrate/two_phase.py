@@ -156,7 +156,7 @@ def _check_arguments(inputs, squeeze_epochs, calib_epochs, batch, lr, ridge, ls_
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"calibrate(): {key}={value!r} must be an integer >= 1")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
-        raise InputError(f"compress.calibration.lr: {lr!r} must be a positive number, e.g. 1e-3")
+        raise InputError(f"advanced.compress.calibration.lr: {lr!r} must be a positive number, e.g. 1e-3")
     if ridge is not None and (isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0
                               or not math.isfinite(ridge)):
         raise InputError(f"calibrate(): ridge={ridge!r} must be a number >= 0 (e.g. 1e-3) or None "
