@@ -188,7 +188,7 @@ def iter_keys(cls=Recipe, prefix: str = ""):
 ADVANCED = "advanced."
 
 
-def _moved() -> dict[str, str]:
+def moved_keys() -> dict[str, str]:
     """Old path -> new path of every key (and section) that moved under `advanced:`: a recipe or --set that still
     uses the old path is told where the key went, in one line."""
     moved = {}
@@ -207,7 +207,7 @@ def _moved() -> dict[str, str]:
 
 
 def _refuse_moved(key: str) -> None:
-    new = _moved().get(key)
+    new = moved_keys().get(key)
     if new is not None:
         raise RecipeError(f"{_name(key)}: moved to {new} (an advanced key; `dfp-deploy recipe-keys --advanced` "
                           "lists them)")

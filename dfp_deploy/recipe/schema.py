@@ -221,7 +221,7 @@ class SearchSection:
 
 # Advanced keys: research variants, lab knobs and protocol details a user rarely needs. Each lives under
 # `advanced:` at the path it would have outside it (advanced.compress.udfc_form), so the rule is one rule; the
-# loader answers the old path with the new one (loader.MOVED).
+# loader answers the old path with the new one (loader.moved_keys).
 
 
 @dataclass(frozen=True)
