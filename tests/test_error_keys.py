@@ -9,7 +9,7 @@ from pathlib import Path
 from dfp_deploy.recipe.loader import iter_keys
 
 PACKAGE = Path(__file__).resolve().parent.parent / "dfp_deploy"
-SECTIONS = ("model", "compress", "search", "export", "target", "measure", "eval", "output")
+SECTIONS = ("model", "compress", "search", "export", "target", "measure", "eval", "output", "advanced")
 # a dotted name starting with a section, not part of a module path, a file path or a call (model.state_dict())
 KEY = re.compile(r"(?<![\w./:-])(?:%s)(?:\.[a-z0-9_]+)+(?![\w(])" % "|".join(SECTIONS))
 # an f-string that builds a key from a section prefix: the test could not check it, so keys are written whole

@@ -140,7 +140,7 @@ def compress_model(model: nn.Module, analysis: Analysis, plan: PrunePlan, *, met
     input means. Defaults: lmmse uses both (3, hessian) and (4); the other methods neither (as published).
     `layer_bits` {module name: bits} gives some layers other bits than weight_bits (quantize.edge_layers at 8 is
     the usual low-bit mixed precision); steps (1) and (3) use each module's own bits. `multi`: UDFC's vector form
-    (compress.udfc_form: vector). `options`: the closed forms' tuning constants (RepairOptions).
+    (advanced.compress.udfc_form: vector). `options`: the closed forms' tuning constants (RepairOptions).
     A producer that is itself the consumer of another compensated group (a chain) is modelled with its original
     filters' quantization, an approximation (ResNets have no such chain; EfficientNet-Lite0 has one: stem → block 0's
     projection, whose own pruned output rows the offsets follow)."""
