@@ -210,3 +210,13 @@ def test_a_metric_that_misbehaves_is_one_line(metric, message):
     with pytest.raises(InputError) as err:
         evaluate(f"tests._detectors:{metric}", fn, lambda x: x, {"images": np.zeros((1, 3, 4, 4))})
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_steps_that_read_a_class_decision_say_so_for_a_model_with_several_outputs(tmp_path):
+    from dfp_deploy.compress.calibrate.bn_adapt import self_agreement
+    from tests._detectors import TinyRetina
+
+    assert self_agreement(TinyRetina().eval(), torch.randn(4, 3, 32, 32)) is None  # no top-1 class to keep
+    res = run("build", _recipe(tmp_path, "TinyYolo"), "--out", tmp_path / "out", *QUICK, "--set", "search.episodes=4")
+    assert res.exit_code == 2 and res.output.startswith("error: search.episodes: the search scores candidates by "
+                                                        "their logits' fidelity"), res.output
