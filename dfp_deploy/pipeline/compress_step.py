@@ -26,7 +26,7 @@ def load(plan: BuildPlan):
         if loaded.num_classes is None:
             raise InputError(f"eval.metric: top1 needs a model that returns one [N, classes] logits tensor; "
                              f"{m.name} returns other outputs: set eval.metric: package.module:function "
-                             "(README: custom metrics)")
+                             "(README: Your own model, end to end)")
         check_labels(plan.eval.data, loaded.num_classes, plan.eval.limit, start=plan.eval.start)
     metric_function(plan)  # imported before any work: a wrong path fails now, not after the build
     return loaded

@@ -185,7 +185,7 @@ class EvalSection:
     limit: int | None = spec(None, "evaluate only N images (from eval.start)", lo=1,
                               hi=100_000_000)
     metric: str = spec("top1", "top1 (built-in: labels 'y', one logits output), or 'package.module:function' called "
-                       "as function(run, data) -> number or {name: number} (README: custom metrics)")
+                       "as function(run, data) -> number or {name: number} (README: Your own model, end to end)")
 
 
 @dataclass(frozen=True)
