@@ -204,6 +204,7 @@ def test_a_timed_build_measures_the_missing_fingerprint_once_and_reports_it(tmp_
     assert used["file"] == str(stored[0]) and used["channels"] == [65, 72] and used["measured_s"] > 0
     assert used["cost_of_not_rounding"] == pytest.approx(json.loads(stored[0].read_text())["cost_of_not_rounding"],
                                                          abs=1e-4)
+    assert f"latency fingerprint `{stored[0]}`, measured by this build" in (tmp_path / "out" / "report.md").read_text()
     from dfp_deploy.recipe import load_recipe
 
     assert not pipeline.resolve_recipe(load_recipe(recipe, [])).target.measure_fingerprint  # the next build reads it

@@ -19,7 +19,7 @@ def render_markdown(r: dict) -> str:
     c = r["compress"]
     p = r["prune"]
     lines += [f"Compression: {p['groups_pruned']} channel groups pruned, "
-              f"{100 * p['removed_fraction']:.1f}% of prunable channels removed{_selection(p)}; {_repair(c)}; "
+              f"{100 * p['removed_fraction']:.1f}% of prunable channels removed{_selection(p)}{_multiple(p)}; {_repair(c)}; "
               f"weight bits `{c['weight_bits'] or 'float'}`{_overrides(c)}"
               f"{_bias_correction(c)}{_bn_adapt(c)}.", ""]
     lines += ["| | before | after | change |", "|---|---|---|---|"]
@@ -128,6 +128,19 @@ def _selection(prune: dict) -> str:
     stats = {"calibration": ", on activations measured on the calibration inputs",
              "model": ", on the data-free activation model"}.get(sel.get("statistics"), "")
     return f" (ranking `{sel['importance']}`{stats}, {how})"
+
+
+def _multiple(prune: dict) -> str:
+    """The channel multiple and where it came from; for a fingerprint, its file and measured cost of not rounding."""
+    rnd = prune.get("round_to")
+    if not isinstance(rnd, dict) or not prune["groups_pruned"]:
+        return ""
+    fp = rnd.get("fingerprint")
+    if not fp:
+        return f", kept counts in multiples of {rnd['value']} ({rnd['source']})"
+    when = f", measured by this build in {fp['measured_s']:.0f} s" if fp.get("measured_s") else ""
+    return (f", kept counts in multiples of {rnd['value']} (the target's latency fingerprint `{fp['file']}`{when}: "
+            f"a count off the multiple runs {100 * fp['cost_of_not_rounding']:+.0f} % against the next multiple up)")
 
 
 def _bias_correction(compress: dict) -> str:
