@@ -137,7 +137,10 @@ def _multiple(prune: dict) -> str:
         return ""
     fp = rnd.get("fingerprint")
     if not fp:
-        return f", kept counts in multiples of {rnd['value']} ({rnd['source']})"
+        source = rnd["source"]  # "recipe", or "table (why)"
+        if source.endswith(")") and " (" in source:
+            source = source[:-1].replace(" (", ": ", 1)
+        return f", kept counts in multiples of {rnd['value']} ({source})"
     when = f", measured by this build in {fp['measured_s']:.0f} s" if fp.get("measured_s") else ""
     return (f", kept counts in multiples of {rnd['value']} (the target's latency fingerprint `{fp['file']}`{when}: "
             f"a count off the multiple runs {100 * fp['cost_of_not_rounding']:+.0f} % against the next multiple up)")
