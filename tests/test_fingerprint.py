@@ -131,13 +131,13 @@ def _source_of(recipe) -> tuple[int, str]:
     return select.round_to, select.round_to_source
 
 
-def _store_fingerprint(tmp_path, batch: int, multiple: int):
-    """A fingerprint of this machine's ort-cpu fp32 target at `batch`, one thread, measured on a known step of
-    `multiple` channels, stored where builds look."""
+def _store_fingerprint(tmp_path, batch: int, multiple: int, precision: str = "fp32"):
+    """A fingerprint of this machine's ort-cpu target at `precision` and `batch`, one thread, measured on a known
+    step of `multiple` channels, stored where builds look."""
     from dfp_deploy.backends.registry import get_backend
     from dfp_deploy.pipeline.context import fingerprint_key
 
-    key = fingerprint_key(get_backend("ort-cpu"), "ort-cpu", "fp32", batch, 14, 1)
+    key = fingerprint_key(get_backend("ort-cpu"), "ort-cpu", precision, batch, 14, 1)
     truth = dict(zip(CHANNELS, [0.05 + 1e-4 * _up(c, multiple) ** 2 for c in CHANNELS]))
     return fp.save(fp.measure(key, lambda c: (lambda: float(truth[c])), warmup=1, runs=50, rounds=5),
                    tmp_path / "dfp-deploy" / "fingerprints")
@@ -162,6 +162,8 @@ def test_auto_measures_a_fingerprint_only_where_the_build_needs_one_and_times_th
     assert not needed("measure.latency=false")  # nothing is timed here: this machine may not be the target
     assert needed("measure.latency=false", "search.episodes=2", "search.target=latency")
     assert not needed("target.backend=torch-cpu")  # builds from the module, not from the ONNX probes
+    # int8 on ORT CPU: the probe's multiple made whole networks slower than the table's (latency-fingerprint.md)
+    assert not needed("target.precision=int8")
     _store_fingerprint(tmp_path, batch=2, multiple=4)
     assert not needed()  # measured once: the stored one is used from then on
     assert needed("target.batch=8")  # another batch is another target
@@ -178,6 +180,22 @@ def test_target_fingerprint_table_ignores_a_stored_fingerprint(tmp_path, monkeyp
     assert _source_of(load_recipe(path, ["target.fingerprint=stored"])) == (4, f"fingerprint {stored}")
     value, source = _source_of(load_recipe(path, ["target.fingerprint=table"]))
     assert (value, source) == (pipeline.default_round_to("ort-cpu", "fp32"), "table (target.fingerprint: table)")
+
+
+def test_auto_leaves_int8_on_ort_cpu_to_the_table_and_stored_still_applies_it(tmp_path, monkeypatch):
+    """On whole networks the int8 probe's multiple was slower than the table's (docs/research/latency-fingerprint.md)."""
+    from dfp_deploy import pipeline
+    from dfp_deploy.recipe import load_recipe
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {name: cifar_resnet20}\ntarget: {backend: ort-cpu, precision: int8, batch: 2, threads: 1}\n")
+    stored = _store_fingerprint(tmp_path, batch=2, multiple=2, precision="int8")
+    assert _source_of(load_recipe(path, [])) == (pipeline.default_round_to("ort-cpu", "int8"),
+                                                 "table (target.fingerprint: auto, int8 on ort-cpu)")
+    multiple = json.loads(stored.read_text())["multiple"]
+    assert multiple != pipeline.default_round_to("ort-cpu", "int8")
+    assert _source_of(load_recipe(path, ["target.fingerprint=stored"])) == (multiple, f"fingerprint {stored}")
 
 
 @pytest.mark.slow

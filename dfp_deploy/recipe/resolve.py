@@ -338,7 +338,9 @@ def round_to_source(recipe: Recipe, fingerprint: FingerprintLookup | None) -> tu
     if stored is not None:
         multiple, path = stored
         return multiple, f"fingerprint {path}"
-    why = "target.fingerprint: table" if t.fingerprint == "table" else "no fingerprint stored for this target"
+    why = ("target.fingerprint: table" if t.fingerprint == "table" else
+           "target.fingerprint: auto, int8 on ort-cpu" if _probe_misleads(recipe) else
+           "no fingerprint stored for this target")
     return default_round_to(t.backend, t.precision), f"table ({why})"
 
 
@@ -346,9 +348,17 @@ def _stored(recipe: Recipe, fingerprint: FingerprintLookup | None) -> tuple[int,
     """(multiple, file) of the fingerprint the recipe's defaults follow: the one stored for exactly its target;
     None under target.fingerprint: table."""
     t = recipe.target
-    if t.fingerprint == "table" or fingerprint is None:
+    if t.fingerprint == "table" or fingerprint is None or _probe_misleads(recipe):
         return None
     return fingerprint(t.backend, t.precision, t.batch, t.threads)
+
+
+def _probe_misleads(recipe: Recipe) -> bool:
+    """auto leaves int8 on ONNX Runtime CPU to the table: there the one-conv probe's multiple (2) made whole networks
+    slower than the table's 16 (depthwise, 1x1 and sub-16-channel convs; docs/research/latency-fingerprint.md).
+    `stored` still applies a stored one."""
+    t = recipe.target
+    return t.fingerprint == "auto" and t.precision == "int8" and t.backend == "ort-cpu"
 
 
 def _target(recipe: Recipe, fingerprint: FingerprintLookup | None, cache: Path) -> TargetSpec:
@@ -360,7 +370,7 @@ def _target(recipe: Recipe, fingerprint: FingerprintLookup | None, cache: Path) 
     prunes = bool(p.ratio or p.ratios or s.episodes)
     times_here = recipe.measure.latency or bool(s.episodes and s.target == "latency")
     measure = (t.fingerprint == "auto" and t.backend in FINGERPRINTABLE and prunes and not p.round_to
-               and times_here and fingerprint is not None and stored is None)
+               and times_here and fingerprint is not None and stored is None and not _probe_misleads(recipe))
     block = stored[0] if stored is not None else default_round_to(t.backend, t.precision)
     return TargetSpec(t.backend, t.precision, t.batch, t.threads, MappingProxyType(backend_options(recipe, cache)),
                       t.fingerprint, measure, block)

@@ -147,7 +147,7 @@ class TargetSection:
     fingerprint: Literal["auto", "stored", "table"] = spec(
         "auto", "where the default compress.prune.round_to and the latency search's channel block come from: auto "
         "(the target's stored `dfp-deploy fingerprint`; when none is stored and this build times the target, "
-        "measured once here and stored), stored (a stored one, never measured), table (a per-backend table: the "
+        "measured once here and stored; int8 on ort-cpu follows the table), stored (a stored one, never measured), table (a per-backend table: the "
         "plan does not depend on the machine)")
 
 
