@@ -350,3 +350,30 @@ def test_notice_names_include_residual_when_only_residual_groups_are_prunable(mo
     assert "keep every channel" in nothing_pruned_notice(analysis, include_residual=True)
     vit = nothing_pruned_notice(analyze(models["TinyViT"], _x(1)))
     assert vit.startswith("nothing was pruned: none of the model's") and len(vit) <= 280
+
+
+class Versioned(nn.Module):
+    """Like torchvision's MNASNet: loading reads the checkpoint's version from the state_dict metadata."""
+
+    _version = 2
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        if local_metadata.get("version") not in (1, 2):
+            raise ValueError(f"version should be set to 1 or 2 instead of {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def test_weights_keep_the_state_dict_version(tmp_path):
+    """The strict loader rebuilt the state_dict as a plain dict, dropping the version metadata such modules need."""
+    from dfp_deploy.models.weights import load_weights
+
+    torch.save(Versioned().state_dict(), tmp_path / "saved.pt")
+    torch.save(dict(Versioned().state_dict()), tmp_path / "plain.pt")  # no metadata at all: the current version
+    for name in ("saved.pt", "plain.pt"):
+        model = Versioned()
+        load_weights(model, tmp_path / name)
+        assert torch.equal(model.conv.weight, torch.load(tmp_path / name)["conv.weight"])

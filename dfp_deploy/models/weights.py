@@ -7,6 +7,7 @@ bytes in a tensor load as wrong numbers), and NaN or Inf values.
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import pickle
 import zipfile
@@ -138,7 +139,10 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], source: str) ->
     expected = module.state_dict()
     _check_keys(expected, state, source)
     _check_shapes(expected, state, source)
-    merged = {k: state.get(k, expected[k]) for k in expected}
+    merged = collections.OrderedDict((k, state.get(k, expected[k])) for k in expected)
+    # modules that migrate old checkpoints read their version from the metadata (torchvision's MNASNet refuses to
+    # load without it); a checkpoint without any is taken to be of the current version
+    merged._metadata = getattr(state, "_metadata", None) or expected._metadata
     module.load_state_dict(merged, strict=True)
 
 
