@@ -2,7 +2,9 @@
 the golden builds started in the background as soon as they are collected (tests/_golden.py)."""
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,11 @@ torch.set_num_threads(1)
 _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
+
+# the suite never reads or writes the user's caches (ONNX exports, latency fingerprints, measurements): a fingerprint
+# stored on this machine would change the default channel multiple, and with it the plans the tests check
+_CACHE = tempfile.mkdtemp(prefix="dfp-deploy-tests-cache-")
+os.environ["XDG_CACHE_HOME"] = _CACHE
 
 
 def pytest_collection_modifyitems(config, items):
@@ -48,6 +55,7 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE, ignore_errors=True)
     if "_golden" in sys.modules:
         sys.modules["_golden"].stop()
 

@@ -20,12 +20,14 @@ TIMED = ["--set", "measure.latency=true", "--set", "measure.runs=50", "--set", "
 
 
 def _write_recipe(tmp_path: Path) -> Path:
+    # target.fingerprint: table: these builds test other things; an auto build that times its target would measure
+    # a latency fingerprint first (tests/test_fingerprint.py holds that)
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "eval.npz", x=rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8),
              y=rng.integers(0, 10, 24))
     p = tmp_path / "tiny.yaml"
     p.write_text("model:\n  name: cifar_resnet20\ncompress:\n  prune:\n    ratio: 0.5\n"
-                 "target:\n  batch: 4\neval:\n  data: eval.npz\n")
+                 "target:\n  batch: 4\n  fingerprint: table\neval:\n  data: eval.npz\n")
     return p
 
 
