@@ -13,7 +13,9 @@ from torch import nn
 
 from dfp_deploy.core.errors import ExportError, InputError
 from dfp_deploy.export.passes import pass_cleanup, pass_fold_bn, pass_insert_qdq
-from dfp_deploy.export.ranges import calibration_ranges, clipped_normal_moments, data_free_ranges
+from dfp_deploy.export.gaussian_moments import clipped_normal_moments
+from dfp_deploy.export.calibrated_ranges import calibration_ranges
+from dfp_deploy.export.ranges import data_free_ranges
 
 
 class TinyResNet(nn.Module):

@@ -17,7 +17,7 @@ from dfp_deploy.export.passes import pass_cleanup, pass_fold_bn, pass_insert_qdq
     prepare_int8_onnx, qdq_problems
 from dfp_deploy.export.passes.prepare import cpu_lacks_vnni, default_reduce_range
 from dfp_deploy.export.passes.qdq_placement import residual_input_indices
-from dfp_deploy.export.ranges import calibration_ranges
+from dfp_deploy.export.calibrated_ranges import calibration_ranges
 
 
 class TinyResNet(nn.Module):

@@ -13,10 +13,10 @@ from dfp_deploy.core.errors import InputError
 from dfp_deploy.core.types import Preprocess
 from dfp_deploy.export.int8 import has_dynamic_batch, int8_onnx
 from dfp_deploy.export.onnx_export import export_onnx
-from dfp_deploy.export.ranges import (
-    ChannelStats, clipped_normal_moments, data_free_ranges, hardsigmoid_moments, hardswish_moments,
-    normal_partial_moments,
+from dfp_deploy.export.gaussian_moments import (
+    ChannelStats, clipped_normal_moments, hardsigmoid_moments, hardswish_moments, normal_partial_moments,
 )
+from dfp_deploy.export.ranges import data_free_ranges
 
 PRE = Preprocess(size=16, mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0))
 

@@ -42,7 +42,8 @@ def int8_onnx(model: nn.Module, example: torch.Tensor, fp32_onnx: Path, out_path
     """
     from dfp_deploy.export.onnx_export import export_onnx
     from dfp_deploy.export.passes.prepare import prepare_int8_onnx
-    from dfp_deploy.export.ranges import calibration_ranges, data_free_ranges
+    from dfp_deploy.export.calibrated_ranges import calibration_ranges
+    from dfp_deploy.export.ranges import data_free_ranges
 
     out_path = Path(out_path)
     if calibration_inputs is not None:

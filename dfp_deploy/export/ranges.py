@@ -1,9 +1,6 @@
-"""Activation ranges {tensor name: (lo, hi)} for Q/DQ insertion: calibrated on inputs, or data-free from BatchNorm.
+"""Data-free activation ranges {tensor name: (lo, hi)} for Q/DQ insertion, from the BatchNorm parameters.
 
-Calibration (`calibration_ranges`): the fp32 ONNX model runs in ONNX Runtime with every float intermediate tensor
-added as a graph output (on a copy). `minmax` keeps the running minimum and maximum over all batches;
-`percentile` takes the (100 - p)-th and p-th percentiles of each batch and averages them over batches, weighted by
-batch size, which ignores rare outliers at the price of clipping them.
+Calibrated ranges (measured on inputs): export/calibrated_ranges.py.
 
 Data-free (`data_free_ranges`), from the parameters of the fp32 graph with its BatchNormalization nodes still in
 place (compute before BN folding, then look the ranges up by name: pass_fold_bn keeps the BN's output name; with
@@ -43,11 +40,7 @@ and the tensor's range is the union over channels. The model is propagated throu
 Tensors behind any other op get no range; the Q/DQ pass then names them, and calibration is the way out.
 Derivations and their tests: docs/methods/data_free_ranges.md, tests/test_ranges.py.
 
-Moments of a clipped normal, alpha = (a - mu) / sigma, beta = (b - mu) / sigma, phi / Phi the standard normal
-density / distribution function:
-    E[X]   = a Phi(alpha) + b (1 - Phi(beta)) + mu (Phi(beta) - Phi(alpha)) + sigma (phi(alpha) - phi(beta))
-    E[X^2] = a^2 Phi(alpha) + b^2 (1 - Phi(beta)) + (mu^2 + sigma^2)(Phi(beta) - Phi(alpha))
-             + 2 mu sigma (phi(alpha) - phi(beta)) + sigma^2 (alpha phi(alpha) - beta phi(beta)).
+The moments of the Gaussian model: export/gaussian_moments.py.
 
 k: a BN output channel is N(beta, gamma^2) only on average over the data, and real activations are heavier-tailed
 than a Gaussian, so k is larger than a Gaussian's 3-4. DEFAULT_K = 6 minimised the int8 engine's logit error
@@ -61,21 +54,19 @@ from __future__ import annotations
 import collections
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from dfp_deploy.backends.ort import cpu_session  # the one module that imports onnxruntime
-from dfp_deploy.core.errors import BackendUnavailable, DataError, ExportError, InputError
+from dfp_deploy.core.errors import ExportError, InputError
+from dfp_deploy.export.gaussian_moments import ChannelStats, hardsigmoid_moments, hardswish_moments
 
 DEFAULT_K = 6.0
-CALIBRATION_METHODS = ("minmax", "percentile")
-_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
 
 
-def _load(model_or_path) -> onnx.ModelProto:
+def load_copy(model_or_path) -> onnx.ModelProto:
+    """A copy of an ONNX model (the caller may change it), or the model in an ONNX file."""
     if isinstance(model_or_path, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(model_or_path)
@@ -86,265 +77,7 @@ def _load(model_or_path) -> onnx.ModelProto:
     return onnx.load(str(path))
 
 
-# ---------------------------------------------------------------- calibration
-
-
-def _float_intermediates(model: onnx.ModelProto) -> list[str]:
-    inferred = onnx.shape_inference.infer_shapes(model)
-    types = {vi.name: vi.type.tensor_type.elem_type
-             for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)}
-    return [out for node in model.graph.node for out in node.output if out and types.get(out) in _FLOAT_TYPES]
-
-
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    present = {o.name for o in model.graph.output}
-    for name in names:
-        if name not in present:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return model
-
-
-def _as_feeds(inputs, input_names: list[str]) -> dict[str, np.ndarray]:
-    if isinstance(inputs, np.ndarray):
-        if len(input_names) != 1:
-            raise InputError(f"the model has inputs {input_names}; pass calibration inputs as a dict by name")
-        inputs = {input_names[0]: inputs}
-    if not isinstance(inputs, Mapping) or set(inputs) != set(input_names):
-        raise InputError(f"calibration inputs must be an array or a dict with exactly the keys {input_names}")
-    sizes = {len(np.asarray(v)) for v in inputs.values()}
-    if len(sizes) != 1 or 0 in sizes:
-        raise DataError("calibration inputs must be non-empty and have the same number of samples")
-    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in inputs.items()}
-
-
-class _RangeAccumulator:
-    """Running min/max, or batch-size-weighted mean of per-batch percentiles, per tensor."""
-
-    def __init__(self, method: str, percentile: float):
-        self.method, self.percentile = method, percentile
-        self.lo, self.hi, self.weight = {}, {}, {}
-
-    def add(self, name: str, values: np.ndarray, batch: int) -> None:
-        if self.method == "minmax":
-            lo, hi = float(values.min()), float(values.max())
-            self.lo[name] = min(lo, self.lo.get(name, lo))
-            self.hi[name] = max(hi, self.hi.get(name, hi))
-            return
-        lo, hi = np.percentile(values, [100.0 - self.percentile, self.percentile])
-        self.lo[name] = self.lo.get(name, 0.0) + batch * float(lo)
-        self.hi[name] = self.hi.get(name, 0.0) + batch * float(hi)
-        self.weight[name] = self.weight.get(name, 0) + batch
-
-    def result(self) -> dict[str, tuple[float, float]]:
-        if self.method == "minmax":
-            return {n: (self.lo[n], self.hi[n]) for n in self.lo}
-        return {n: (self.lo[n] / self.weight[n], self.hi[n] / self.weight[n]) for n in self.lo}
-
-
-def calibration_ranges(model_or_path, inputs, *, tensors: list[str] | None = None, method: str = "minmax",
-                       percentile: float = 99.99, batch_size: int = 64, threads: int | None = None
-                       ) -> dict[str, tuple[float, float]]:
-    """Ranges of the model inputs and of `tensors` (default: every float intermediate) over `inputs`.
-
-    `inputs`: an array (single-input model) or {input name: array}, samples along axis 0, already preprocessed.
-    """
-    if method not in CALIBRATION_METHODS:
-        raise InputError(f"calibration method {method!r} is not one of {', '.join(CALIBRATION_METHODS)}")
-    if not 50.0 < percentile <= 100.0:
-        raise InputError(f"calibration percentile {percentile} is not in (50, 100]")
-    model = _load(model_or_path)
-    input_names = [i.name for i in model.graph.input]
-    feeds = _as_feeds(inputs, input_names)
-    wanted = _float_intermediates(model) if tensors is None else list(tensors)
-    session = _session(_with_outputs(model, wanted), threads)
-    fetched = [o.name for o in session.get_outputs() if o.name in set(wanted)]
-    batch_size = _fixed_batch(session) or batch_size
-    accumulator = _RangeAccumulator(method, percentile)
-    count = len(next(iter(feeds.values())))
-    for start in range(0, count, batch_size):
-        size = min(batch_size, count - start)
-        # a model exported with a fixed batch gets full batches: the last one wraps around to earlier samples,
-        # which cannot move a min/max and only re-weights percentiles slightly
-        rows = np.arange(start, start + batch_size) % count
-        batch = {k: v[rows] for k, v in feeds.items()}
-        for name, values in batch.items():
-            accumulator.add(name, values[:size], size)
-        for name, values in zip(fetched, session.run(fetched, batch)):
-            accumulator.add(name, values, size)
-    return accumulator.result()
-
-
-def _fixed_batch(session) -> int | None:
-    dims = {i.shape[0] if i.shape else None for i in session.get_inputs()}
-    fixed = [d for d in dims if isinstance(d, int) and d > 0]
-    return fixed[0] if fixed else None
-
-
-def _session(model: onnx.ModelProto, threads: int | None):
-    try:
-        return cpu_session(model.SerializeToString(), threads)
-    except BackendUnavailable as e:
-        raise ExportError(f"ONNX Runtime cannot run the model for calibration: {e}") from e
-
-
 # ---------------------------------------------------------------- data-free
-
-
-# The grid on which a function of a clipped Gaussian is tabulated: z in [-GRID_Z, GRID_Z] (the mass beyond 10
-# standard deviations is 1.5e-23) in steps of GRID_STEP; expectations are the trapezoid rule with normal weights.
-GRID_Z = 10.0
-GRID_STEP = 0.025
-GRID = np.linspace(-GRID_Z, GRID_Z, int(round(2 * GRID_Z / GRID_STEP)) + 1)
-_WEIGHTS = np.exp(-0.5 * GRID**2)
-_WEIGHTS /= _WEIGHTS.sum()
-
-
-@dataclass(eq=False)
-class ChannelStats:
-    """Per channel: X_c = clip(N(mean_c, std_c^2), lo_c, hi_c) (arrays of the channel count), or, when `values` is
-    set, a function of it: values[c, g] = f_c(clip(mean_c + std_c GRID_g, lo_c, hi_c)). `base` is the plain
-    ChannelStats that function reads, so that x * sigmoid(x) is seen as one variable, not a product of two."""
-
-    mean: np.ndarray
-    std: np.ndarray
-    lo: np.ndarray
-    hi: np.ndarray
-    values: np.ndarray | None = None
-    base: ChannelStats | None = None
-    exact: tuple[np.ndarray, np.ndarray] | None = None  # closed-form (mean, variance) of the function, when known
-
-    def range(self, k: float) -> tuple[float, float]:
-        if self.values is None:
-            low = np.clip(self.mean - k * self.std, self.lo, self.hi)
-            high = np.clip(self.mean + k * self.std, self.lo, self.hi)
-            return float(low.min()), float(high.max())
-        # the image of the base's k-sigma interval: f at the grid points inside it and at its ends
-        inside = self.values[:, np.abs(GRID) <= k]
-        ends = np.concatenate([_interpolate(self.values, -k), _interpolate(self.values, k)])
-        return float(min(inside.min(), ends.min())), float(max(inside.max(), ends.max()))
-
-    def moments(self) -> tuple[np.ndarray, np.ndarray]:
-        """True (mean, variance) of each channel: the clipped normal's closed form, or f's (closed form or grid)."""
-        if self.values is None:
-            return clipped_normal_moments(self.mean, self.std, self.lo, self.hi)
-        if self.exact is not None:
-            return self.exact
-        mean = self.values @ _WEIGHTS
-        return mean, np.maximum(np.square(self.values) @ _WEIGHTS - mean**2, 0.0)
-
-    def support(self) -> tuple[np.ndarray, np.ndarray]:
-        """Hard bounds of each channel (for a function: its extremes over the grid, i.e. within 10 sigma)."""
-        if self.values is None:
-            return self.lo, self.hi
-        return self.values.min(axis=1), self.values.max(axis=1)
-
-    def root(self) -> ChannelStats:
-        return self.base if self.base is not None else self
-
-    def as_function(self) -> ChannelStats:
-        """The same distribution tabulated on the grid (f = identity), based on self."""
-        if self.values is not None:
-            return self
-        grid = np.clip(self.mean[:, None] + self.std[:, None] * GRID, self.lo[:, None], self.hi[:, None])
-        return ChannelStats(self.mean, self.std, self.lo, self.hi, grid, base=self)
-
-    def mapped(self, values: np.ndarray, exact=None) -> ChannelStats:
-        """g(self) given g's values on the grid: same base, new function."""
-        f = self.as_function()
-        return ChannelStats(f.mean, f.std, f.lo, f.hi, values, base=f.root(), exact=exact)
-
-    def gaussian(self) -> ChannelStats:
-        """A plain clipped Gaussian with this tensor's true moments and hard bounds (drops the function's shape)."""
-        if self.values is None:
-            return self
-        (mean, var), (lo, hi) = self.moments(), self.support()
-        return ChannelStats(mean, np.sqrt(var), lo, hi)
-
-    def take(self, index) -> ChannelStats:
-        values = None if self.values is None else self.values[index]
-        return ChannelStats(self.mean[index], self.std[index], self.lo[index], self.hi[index], values)
-
-
-def _interpolate(values: np.ndarray, z: float) -> np.ndarray:
-    """values at z (per channel) by linear interpolation between grid points; the grid's edge beyond it."""
-    position = np.clip((z + GRID_Z) / GRID_STEP, 0.0, len(GRID) - 1.0)
-    i = min(int(position), len(GRID) - 2)
-    t = position - i
-    return values[:, i] * (1.0 - t) + values[:, i + 1] * t
-
-
-_erf = np.vectorize(math.erf, otypes=[float])
-
-
-def _cdf(z: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + _erf(z / math.sqrt(2.0)))
-
-
-def _pdf(z: np.ndarray) -> np.ndarray:
-    return np.exp(-0.5 * np.square(z)) / math.sqrt(2.0 * math.pi)
-
-
-def clipped_normal_moments(mu, sigma, a, b) -> tuple[np.ndarray, np.ndarray]:
-    """(E[X], Var[X]) of X = clip(N(mu, sigma^2), a, b), elementwise; a, b may be infinite, sigma may be 0."""
-    mu, sigma, a, b = (np.asarray(v, dtype=np.float64) for v in (mu, sigma, a, b))
-    safe_sigma = np.where(sigma > 0, sigma, 1.0)
-    alpha, beta = (a - mu) / safe_sigma, (b - mu) / safe_sigma
-    finite_a, finite_b = np.isfinite(a), np.isfinite(b)
-    # an infinite bound contributes nothing (a Phi(alpha) -> 0 and alpha phi(alpha) -> 0 as a -> -inf): zero it
-    # before multiplying, so no inf * 0 appears
-    a0, b0 = np.where(finite_a, a, 0.0), np.where(finite_b, b, 0.0)
-    alpha0, beta0 = np.where(finite_a, alpha, 0.0), np.where(finite_b, beta, 0.0)
-    cdf_a, cdf_b = _cdf(alpha), _cdf(beta)
-    pdf_a, pdf_b = _pdf(alpha), _pdf(beta)
-    tail_a, tail_b = a0 * cdf_a, b0 * (1.0 - cdf_b)
-    tail_a2, tail_b2 = a0 * a0 * cdf_a, b0 * b0 * (1.0 - cdf_b)
-    edge = alpha0 * pdf_a - beta0 * pdf_b
-    inside = cdf_b - cdf_a
-    mean = tail_a + tail_b + mu * inside + sigma * (pdf_a - pdf_b)
-    second = tail_a2 + tail_b2 + (mu**2 + sigma**2) * inside + 2 * mu * sigma * (pdf_a - pdf_b) + sigma**2 * edge
-    deterministic = np.clip(mu, a, b)
-    mean = np.where(sigma > 0, mean, deterministic)
-    variance = np.where(sigma > 0, np.maximum(second - mean**2, 0.0), 0.0)
-    return mean, variance
-
-
-def normal_partial_moments(mu, sigma, a, b, order: int) -> list[np.ndarray]:
-    """[E[X^n 1{a < X < b}] for n = 0..order], X ~ N(mu, sigma^2), sigma > 0, a < b (a, b may be infinite).
-
-    With Z standard, alpha = (a - mu) / sigma, beta = (b - mu) / sigma and I_j = int_alpha^beta z^j phi(z) dz:
-    I_0 = Phi(beta) - Phi(alpha), I_1 = phi(alpha) - phi(beta),
-    I_j = (j - 1) I_{j-2} + alpha^{j-1} phi(alpha) - beta^{j-1} phi(beta)   (integration by parts),
-    and E[X^n 1{...}] = sum_j C(n, j) mu^{n-j} sigma^j I_j.
-    """
-    mu, sigma, a, b = (np.asarray(v, dtype=np.float64) for v in (mu, sigma, a, b))
-    alpha, beta = (a - mu) / sigma, (b - mu) / sigma
-    # z^j phi(z) -> 0 at an infinite bound: evaluate the boundary terms at 0 there and zero them
-    alpha0, beta0 = np.where(np.isfinite(alpha), alpha, 0.0), np.where(np.isfinite(beta), beta, 0.0)
-    pdf_a = np.where(np.isfinite(alpha), _pdf(alpha0), 0.0)
-    pdf_b = np.where(np.isfinite(beta), _pdf(beta0), 0.0)
-    standard = [_cdf(beta) - _cdf(alpha), pdf_a - pdf_b]
-    for j in range(2, order + 1):
-        standard.append((j - 1) * standard[j - 2] + alpha0 ** (j - 1) * pdf_a - beta0 ** (j - 1) * pdf_b)
-    return [sum(math.comb(n, j) * mu ** (n - j) * sigma**j * standard[j] for j in range(n + 1))
-            for n in range(order + 1)]
-
-
-def hardswish_moments(mu, sigma) -> tuple[np.ndarray, np.ndarray]:
-    """(E, Var) of hardswish(X) = X clip(X + 3, 0, 6) / 6, X ~ N(mu, sigma^2): 0 below -3, X(X + 3)/6 on
-    (-3, 3), X above 3, so E = (M2 + 3 M1)/6 + M1', E[h^2] = (M4 + 6 M3 + 9 M2)/36 + M2' with M the partial
-    moments on (-3, 3) and M' on (3, inf)."""
-    m = normal_partial_moments(mu, sigma, -3.0, 3.0, 4)
-    upper = normal_partial_moments(mu, sigma, 3.0, np.inf, 2)
-    mean = (m[2] + 3 * m[1]) / 6 + upper[1]
-    second = (m[4] + 6 * m[3] + 9 * m[2]) / 36 + upper[2]
-    return mean, np.maximum(second - mean**2, 0.0)
-
-
-def hardsigmoid_moments(mu, sigma, alpha: float = 0.2, beta: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """(E, Var) of clip(alpha X + beta, 0, 1), X ~ N(mu, sigma^2), alpha > 0: an affine map of X clipped to
-    [-beta / alpha, (1 - beta) / alpha], whose moments are the clipped normal's."""
-    mean, var = clipped_normal_moments(mu, sigma, -beta / alpha, (1.0 - beta) / alpha)
-    return alpha * mean + beta, alpha**2 * var
 
 
 def _gaussian(mean, variance, lo, hi) -> ChannelStats:
@@ -767,7 +500,7 @@ def _prepared_graph(model_or_path):
     from dfp_deploy.export.passes.cleanup import pass_cleanup
 
     # shapes and types first: folding CastLike needs the type of its second input, Flatten/Reshape need shapes
-    model = onnx.shape_inference.infer_shapes(_load(model_or_path))
+    model = onnx.shape_inference.infer_shapes(load_copy(model_or_path))
     model, _ = pass_cleanup(model, fold_constants=True)
     graph = to_graph(onnx.shape_inference.infer_shapes(model))
     if len(graph.inputs) != 1:

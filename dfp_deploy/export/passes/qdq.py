@@ -6,8 +6,8 @@ tensor, with a per-tensor scale from the given range: int8 symmetric for `tensor
 fp32 copy of a weight stays in the graph. For `ort-cpu`, Conv/Gemm biases become int32 constants through a
 DequantizeLinear with scale s_x * s_w (what ORT's integer kernels expect); for `tensorrt` biases stay fp32.
 
-Ranges are {tensor name: (lo, hi)} from export/ranges.py (calibration or data-free); every activation the style
-quantizes must have one, otherwise the pass fails and names the missing tensors.
+Ranges are {tensor name: (lo, hi)} from export/ranges.py (data-free) or export/calibrated_ranges.py; every
+activation the style quantizes must have one, otherwise the pass fails and names the missing tensors.
 """
 
 from __future__ import annotations
