@@ -1,4 +1,4 @@
-"""Command-line entry point: `dfp-deploy build | inspect | backends | recipe-keys | fingerprint`."""
+"""Command-line entry point: `dfp-deploy build | bench | inspect | backends | recipe-keys | fingerprint`."""
 
 from __future__ import annotations
 
@@ -136,6 +136,31 @@ def _metric_value(value) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k} {v:.4g}" for k, v in value.items()) + "}"
     return f"{value:.4g}"
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--grid", "grid", multiple=True, metavar="KEY=V1,V2",
+              help="vary a recipe key over comma-separated values, parsed as --set parses one (repeatable: the "
+                   "variants are every combination)")
+@_set_option
+@click.option("--out", type=str, default=None, help="bench folder (default: the recipe's output folder + -bench)")
+@click.option("--quiet", is_flag=True, help="no progress output")
+def bench(recipe: Path, grid, overrides, out, quiet):
+    """Build every variant of a --grid through the pipeline, time them interleaved with the original, one table."""
+    import shlex
+
+    from dfp_deploy.core.interrupts import handled
+    from dfp_deploy.pipeline.bench import bench as run_bench
+    from dfp_deploy.report.bench_table import table
+
+    words = ["dfp-deploy", "bench", str(recipe), *(w for g in grid for w in ("--grid", g)),
+             *(w for s in overrides for w in ("--set", s)), *(["--out", out] if out is not None else [])]
+    with handled():  # SIGTERM and SIGHUP end the bench like Ctrl-C: previous bench folder kept, no staging left
+        result = run_bench(recipe, list(overrides), list(grid), out=out,
+                           command=shlex.join(words), quiet=quiet)
+    click.echo("\n".join(table(result)))
+    click.echo(f"wrote {result['dir']}/bench.md and bench.json")
 
 
 @main.command()

@@ -7,6 +7,7 @@ leaves files that look complete and never destroys the previous good output.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -30,9 +31,13 @@ from dfp_deploy.report.assemble import REPORT_NAME
 from dfp_deploy.report.markdown import render_markdown
 
 
-def build(recipe: Recipe, recipe_path: Path | None = None, *, quiet: bool = False) -> dict:
-    """Run the whole build; return the report dict (also written to <out>/report.json)."""
-    named = output_dir(recipe, recipe_path)
+def build(recipe: Recipe, recipe_path: Path | None = None, *, quiet: bool = False, out: Path | None = None,
+          timed: bool = True) -> dict:
+    """Run the whole build; return the report dict (also written to <out>/report.json). `out` replaces the recipe's
+    output folder without changing the recipe the report records; timed=False skips the latency measurement (and the
+    unrounded plan's engine, built only to be timed) whatever the recipe says, for a caller that times the engines
+    itself: the plan, and the fingerprint a timed build would measure first, stay those of the recipe."""
+    named = Path(out) if out is not None else output_dir(recipe, recipe_path)
     out = output.resolve(named)  # a symlinked --out: its target is replaced, the link stays a link
     output.check_replaceable(out)  # never replace a folder dfp-deploy did not provably write
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -40,7 +45,7 @@ def build(recipe: Recipe, recipe_path: Path | None = None, *, quiet: bool = Fals
     stage_dir = output.start_staging(out)
     try:
         with cs.recipe_code(recipe_path):
-            report = _build_into(recipe, recipe_path, stage_dir, Stages(total=8, quiet=quiet))
+            report = _build_into(recipe, recipe_path, stage_dir, Stages(total=8, quiet=quiet), timed)
         output.commit(stage_dir, out)  # manifest, then the locked swap; the user's files move into the new output
     except BaseException:
         output.discard_staging(stage_dir)
@@ -49,8 +54,8 @@ def build(recipe: Recipe, recipe_path: Path | None = None, *, quiet: bool = Fals
     return report
 
 
-def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Stages) -> dict:
-    plan = resolve_recipe(recipe)
+def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Stages, timed: bool = True) -> dict:
+    plan = _untimed(resolve_recipe(recipe), timed)
     torch.manual_seed(plan.seed)
     t = plan.target
     backend = get_backend(t.backend, **t.options)
@@ -62,7 +67,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
         stage(f"measuring the latency fingerprint of {t.backend} {t.precision} batch {t.batch} (once: stored for "
               "later builds; target.fingerprint: table skips it)")
         fingerprint_s = measure_target_fingerprint(plan, quiet=stage.quiet)
-        plan = resolve_recipe(recipe)  # the channel multiple now follows the fingerprint just stored
+        plan = _untimed(resolve_recipe(recipe), timed)  # the channel multiple now follows the fingerprint just stored
 
     stage(f"loading model {plan.model.name}")
     loaded = cs.load(plan)
@@ -172,6 +177,12 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
     return report
 
 
+def _untimed(plan, timed: bool):
+    if timed:
+        return plan
+    return dataclasses.replace(plan, measure=dataclasses.replace(plan.measure, latency=False, rounding_cost=False))
+
+
 def _bn_adapt_report(plan, inputs: torch.Tensor | None, agreement: float | None) -> dict | None:
     if inputs is None:
         return None
@@ -192,6 +203,7 @@ def _selection_report(plan, search_report: dict | None) -> dict:
 def inspect(recipe: Recipe, recipe_path: Path | None = None) -> dict:
     """Channel groups, channel counts and MACs of the recipe's model (and of the plan the recipe would apply)."""
     plan = resolve_recipe(recipe)
+    torch.manual_seed(plan.seed)  # as build does: a model without weights gets the same random ones, so the same plan
     with cs.recipe_code(recipe_path):
         loaded = cs.load(plan)
     one = cs.example_input(loaded, 1, plan.seed)
