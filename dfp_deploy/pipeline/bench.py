@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,13 +147,11 @@ def default_out(recipe: Recipe, recipe_path: Path | None) -> Path:
 
 def _say(quiet: bool, text: str) -> None:
     if not quiet:
-        import sys
-
         print(text, file=sys.stderr, flush=True)
 
 
-def bench(recipe_path: Path | None, sets=(), grid_items=(), *, out: str | Path | None = None, command: str | None = None,
-          quiet: bool = False) -> dict:
+def bench(recipe_path: Path | None, sets=(), grid_items=(), *, out: str | Path | None = None,
+          command: str | None = None, quiet: bool = False) -> dict:
     """Build every variant of the grid into <out>/<variant>, time them interleaved with the original, write
     <out>/bench.json and bench.md; return the bench dict."""
     grid = parse_grid(list(grid_items), sets)
