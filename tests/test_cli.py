@@ -65,6 +65,8 @@ def test_build_writes_the_report_contract(built):
         assert r["latency"][side]["p50_ms"] > 0
         assert r["latency"][side]["p90_ms"] >= r["latency"][side]["p50_ms"]
         assert r["latency"][side]["runs"] >= 50
+    # the timing is filed in the measurement cache (tests/test_measure_cache.py: a second build reads it)
+    assert r["latency"]["cached"] in (False, True) and Path(r["latency"]["cache_entry"]).is_file()
     assert r["parity"]["max_abs_err"] <= 1e-3
     assert 0 <= r["accuracy"]["before"] <= 100 and r["accuracy"]["n"] == 24
     assert r["recipe"]["compress"]["prune"]["ratio"] == 0.4

@@ -143,3 +143,82 @@ def test_a_changed_original_is_another_key(tmp_path, files):
     again = CandidateTimer(CountingMeasurer(), files["original"], spec(), cache=cache)
     again.measure(Candidate(files["a"]))
     assert again.measurer.timed == ["a.onnx"]
+
+
+# --- a build's before/after timing ------------------------------------------------------------------------------
+
+@pytest.fixture
+def build_timing(tmp_path, files):
+    """time_engines as the build calls it, on engines of known device time (tests/_fake_target.py): the plan of a
+    one-line recipe whose measurement cache is tmp_path/cache."""
+    from _fake_target import FakeEngine, FakeTarget
+    from dfp_deploy.pipeline.context import resolve_recipe
+    from dfp_deploy.pipeline.engine_step import time_engines
+    from dfp_deploy.recipe import load_recipe
+
+    def run(*overrides, graphs=None, device="Fake Device", after_ms=2.0, after=FakeEngine):
+        plan = resolve_recipe(load_recipe(None, ["model.name=cifar_resnet20", "target.fingerprint=table",
+                                                 "measure.runs=50", "measure.rounds=2", "measure.warmup=0",
+                                                 f"measure.cache={tmp_path / 'cache'}", *overrides]))
+        engines = {"before": FakeEngine("before", 4.0), "after": after("after", after_ms),
+                   "unrounded": FakeEngine("unrounded", 3.0)}
+        graphs = graphs or {"before": files["original"], "after": files["a"], "unrounded": "u" * 64}
+        import torch
+
+        return time_engines(plan, engines, torch.zeros(1), quiet=True, graphs=graphs,
+                            target=FakeTarget(device).info())
+    return run
+
+
+def test_a_second_identical_build_reports_the_timings_measured_together_the_first_time(build_timing, files):
+    first, _ = build_timing()
+    assert first["cached"] is False and first["speedup"] == 2.0 and Path(first["cache_entry"]).is_file()
+    # the engines are as fast as ever but the build reads the first run: all three engines from one stored run
+    second, stats = build_timing(after_ms=1.0)
+    assert second["cached"] is True and second["cache_entry"] == first["cache_entry"]
+    assert second["speedup"] == 2.0 and stats["unrounded"].p50_ms == 3.0
+    assert {k: v for k, v in second.items() if not k.startswith("cache")} == \
+        {k: v for k, v in first.items() if not k.startswith("cache")}
+
+
+def test_a_changed_graph_protocol_or_device_times_again(build_timing, files):
+    build_timing()
+    for changed in (dict(graphs={"before": files["original"], "after": files["b"], "unrounded": "u" * 64}),
+                    dict(graphs={"before": files["original"], "after": files["a"], "unrounded": "v" * 64}),
+                    dict(overrides=("measure.runs=60",)), dict(overrides=("target.threads=2",)),
+                    dict(device="Other Device")):
+        again, _ = build_timing(*changed.pop("overrides", ()), after_ms=1.0, **changed)
+        assert again["cached"] is False and again["speedup"] == 4.0, changed
+
+
+def test_remeasure_times_again_and_replaces_the_stored_run(build_timing):
+    build_timing()
+    fresh, _ = build_timing("advanced.measure.remeasure=true", after_ms=1.0)
+    assert fresh["cached"] is False and fresh["speedup"] == 4.0
+    assert build_timing(after_ms=0.5)[0]["speedup"] == 4.0  # the replaced entry is what the next build reads
+
+
+def test_a_build_timing_copied_from_another_device_is_refused_and_said(build_timing):
+    first, _ = build_timing()
+    path = Path(first["cache_entry"])
+    d = json.loads(path.read_text())
+    d["key"]["device"] = "Another CPU"
+    path.write_text(json.dumps(d))
+    again, _ = build_timing(after_ms=1.0)
+    assert again["cached"] is False and again["speedup"] == 4.0
+    assert len(again["cache_notes"]) == 1 and "device" in again["cache_notes"][0]
+
+
+def test_a_stored_run_the_load_moved_is_not_reused(build_timing):
+    from _fake_target import FakeEngine
+
+    class Drifting(FakeEngine):  # the second half of its calls ran under three times the load
+        def prepare(self, x):
+            calls = iter(range(10**6))
+            return lambda: self.ms * (1.0 if next(calls) < 25 else 3.0)
+
+    unsettled, _ = build_timing(after=Drifting)
+    assert unsettled["cached"] is False
+    again, _ = build_timing(after_ms=1.0)
+    assert again["cached"] is False and again["speedup"] == 4.0 and "unsettled" in again["cache_notes"][0]
+    assert build_timing(after_ms=0.5)[0]["cached"] is True  # the settled run that replaced it is reused

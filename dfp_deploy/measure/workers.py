@@ -409,13 +409,21 @@ def make_measurer(spec: TargetSpec, original: Candidate, *, workers: str = "loca
     raise InputError(f"measure.workers: {workers!r} is not local, auto or ray://host:port")
 
 
+def engine_options(options: dict) -> dict:
+    """The backend options that shape the engine (TensorRT's opt_level, ...), as cache-key extras; folders of the
+    backend's own caches only speed its build up and are left out."""
+    return {f"option:{k}": v for k, v in sorted(options.items()) if not isinstance(v, Path)}
+
+
 class CandidateTimer:
     """ℓ(c) for several candidates at once (module docstring): cached pairs are read, the rest timed concurrently
     by the measurer and stored. `export(model) -> Candidate` writes a candidate's ONNX file; it is deleted after."""
 
     def __init__(self, measurer: Measurer, original_onnx: Path, spec: TargetSpec, *,
-                 cache: MeasurementCache | None = None, export: Callable[[object], Candidate] | None = None) -> None:
+                 cache: MeasurementCache | None = None, export: Callable[[object], Candidate] | None = None,
+                 remeasure: bool = False) -> None:
         self.measurer, self.spec, self.cache, self._export = measurer, spec, cache, export
+        self.remeasure = remeasure  # time every candidate, replacing what the cache holds
         self._original = file_sha256(original_onnx)
         self._target = measurer.describe()
         self.reference_ms: float | None = None
@@ -426,7 +434,7 @@ class CandidateTimer:
         s = self.spec
         return make_key(candidate=file_sha256(onnx), original=self._original, backend=s.backend, precision=s.precision,
                         batch=s.batch, threads=s.threads, device=self._target["device"],
-                        versions=self._target["versions"])
+                        versions=self._target["versions"], extra=engine_options(s.options))
 
     def measure(self, model, name: str = "candidate") -> float:
         return self.measure_many([model])[0]
@@ -437,7 +445,7 @@ class CandidateTimer:
         try:
             keys = [self.key(c.onnx) for c in candidates] if self.cache is not None else None
             pairs: list[tuple[float, float] | None] = [None] * len(candidates)
-            if keys is not None:
+            if keys is not None and not self.remeasure:
                 for i, key in enumerate(keys):
                     entry = self.cache.get(key)
                     if entry is not None:

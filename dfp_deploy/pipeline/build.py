@@ -124,16 +124,19 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
     eng_after = backend.build(engine_onnx, precision=t.precision, threads=t.threads, out_dir=work,
                               torch_model=compressed)
     engines = {"before": eng_before, "after": eng_after}
+    timed_graphs = {"before": exp_before.path, "after": engine_onnx}  # what the measurement cache files timings by
     rounding = None
     if unrounded is not None:
         rounding, engines["unrounded"] = es.unrounded_engine(plan, loaded, analysis, unrounded, example, work,
                                                              adapt_inputs, backend, calib_inputs, exports)
+        timed_graphs["unrounded"] = rounding.pop("onnx_sha256")
 
     stage("checking parity engine vs PyTorch")
     par = es.check_parity(plan, loaded, compressed, eng_after, engine_onnx)
 
     stage("timing engines (before/after interleaved)" if plan.measure.latency else "timing skipped")
-    latency, stats = es.time_engines(plan, engines, example, quiet=stage.quiet)
+    latency, stats = es.time_engines(plan, engines, example, quiet=stage.quiet, graphs=timed_graphs,
+                                     target=backend.info())
     if rounding is not None and stats is not None:
         rounding.update(macs_rounded=sizes["macs"]["after"], p50_ms_rounded=stats["after"].p50_ms,
                         p50_ms_unrounded=stats["unrounded"].p50_ms,

@@ -29,6 +29,7 @@ def unrounded_engine(plan: BuildPlan, loaded, analysis, keep: PrunePlan, example
     """Build the unrounded plan's engine exactly like the shipped one, to time what rounding cost or gained. Its
     files are hidden in the staging folder and removed once the engine is loaded."""
     from dfp_deploy.analysis import count_macs
+    from dfp_deploy.core.digest import file_sha256
     from dfp_deploy.export.onnx_export import export_onnx
 
     t = plan.target
@@ -37,9 +38,10 @@ def unrounded_engine(plan: BuildPlan, loaded, analysis, keep: PrunePlan, example
                        opset=plan.export.opset, cache=cache).path
     path = engine_onnx(plan, loaded, model, example, path, work / ".unrounded", calib_inputs)
     engine = backend.build(path, precision=t.precision, threads=t.threads, out_dir=work, torch_model=model)
+    graph = file_sha256(path)  # the timing's cache key names this engine by its graph
     for leftover in work.glob(".unrounded*"):
         leftover.unlink()
-    info = {"round_to": plan.select.round_to, "macs_unrounded": count_macs(model, example[:1])}
+    info = {"round_to": plan.select.round_to, "macs_unrounded": count_macs(model, example[:1]), "onnx_sha256": graph}
     return info, engine
 
 
@@ -150,26 +152,75 @@ def parity_rule(spec: ParitySpec, compressed, engine):
     return ParityRule(engine.inspect().arithmetic, layers, max_dot, spec.tolerance)
 
 
-def time_engines(plan: BuildPlan, engines: dict, example, *, quiet: bool) -> tuple[dict, dict | None]:
-    """Latency of the engines, interleaved (measure/latency.py), as report.json's `latency`, and the raw stats."""
+def time_engines(plan: BuildPlan, engines: dict, example, *, quiet: bool, graphs: dict | None = None,
+                 target=None) -> tuple[dict, dict | None]:
+    """Latency of the engines, interleaved (measure/latency.py), as report.json's `latency`, and the raw stats.
+
+    With `graphs` (engine name -> its ONNX file, or that file's sha256) and `target` (the backend's BackendInfo), the
+    run goes through the measurement cache (measure/cache.py): keyed by every engine's graph, the target, the
+    device, the runtime version and the protocol, and stored as one run, so a second identical build reports the
+    timings measured together the first time (`latency.cached`) instead of pairing timings from different runs. A
+    stored run whose rounds disagree (unsettled, measure/latency.py) is not reused; advanced.measure.remeasure times
+    again in any case. Either way the fresh run replaces the entry."""
     t, m = plan.target, plan.measure
     latency = {"backend": t.backend, "precision": t.precision, "batch": t.batch}
     if not m.latency:
         return latency, None
-    from dfp_deploy.measure.latency import noise, round_speedups, time_interleaved
+    from dfp_deploy.core.types import LatencyStats
+    from dfp_deploy.measure.latency import (UNSETTLED_SPREAD, noise, round_speedups, speedup_is_unsettled,
+                                            time_interleaved)
 
-    xb = example.numpy()
-    stats = time_interleaved({name: engine.prepare(xb) for name, engine in engines.items()},
-                             warmup=m.warmup, runs=m.runs, rounds=m.rounds, batch=t.batch, threads=t.threads,
-                             progress=not quiet)
+    protocol = dict(warmup=m.warmup, runs=m.runs, rounds=m.rounds)
+    cache, key, entry = None, None, None
+    if graphs is not None and target is not None:
+        from dfp_deploy.measure.cache import MeasurementCache
+
+        cache, key = MeasurementCache(m.cache), _timing_key(plan, graphs, target, protocol)
+        entry = None if m.remeasure else cache.get(key)
+        if entry is not None and set(entry.stats) != set(engines):
+            entry = None
+    stats = None
+    if entry is not None:
+        stats = {name: LatencyStats(**{**d, "round_p50_ms": tuple(d["round_p50_ms"])})
+                 for name, d in entry.stats.items()}
+        if speedup_is_unsettled(round_speedups(stats["before"], stats["after"])):
+            # a run the load moved is kept but not reused: a rebuild is how a user asks for a steadier reading
+            cache.notes.append("measurement cache: the stored run was unsettled (its rounds' speedups spread over "
+                               f"{UNSETTLED_SPREAD:.0%}); timed again")
+            entry, stats = None, None
+    if stats is None:
+        xb = example.numpy()
+        stats = time_interleaved({name: engine.prepare(xb) for name, engine in engines.items()}, **protocol,
+                                 batch=t.batch, threads=t.threads, progress=not quiet)
+        if cache is not None:
+            cache.put(key, stats["after"].p50_ms, stats["before"].p50_ms, protocol,
+                      {name: s.as_dict() for name, s in stats.items()})
     after = engines["after"]
     latency.update(threads=getattr(after, "threads", None) or stats["after"].threads,
                    before=stats["before"].as_dict(), after=stats["after"].as_dict(),
                    speedup=stats["before"].p50_ms / stats["after"].p50_ms,
                    speedup_rounds=round_speedups(stats["before"], stats["after"]),
                    noise={name: noise(stats[name]) for name in ("before", "after")},
-                   protocol=dict(warmup=m.warmup, runs=m.runs, rounds=m.rounds, order="interleaved, rotating"))
+                   protocol=dict(protocol, order="interleaved, rotating"))
+    if cache is not None:
+        latency.update(cached=entry is not None, cache_entry=str(cache.path_for(key)), cache_notes=cache.notes)
     return latency, stats
+
+
+def _timing_key(plan: BuildPlan, graphs: dict, target, protocol: dict):
+    """The cache key of one build's timing run: the compressed graph as candidate, the original's as original, the
+    other engines' graphs (the unrounded plan) and the protocol as extras."""
+    from dfp_deploy.core.digest import file_sha256
+    from dfp_deploy.measure.cache import make_key
+    from dfp_deploy.measure.workers import engine_options
+
+    t = plan.target
+    digest = {name: g if isinstance(g, str) else file_sha256(g) for name, g in graphs.items()}
+    extra = {**{f"engine:{name}": d for name, d in digest.items() if name not in ("before", "after")},
+             **{f"protocol:{k}": v for k, v in protocol.items()}, **engine_options(dict(t.options))}
+    return make_key(candidate=digest["after"], original=digest["before"], backend=t.backend, precision=t.precision,
+                    batch=t.batch, threads=t.threads, device=target.device, versions={t.backend: target.version},
+                    extra=extra)
 
 
 def accuracy(plan: BuildPlan, loaded, eng_before, eng_after, *, quiet: bool) -> dict:

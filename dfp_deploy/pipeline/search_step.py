@@ -149,7 +149,7 @@ def latency_model(plan: BuildPlan, model, analysis, space, example, work, backen
         measurer = make_measurer(spec, original, workers=M.workers, local_workers=M.local_workers,
                                  resource=M.target_resource, timeout_s=M.worker_timeout, backend=backend, notes=notes)
         cache = MeasurementCache(M.cache)
-        timer = CandidateTimer(measurer, original.onnx, spec, cache=cache, export=export)
+        timer = CandidateTimer(measurer, original.onnx, spec, cache=cache, export=export, remeasure=M.remeasure)
     finally:
         for leftover in work.glob(f"{original.onnx.name}*"):  # the workers hold what they need
             leftover.unlink()

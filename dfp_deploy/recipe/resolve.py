@@ -161,6 +161,7 @@ class MeasureSpec:
     target_resource: str | None
     worker_timeout: float
     cache: Path
+    remeasure: bool = False  # time again although the measurement cache holds the timing
 
 
 @dataclass(frozen=True)
@@ -258,7 +259,8 @@ def resolve(recipe: Recipe, *, fingerprint: FingerprintLookup | None = None,
                             m.rounding_cost and m.latency and calibrate is None and select.round_to != 1,
                             m.workers, m.local_workers, recipe.advanced.measure.target_resource,
                             recipe.advanced.measure.worker_timeout,
-                            Path(m.cache) if m.cache else cache / "measurements"),
+                            Path(m.cache) if m.cache else cache / "measurements",
+                            recipe.advanced.measure.remeasure),
         search=_search(recipe),
         eval=EvalSpec(recipe.eval.data, recipe.eval.limit, recipe.eval.start, recipe.eval.metric),
         inputs=MappingProxyType(inputs),

@@ -48,7 +48,10 @@ def render_markdown(r: dict) -> str:
         pr = lat["protocol"]
         lines += [f"Latency: {pr['warmup']} warm-up runs, then {pr['runs']} timed runs per engine in {pr['rounds']} "
                   f"rounds, before and after engines interleaved in one process, {lat.get('threads')} threads. "
-                  "Compare the ratio, not absolute times, on a shared machine.", ""]
+                  "Compare the ratio, not absolute times, on a shared machine."
+                  + (f" Timings read from the measurement cache ({lat['cache_entry']}), measured together by an "
+                     "earlier build of the same graphs on this device; advanced.measure.remeasure: true times them "
+                     "again." if lat.get("cached") else ""), ""]
     else:
         lines += ["Latency: not measured (measure.latency is false).", ""]
     rnd = r.get("rounding")
