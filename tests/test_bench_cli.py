@@ -2,6 +2,7 @@
 tiny model whose rows, plans and speedups are checked against their sources."""
 
 import importlib
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -157,3 +158,23 @@ def test_interrupted_bench_keeps_the_previous_one(benched, tmp_path, monkeypatch
     assert res.exit_code == 130
     assert sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file()) == before
     assert not [p for p in tmp_path.rglob("*") if ".building-" in p.name]
+
+
+def test_a_failing_variant_names_itself_and_leaves_nothing(tmp_path, monkeypatch):
+    from dfp_deploy.core.errors import ParityError
+
+    recipe = _write_recipe(tmp_path)
+
+    real = inspect.signature(importlib.import_module("dfp_deploy.pipeline.build").build)
+
+    def build(recipe, recipe_path, *, quiet, out, timed):  # fails as a build can
+        real.bind(recipe, recipe_path, quiet=quiet, out=out, timed=timed)  # held to the real signature
+        assert out.parent.name.startswith(".b.building-")  # into the bench's staging folder
+        raise ParityError("parity: max |diff| 1e-2 exceeds the tolerance")
+
+    monkeypatch.setattr(bench_mod, "build", build)
+    res = run("bench", recipe, *GRID, *SETS, "--out", tmp_path / "b")
+    assert res.exit_code == 1
+    assert res.output.strip() == ("error: --grid variant compress.prune.ratio=0.25: parity: max |diff| 1e-2 exceeds "
+                                  "the tolerance")
+    assert not (tmp_path / "b").exists() and not [p for p in tmp_path.iterdir() if ".building-" in p.name]

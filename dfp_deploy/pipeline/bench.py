@@ -124,7 +124,7 @@ def expand(recipe_path: Path | None, sets, grid: list[tuple[str, list[str]]]) ->
             recipe = load_recipe(recipe_path, [*sets, *(f"{k}={v}" for k, v in combo)])
             plan = resolve_recipe(recipe)
         except DfpError as exc:
-            raise type(exc)(f"--grid variant {shown}: {exc}") from None
+            raise _naming(exc, f"--grid variant {shown}") from None
         differs = [what for what, a, b in _shared(base_plan, plan) if a != b]
         if differs:
             raise InputError(f"--grid variant {shown}: changes the {differs[0]}, which every variant shares (all "
@@ -133,10 +133,16 @@ def expand(recipe_path: Path | None, sets, grid: list[tuple[str, list[str]]]) ->
     return base, variants
 
 
+def _naming(exc: DfpError, where: str) -> DfpError:
+    """The same error, its message prefixed with the variant it came from (DfpErrors take one message)."""
+    return type(exc)(f"{where}: {exc}")
+
+
 def _shared(a, b):
     ta, tb, ma, mb = a.target, b.target, a.measure, b.measure
     return [("model", a.model, b.model), ("target backend", ta.backend, tb.backend), ("batch", ta.batch, tb.batch),
             ("threads", ta.threads, tb.threads), ("export batch mode", a.export.dynamic_batch, b.export.dynamic_batch),
+            ("export opset", a.export.opset, b.export.opset),
             ("measure protocol", (ma.warmup, ma.runs, ma.rounds), (mb.warmup, mb.runs, mb.rounds))]
 
 
@@ -179,7 +185,10 @@ def _bench_into(recipe_path, base: Recipe, grid, variants: list[Variant], work: 
     reports = []
     for i, v in enumerate(variants, 1):
         _say(quiet, f"[{i}/{len(variants)}] building {v.label()} -> {v.name}/")
-        reports.append(build(v.recipe, recipe_path, quiet=True, out=work / v.name, timed=False))
+        try:
+            reports.append(build(v.recipe, recipe_path, quiet=True, out=work / v.name, timed=False))
+        except DfpError as exc:  # the whole bench stops: its table would lack a row
+            raise _naming(exc, f"--grid variant {v.label()}") from None
         _say(quiet, f"[{i}/{len(variants)}] {v.name}: {_brief(reports[-1])}")
     plan = resolve_recipe(base)
     t, m = plan.target, plan.measure
