@@ -71,6 +71,24 @@ def test_a_local_pool_gives_the_same_timings_and_survives_a_killed_worker(probes
         m.close()
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_an_ort_graph_prepared_off_the_target_builds_the_engine_the_raw_graph_builds(tmp_path, precision):
+    """Ray build tasks prepare graphs on any host (measure/workers.py prepare_graph); the target's engine from the
+    prepared graph must be the engine it would build from the raw one: same kernels, same outputs."""
+    from dfp_deploy.backends.registry import get_backend
+    from dfp_deploy.measure.workers import prepare_graph
+
+    raw = write_conv_probe(tmp_path / "raw.onnx", 16, batch=1, size=8, precision=precision)
+    target = TargetSpec("ort-cpu", precision, 1, 1, np.zeros((1, 16, 8, 8), np.float32))
+    (tmp_path / "prepared.onnx").write_bytes(prepare_graph(target, raw.read_bytes()))
+    backend, x = get_backend("ort-cpu"), np.random.default_rng(0).standard_normal((1, 16, 8, 8), np.float32)
+    engines = [backend.build(tmp_path / f"{name}.onnx", precision=precision, threads=1, out_dir=tmp_path)
+               for name in ("raw", "prepared")]
+    assert np.array_equal(engines[0].run(x), engines[1].run(x))
+    if precision == "int8":
+        assert engines[0].kernels == engines[1].kernels  # the optimized graph the target runs, op for op
+
+
 def test_bad_worker_settings_are_input_errors(probes):
     with pytest.raises(InputError, match="measure.workers: 'ray:/x' is not local, auto or ray://host:port"):
         make_measurer(spec(), probes[32], workers="ray:/x")
@@ -265,6 +283,11 @@ def test_two_ray_actors_hold_the_target_and_time_interleaved_with_the_original(r
     assert m.measure([probes[4], probes[8], probes[16], probes[4]]) == expected([4, 8, 16, 4])
     pids = ray_cluster.get([a.describe.remote() for a in m._idle])
     assert len({d["pid"] for d in pids}) == 2  # two worker processes, one per unit of the resource
+    # every graph (the original's and the four candidates') was prepared by a build task that held no unit of the
+    # target resource, in a process that is not one of the target's actors
+    assert len(m.build_sites) == 5
+    assert all(RESOURCE not in site["resources"] and site["resources"].get("CPU") == 1 for site in m.build_sites)
+    assert not {site["pid"] for site in m.build_sites} & {d["pid"] for d in pids}
 
 
 def test_a_ray_worker_killed_mid_search_is_replaced_and_the_search_completes(on_ray, space, local_timed, tmp_path):

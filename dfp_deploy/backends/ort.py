@@ -235,6 +235,26 @@ class _OrtBackend:
         optimized.unlink(missing_ok=True)
         return engine
 
+    def prepare_graph(self, onnx_path: Path, *, precision: str, out_dir: Path) -> Path:
+        """The part of a build any host can do (measure/workers.py runs it off the target): the graph checked and
+        rewritten by ONNX Runtime's basic, provider-independent optimisations (constant folding, redundant nodes).
+        Fusions that follow the device's instruction set (whether a Q/DQ pair may run as an s8s8 kernel, the NCHWc
+        layout) stay in build() on the target; build() of this graph runs the same graph as build() of the input
+        (docs/research/measurement-fabric.md)."""
+        ort = _import_ort()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        out = Path(out_dir) / f"{Path(onnx_path).stem}.{precision}.prepared.onnx"
+        options.optimized_model_filepath = str(out)
+        options.log_severity_level = 3
+        try:
+            ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise BackendUnavailable(f"{self.name}: could not prepare {Path(onnx_path).name}: "
+                                     f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+                                     ) from e
+        return out
+
 
 def has_qdq(onnx_path: Path) -> bool:
     import onnx

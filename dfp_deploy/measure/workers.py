@@ -14,10 +14,13 @@ the measurement cache (measure/cache.py) around the measurer.
   machine concurrent timings share the cores: give each engine its threads (target.threads) so N × threads fit.
 - RayMeasurer (optional `ray` extra; Ray is imported only there): one actor per unit of the Ray custom resource
   naming the target (e.g. `target:ort-cpu`), so an actor holds its device exclusively, keeps the backend and the
-  original's engine warm, and receives candidates as ONNX bytes. Engines are built by the actor that times them
-  (TensorRT plans are only valid on the GPU they were built on). An actor that dies mid-task is replaced and its
-  task retried on another live actor; a resource with no live worker fails within `timeout_s` with one line
-  naming the resource, never a hang.
+  original's engine warm, and times candidates against it. The device-independent part of each build (a backend's
+  `prepare_graph`: for ONNX Runtime the graph's provider-independent optimisation) runs first as a Ray task on any
+  worker's CPU, without the target resource, concurrently for the whole batch; the actor finishes the engine from
+  it (the device-specific part) and times it. A backend without `prepare_graph` (TensorRT: a plan is only valid on
+  the GPU model it was built on) is built entirely by the actor that times it. An actor that dies mid-task is
+  replaced and its task retried on another live actor; a resource with no live worker fails within `timeout_s`
+  with one line naming the resource, never a hang.
 """
 
 from __future__ import annotations
@@ -216,6 +219,28 @@ class LocalMeasurer:
 
 # --- Ray -------------------------------------------------------------------------------------------------------
 
+def prepare_graph(spec: TargetSpec, onnx: bytes) -> bytes:
+    """The device-independent part of an engine build (a backend's optional `prepare_graph`, ort.py), on whichever
+    host runs it; the target's build finishes the engine from its result."""
+    backend = spec.make_backend()
+    with tempfile.TemporaryDirectory(prefix="dfp-prepare-") as folder:
+        source = Path(folder) / "graph.onnx"
+        source.write_bytes(onnx)
+        return Path(backend.prepare_graph(source, precision=spec.precision, out_dir=Path(folder))).read_bytes()
+
+
+def _prepare_task(ray):
+    # a CPU of any node, never the target resource: a target's time goes to timing only. Ray retries the task
+    # elsewhere when its worker dies
+    @ray.remote(num_cpus=1, num_returns=2, max_retries=MAX_ATTEMPTS - 1)
+    def prepare(spec: TargetSpec, onnx: bytes):
+        context = ray.get_runtime_context()
+        site = {"pid": os.getpid(), "node": context.get_node_id(), "resources": dict(context.get_assigned_resources())}
+        return prepare_graph(spec, onnx), site
+
+    return prepare
+
+
 def _target_worker_class(ray):
     @ray.remote(max_restarts=0, max_task_retries=0)
     class TargetWorker:
@@ -286,7 +311,12 @@ class RayMeasurer:
                                      f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
                                      ) from None
         self._cls = _target_worker_class(ray).options(num_cpus=0, resources={resource: 1})
-        self._spec, self._original = spec, ray.put(Path(original.onnx).read_bytes())
+        # a backend that can do part of its build off the target (ORT: the graph) gets build tasks on any worker; a
+        # TensorRT plan is only valid on the GPU model it was built on, so its whole build stays on the target
+        self._prepare = _prepare_task(ray) if hasattr(spec.make_backend(), "prepare_graph") else None
+        self.build_sites: list[dict] = []  # where each build task ran (pid, node, the Ray resources it held)
+        self._spec, self._sites = spec, []
+        self._original = self._prepared([ray.put(Path(original.onnx).read_bytes())])[0]
         units = int(ray.cluster_resources().get(resource, 0))
         if units < 1:
             raise NoTargetWorker(self._no_worker("no node of the Ray cluster offers it"))
@@ -296,6 +326,19 @@ class RayMeasurer:
         self._description = ray.get(self._idle[0].describe.remote(), timeout=timeout_s)
         self._starting: dict = {}  # describe() ref of a replacement actor -> the actor
         self.replaced = 0
+
+    def _prepared(self, payloads: list) -> list:
+        """Refs to the graphs the target builds engines from: the build tasks' results, or the ONNX itself. The
+        tasks run concurrently, and all of them finish before any timing starts: on a node that is both a build
+        worker and a CPU target, a build beside a timing takes the cores the timed engine runs on
+        (docs/research/measurement-fabric.md)."""
+        if self._prepare is None:
+            return payloads
+        tasks = [self._prepare.remote(self._spec, p) for p in payloads]
+        self._sites += [site for _, site in tasks]
+        graphs = [graph for graph, _ in tasks]
+        self._ray.wait(graphs, num_returns=len(graphs), timeout=self.task_timeout_s, fetch_local=False)
+        return graphs
 
     def _no_worker(self, why: str) -> str:
         return (f"advanced.measure.target_resource: no live Ray worker holds the resource {self.resource!r} ({why}); "
@@ -331,7 +374,7 @@ class RayMeasurer:
 
     def measure(self, candidates: Sequence[Candidate]) -> list[tuple[float, float]]:
         ray = self._ray
-        payloads = [ray.put(Path(c.onnx).read_bytes()) for c in candidates]
+        payloads = self._prepared([ray.put(Path(c.onnx).read_bytes()) for c in candidates])
         results: list[tuple[float, float] | None] = [None] * len(payloads)
         attempts = [0] * len(payloads)
         queue = list(range(len(payloads)))
@@ -379,6 +422,9 @@ class RayMeasurer:
                 self._starting[ready] = actor
             except ray.exceptions.RayTaskError as e:
                 raise e.cause if isinstance(e.cause, Exception) else e from None
+        if self._prepare is not None:
+            self.build_sites += ray.get(self._sites, timeout=self.timeout_s)
+            self._sites = []
         return results
 
     def close(self) -> None:
