@@ -113,7 +113,8 @@ def folder_names(combos: list[tuple[tuple[str, str], ...]]) -> list[str]:
 def expand(recipe_path: Path | None, sets, grid: list[tuple[str, list[str]]]) -> tuple[Recipe, list[Variant]]:
     """The base recipe (--set only) and every variant of the grid, each loaded and resolved: every error a recipe
     can have is raised here, before anything is built. All variants must share what one interleaved timing run
-    shares: the model, the target's backend, batch and threads, the input shape and the measure protocol."""
+    shares: the model, the target's backend, batch and threads, the export's batch mode and opset, the measure
+    protocol, and the images top-1 is measured on."""
     base = load_recipe(recipe_path, list(sets))
     base_plan = resolve_recipe(base)
     combos = [tuple(zip([k for k, _ in grid], values)) for values in itertools.product(*[v for _, v in grid])]
@@ -143,6 +144,8 @@ def _shared(a, b):
     return [("model", a.model, b.model), ("target backend", ta.backend, tb.backend), ("batch", ta.batch, tb.batch),
             ("threads", ta.threads, tb.threads), ("export batch mode", a.export.dynamic_batch, b.export.dynamic_batch),
             ("export opset", a.export.opset, b.export.opset),
+            ("evaluation images", (a.eval.data, a.eval.start, a.eval.limit, a.eval.metric),
+             (b.eval.data, b.eval.start, b.eval.limit, b.eval.metric)),
             ("measure protocol", (ma.warmup, ma.runs, ma.rounds), (mb.warmup, mb.runs, mb.rounds))]
 
 
