@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from dfp_deploy.recipe.loader import iter_keys
+from dfp_deploy.recipe.schema import RENAMED_KEYS
 
 PACKAGE = Path(__file__).resolve().parent.parent / "dfp_deploy"
 SECTIONS = ("model", "compress", "search", "export", "target", "measure", "eval", "output", "advanced")
@@ -38,6 +39,8 @@ def test_every_key_named_in_the_code_exists():
     bad = []
     for path, line, name, templated in _named_keys():
         where = f"{path.relative_to(PACKAGE.parent)}:{line}"
+        if path.name == "schema.py" and name in RENAMED_KEYS:
+            continue  # the rename table names the old paths it answers
         if templated:
             bad.append(f"{where}: key built from a prefix ({name}); write the whole key")
         elif (name not in keys and name not in sections and name.rsplit(".", 1)[-1] not in FILE_SUFFIXES

@@ -160,7 +160,7 @@ def nothing_pruned_notice(analysis: Analysis, *, include_residual: bool = False,
     prunable = [g for g in analysis.groups if g.prunable]
     if prunable and not include_residual and all(g.residual for g in prunable):
         text = (f"nothing was pruned: the model's {len(prunable)} prunable channel groups are all tied across "
-                "residual adds, which are pruned only with compress.prune.include_residual=true")
+                "residual adds, which are pruned only with advanced.compress.prune.include_residual=true")
     elif prunable:
         text = (f"nothing was pruned: the recipe's ratios, exclude patterns and channel rounding keep every channel "
                 f"of the {len(prunable)} prunable channel groups")

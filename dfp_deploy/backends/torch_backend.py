@@ -16,7 +16,7 @@ for the second; `start.elapsed_time(end)` is the time between the two events on 
 host<->device copies (the input is made resident once in `prepare`, the output stays on the device); host-side
 Python overhead shows in it only where kernel launches cannot keep the GPU busy, as it would in deployment.
 
-CUDA graphs (`cuda_graph=True`, the recipe's target.cuda_graph): `prepare` runs the model a few times on a side
+CUDA graphs (`cuda_graph=True`, the recipe's advanced.target.cuda_graph): `prepare` runs the model a few times on a side
 stream (cuDNN's autotuning and the caching allocator settle there, outside the capture), captures one forward pass
 on the resident input into a torch.cuda.CUDAGraph and times `graph.replay()` instead of the eager call: one launch
 for the whole network, as a deployment that replays graphs would see it. A model that cannot be captured (host

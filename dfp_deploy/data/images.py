@@ -8,7 +8,7 @@ Two layouts are accepted:
 Geometry for Preprocess(size, resize): an image that is already size x size passes through bit-exact. Otherwise,
 with `resize` set, the short side is resized to `resize` (bilinear, long side = floor(long * resize / short)) and the
 centre size x size is cut; without `resize`, the centre is cut directly, and an image smaller than `size` is an error
-(the recipe key `model.resize` sets `resize`; `check_geometry` refuses a mismatch before any work).
+(the recipe key `advanced.model.resize` sets `resize`; `check_geometry` refuses a mismatch before any work).
 The centre crop starts at floor((H - size) / 2), floor((W - size) / 2).
 
 Selection: images [start, start + limit) of the file, in file order (a tuning and a reporting split of one file).
@@ -65,7 +65,7 @@ def load_images(
             raise DataError(f"{path}: {count} images but {len(labels)} labels in 'y'; they must have the same length")
         if start >= count:
             raise DataError(f"{path} holds {count} images: the first image asked for is index {start}; start below "
-                            f"{count} (eval.start)")
+                            f"{count} (advanced.eval.start)")
         end = count if limit is None else min(start + int(limit), count)
         if "x" in keys:
             out = _fit_array_images(images[start:end], preprocess, path)
@@ -152,7 +152,7 @@ def check_file(path: str | Path, key: str) -> None:
 def check_labels(path: str | Path, num_classes: int, limit: int | None = None, key: str = "eval.data",
                  start: int = 0) -> None:
     """Refuse labels outside [0, num_classes) before any work: a top-1 against them is 0 % and says nothing.
-    Refuse a `start` (eval.start) at or beyond the file's labelled images too.
+    Refuse a `start` (advanced.eval.start) at or beyond the file's labelled images too.
 
     Reads only 'y' (the images are not decoded); a file without labels passes (load_images refuses it later where
     labels are required)."""
@@ -163,8 +163,8 @@ def check_labels(path: str | Path, num_classes: int, limit: int | None = None, k
             return
         y = _read_labels(data, path)
     if start >= len(y):
-        raise DataError(f"eval.start: {start} is beyond the {len(y)} images of {path}; the selected images are "
-                        f"[eval.start, eval.start + eval.limit), so eval.start must be below {len(y)}")
+        raise DataError(f"advanced.eval.start: {start} is beyond the {len(y)} images of {path}; the selected images "
+                        f"are [start, start + eval.limit), so advanced.eval.start must be below {len(y)}")
     y = y[start:] if limit is None else y[start:start + limit]
     if len(y) == 0:
         return
@@ -213,7 +213,7 @@ def _centre_crop_batch(x: np.ndarray, size: int, path) -> np.ndarray:
     height, width = x.shape[1:3]
     if height < size or width < size:
         raise DataError(f"{path}: images are {height}x{width}, smaller than the model's {size}x{size} input; "
-                        f"set model.resize (e.g. {suggested_resize(size)}) or model.input_size")
+                        f"set advanced.model.resize (e.g. {suggested_resize(size)}) or model.input_size")
     top, left = (height - size) // 2, (width - size) // 2
     return np.ascontiguousarray(x[:, top : top + size, left : left + size])
 
@@ -230,8 +230,8 @@ def _fit_image(img, preprocess: Preprocess, path, index: int) -> np.ndarray:
     if width < size or height < size:
         raise DataError(
             f"{path}: image {index} is {height}x{width}, smaller than the model's {size}x{size} input; "
-            f"set model.resize (e.g. {suggested_resize(size)}: the short side is resized to it, then the centre "
-            f"{size}x{size} is cut) or model.input_size"
+            f"set advanced.model.resize (e.g. {suggested_resize(size)}: the short side is resized to it, then the "
+            f"centre {size}x{size} is cut) or model.input_size"
         )
     left, top = (width - size) // 2, (height - size) // 2
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
@@ -301,8 +301,9 @@ def check_geometry(path: str | Path, preprocess: Preprocess, key: str) -> None:
     if hw is None or min(hw) >= size:
         return
     raise DataError(f"{key}: {path} holds {hw[0]}x{hw[1]} images, smaller than the model's {size}x{size} input; "
-                    f"set model.resize (e.g. model.resize={suggested_resize(size)}: short side resized to "
-                    f"{suggested_resize(size)}, centre {size}x{size} cut) or model.input_size to the images' size")
+                    f"set advanced.model.resize (e.g. advanced.model.resize={suggested_resize(size)}: short side "
+                    f"resized to {suggested_resize(size)}, centre {size}x{size} cut) or model.input_size to the "
+                    f"images' size")
 
 
 def _progress(iterable, total: int, desc: str):

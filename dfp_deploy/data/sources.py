@@ -33,8 +33,7 @@ class InputSpec:
     steps: int  # optimisation steps when synthetic
     seed: int  # the subset drawn from a file, or the generator's start
     chunk: int | None  # synthetic: statistics matched per chunk of this many inputs (None: all at once)
-    key: str  # the recipe section that names them, for error messages
-    samples_key: str = "samples"
+    key: str  # the recipe section that names them (its `data` and `samples`), for error messages
 
     @property
     def synthetic(self) -> bool:
@@ -63,36 +62,34 @@ def load_inputs(spec: InputSpec, *, model: nn.Module, preprocess, input_shape: t
                 progress: Progress | None = None) -> torch.Tensor:
     """The inputs `spec` names, float32 [samples, *input_shape], normalised for the model."""
     if spec.synthetic and spec.chunk is None:
-        _check_samples(spec.samples, spec.key, spec.samples_key)
+        _check_samples(spec.samples, spec.key)
         return bn_matched_inputs(model, tuple(input_shape), spec.samples, steps=spec.steps, seed=spec.seed,
                                  cache_dir=cache_dir, progress=progress)
     return load_calibration_inputs(spec.source, spec.samples, model=model, preprocess=preprocess,
                                    input_shape=input_shape, seed=spec.seed, synthetic_steps=spec.steps,
-                                   cache_dir=cache_dir, what=spec.key, samples_key=spec.samples_key,
-                                   progress=progress, chunk=spec.chunk or 64)
+                                   cache_dir=cache_dir, what=spec.key, progress=progress, chunk=spec.chunk or 64)
 
 
-def _check_samples(samples: int, what: str, samples_key: str) -> None:
+def _check_samples(samples: int, what: str) -> None:
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise InputError(f"{what}.{samples_key}: {samples!r} must be an integer >= 1, e.g. 256")
+        raise InputError(f"{what}.samples: {samples!r} must be an integer >= 1, e.g. 256")
 
 
 def load_calibration_inputs(data: str, samples: int, *, model: nn.Module, preprocess, input_shape: tuple[int, ...],
-                            seed: int = 0, synthetic_steps: int = 200, cache_dir=None,
-                            what: str = "compress.calibration", samples_key: str = "samples",
+                            seed: int = 0, synthetic_steps: int = 200, cache_dir=None, what: str = "compress.calibration",
                             progress: Progress | None = None, chunk: int = 64) -> torch.Tensor:
     """Inputs for `compress.calibration.data` (or the section named by `what`): an .npz of images (a seeded random
     subset of `samples` images, drawn without replacement; labels, if any, are ignored) or "synthetic" (BN-matched
     generated inputs, data/synthetic.py, so the mode stays data-free). Returns float32 [samples, *input_shape],
-    normalised. `samples_key` names the section's key for the count in errors; `progress(done, total)` follows the
+    normalised. `what` names the section (its `.samples` in errors); `progress(done, total)` follows the
     generation of synthetic inputs, whose BatchNorm statistics are matched per `chunk` inputs."""
-    _check_samples(samples, what, samples_key)
+    _check_samples(samples, what)
     if data == SYNTHETIC:
         return bn_matched_inputs(model, tuple(input_shape), samples, steps=synthetic_steps, seed=seed,
                                  batch_size=min(samples, chunk), cache_dir=cache_dir, progress=progress)
     images, _ = load_images(data, preprocess, limit=None, require_labels=False)
     if samples > len(images):
-        raise DataError(f"{what}.{samples_key}: {samples} images asked for, but {data} has only "
+        raise DataError(f"{what}.samples: {samples} images asked for, but {data} has only "
                         f"{len(images)}; lower samples or give a bigger file")
     chosen = np.sort(np.random.default_rng(seed).choice(len(images), samples, replace=False))
     return torch.from_numpy(to_tensor(images[chosen], preprocess))

@@ -76,7 +76,7 @@ def _check_arguments(model, example_input, opset) -> None:
         raise InputError("export: example_input must be a batched torch.Tensor (N, C, H, W)")
     top = max_opset()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
-        raise InputError(f"export.opset: {opset!r} is not an integer in [{MIN_OPSET}, {top}]")
+        raise InputError(f"advanced.export.opset: {opset!r} is not an integer in [{MIN_OPSET}, {top}]")
 
 
 @contextlib.contextmanager

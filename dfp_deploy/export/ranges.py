@@ -527,7 +527,7 @@ def data_free_ranges(model_or_path, input_range, *, k: float = DEFAULT_K, target
     if not any(node.op == "BatchNormalization" for node in graph.nodes):
         raise ExportError("data-free ranges need BatchNormalization nodes, but this graph has none (a model "
                           "without BatchNorm, e.g. LayerNorm-only, or BN folded at export); export with BN kept, or "
-                          "use calibration ranges (compress.quantize.activations=calibration with "
+                          "use calibration ranges (advanced.compress.quantize.activations=calibration with "
                           "compress.calibration.data)")
     inputs = _input_stats(*input_range)
     ranges, stats = _propagate(graph, inputs, k)

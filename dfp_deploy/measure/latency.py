@@ -48,14 +48,15 @@ def _require_int(key: str, value, low: int) -> None:
 def _check_protocol(runners, warmup, runs, rounds, batch) -> None:
     if not runners:
         raise InputError("latency: nothing to time (no runners given)")
-    _require_int("measure.warmup", warmup, 0)
+    _require_int("advanced.measure.warmup", warmup, 0)
     if isinstance(runs, int) and not isinstance(runs, bool) and runs < MIN_RUNS:
-        raise InputError(f"measure.runs: {runs} is below {MIN_RUNS}; percentiles from fewer runs are too noisy "
-                         f"to compare engines, use runs >= {MIN_RUNS}")
-    _require_int("measure.runs", runs, MIN_RUNS)
-    _require_int("measure.rounds", rounds, 1)
+        raise InputError(f"advanced.measure.runs: {runs} is below {MIN_RUNS}; percentiles from fewer runs are too "
+                         f"noisy to compare engines, use runs >= {MIN_RUNS}")
+    _require_int("advanced.measure.runs", runs, MIN_RUNS)
+    _require_int("advanced.measure.rounds", rounds, 1)
     if rounds > runs:
-        raise InputError(f"measure.rounds: {rounds} is more than measure.runs ({runs}); use rounds <= runs")
+        raise InputError(f"advanced.measure.rounds: {rounds} is more than advanced.measure.runs ({runs}); use rounds "
+                         f"<= runs")
     _require_int("target.batch", batch, 1)
 
 

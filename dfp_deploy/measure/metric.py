@@ -72,7 +72,7 @@ def evaluate(spec: str, function: Callable, run: Callable, data: dict) -> float 
 
 def eval_data(images: np.ndarray, arrays: Mapping[str, np.ndarray], count: int, start: int = 0) -> dict:
     """The `data` argument: the images and the file's other arrays, cut to the evaluated images where they pair
-    (file images [start, start + len(images)), eval.start)."""
+    (file images [start, start + len(images)), advanced.eval.start)."""
     n = len(images)
     data = {name: (a[start:start + n] if a.ndim and len(a) == count else a) for name, a in arrays.items()}
     data["images"] = images

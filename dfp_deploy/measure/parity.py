@@ -93,8 +93,8 @@ def _judge(rule: ParityRule, result: dict, expected: np.ndarray, actual: np.ndar
     failures = []
     if not result["max_abs_err"] <= tolerance:
         failures.append(f"engine and PyTorch differ by {result['max_abs_err']:.3g} on {label} (> tolerance "
-                        f"{tolerance:.3g} = max(measure.parity_tolerance {rule.abs_floor:g}, {rel:.3g} x max|R| "
-                        f"{scale:.3g}) for {rule.arithmetic} arithmetic)")
+                        f"{tolerance:.3g} = max(advanced.measure.parity_tolerance {rule.abs_floor:g}, {rel:.3g} x "
+                        f"max|R| {scale:.3g}) for {rule.arithmetic} arithmetic)")
     if decisions and rule.arithmetic in ROUNDINGS_PER_LAYER and len(expected) and math.isfinite(scale):
         # decided against rel_tol alone, so raising the recipe's abs_floor cannot hide a changed decision
         flat_e, flat_a = expected.reshape(len(expected), -1), actual.reshape(len(actual), -1)

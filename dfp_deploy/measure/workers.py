@@ -156,7 +156,7 @@ class LocalMeasurer:
 
     def __init__(self, spec: TargetSpec, original: Candidate, *, workers: int = 1, backend=None) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise InputError(f"measure.local_workers: {workers!r} must be an integer >= 1")
+            raise InputError(f"advanced.measure.local_workers: {workers!r} must be an integer >= 1")
         self.spec, self.workers = spec, workers
         self.where = "local" if workers == 1 else f"local x{workers}"
         self._folder = Path(tempfile.mkdtemp(prefix="dfp-measure-"))
@@ -165,8 +165,8 @@ class LocalMeasurer:
             self._bench = _Bench(spec, original.onnx, self._folder, backend=backend, original_module=original.module)
         else:
             if spec.backend in RUNS_MODULE:
-                raise InputError(f"measure.local_workers: {spec.backend} runs the PyTorch module itself, which "
-                                 "worker processes cannot receive as ONNX; use measure.local_workers=1")
+                raise InputError(f"advanced.measure.local_workers: {spec.backend} runs the PyTorch module itself, "
+                                 f"which worker processes cannot receive as ONNX; use advanced.measure.local_workers=1")
             self._original = Path(original.onnx).read_bytes()
             self._start_pool()
 
@@ -204,8 +204,9 @@ class LocalMeasurer:
                         results[i] = future.result()
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 if attempt == MAX_ATTEMPTS:
-                    raise NoTargetWorker(f"measure.local_workers: timing worker processes died {attempt} times "
-                                         "while timing one batch of candidates; see the system log (out of memory?)"
+                    raise NoTargetWorker(f"advanced.measure.local_workers: timing worker processes died {attempt} "
+                                         f"times while timing one batch of candidates; see the system log (out of "
+                                         f"memory?)"
                                          ) from None
                 self._start_pool()
         return results  # unreachable
@@ -279,12 +280,12 @@ def _check_reachable(address: str | None, timeout_s: float) -> None:
 
     endpoint = _ray_endpoint(address)
     if endpoint is None:
-        raise NoTargetWorker(f"measure.workers: no Ray cluster to connect to at {address!r} (none running here: "
-                             "start one with ray start --head, or give ray://host:port)")
+        raise NoTargetWorker(f"advanced.measure.workers: no Ray cluster to connect to at {address!r} (none running "
+                             f"here: start one with ray start --head, or give ray://host:port)")
     try:
         socket.create_connection(endpoint, timeout=timeout_s).close()
     except OSError as e:
-        raise NoTargetWorker(f"measure.workers: cannot reach the Ray cluster at {endpoint[0]}:{endpoint[1]} "
+        raise NoTargetWorker(f"advanced.measure.workers: cannot reach the Ray cluster at {endpoint[0]}:{endpoint[1]} "
                              f"({e.strerror or type(e).__name__}); is it running?") from None
 
 
@@ -296,18 +297,18 @@ class RayMeasurer:
         try:
             import ray
         except ImportError:
-            raise InputError("measure.workers: Ray is not installed; pip install 'dfp-deploy[ray]' or use "
-                             "measure.workers=local") from None
+            raise InputError("advanced.measure.workers: Ray is not installed; pip install 'dfp-deploy[ray]' or use "
+                             "advanced.measure.workers=local") from None
         if spec.backend in RUNS_MODULE:
-            raise InputError(f"measure.workers: {spec.backend} runs the PyTorch module itself, which Ray workers "
-                             "cannot receive as ONNX; use measure.workers=local")
+            raise InputError(f"advanced.measure.workers: {spec.backend} runs the PyTorch module itself, which Ray "
+                             f"workers cannot receive as ONNX; use advanced.measure.workers=local")
         self._ray, self.resource, self.timeout_s, self.task_timeout_s = ray, resource, timeout_s, task_timeout_s
         if not ray.is_initialized():
             _check_reachable(address, timeout_s)
             try:
                 ray.init(address=address, logging_level="ERROR", log_to_driver=False)
             except Exception as e:  # ConnectionError, or Ray's own errors for a bad address
-                raise NoTargetWorker(f"measure.workers: cannot reach the Ray cluster at {address}: "
+                raise NoTargetWorker(f"advanced.measure.workers: cannot reach the Ray cluster at {address}: "
                                      f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
                                      ) from None
         self._cls = _target_worker_class(ray).options(num_cpus=0, resources={resource: 1})
@@ -393,7 +394,7 @@ class RayMeasurer:
             done, _ = ray.wait(list(in_flight) + list(starting), num_returns=1, timeout=timeout)
             if not done:
                 if in_flight:
-                    raise NoTargetWorker(f"measure.workers: no timing finished on {self.resource!r} within "
+                    raise NoTargetWorker(f"advanced.measure.workers: no timing finished on {self.resource!r} within "
                                          f"{timeout:g} s")
                 self.close()
                 raise NoTargetWorker(self._no_worker(f"its workers died and none restarted within {timeout:g} s"))
@@ -414,8 +415,8 @@ class RayMeasurer:
                 # the worker died mid-task (killed, node lost, out of memory): the task goes to another live actor
                 # and a replacement is started without waiting on it (it joins when it answers)
                 if attempts[i] >= MAX_ATTEMPTS:
-                    raise NoTargetWorker(f"measure.workers: candidate {i} took down {attempts[i]} workers holding "
-                                         f"{self.resource!r}; see their logs (ray logs)") from None
+                    raise NoTargetWorker(f"advanced.measure.workers: candidate {i} took down {attempts[i]} workers "
+                                         f"holding {self.resource!r}; see their logs (ray logs)") from None
                 queue.insert(0, i)
                 self.replaced += 1
                 actor, ready = self._start()
@@ -438,7 +439,8 @@ class RayMeasurer:
 def make_measurer(spec: TargetSpec, original: Candidate, *, workers: str = "local", local_workers: int = 1,
                   resource: str | None = None, timeout_s: float = 60.0, backend=None,
                   notes: list[str] | None = None) -> Measurer:
-    """`workers`: local | auto | ray://host:port (measure.workers); auto uses a running Ray cluster that offers the
+    """`workers`: local | auto | ray://host:port (advanced.measure.workers); auto uses a running Ray cluster that
+    offers the
     target resource, else the local pool (with a note)."""
     resource = resource or f"target:{spec.backend}"
     if workers == "local":
@@ -448,11 +450,11 @@ def make_measurer(spec: TargetSpec, original: Candidate, *, workers: str = "loca
             return RayMeasurer(spec, original, resource=resource, address="auto", timeout_s=timeout_s)
         except (InputError, NoTargetWorker) as e:
             if notes is not None:
-                notes.append(f"measure.workers auto: timed locally ({e})")
+                notes.append(f"advanced.measure.workers auto: timed locally ({e})")
             return LocalMeasurer(spec, original, workers=local_workers, backend=backend)
     if isinstance(workers, str) and workers.startswith("ray://") and len(workers) > len("ray://"):
         return RayMeasurer(spec, original, resource=resource, address=workers, timeout_s=timeout_s)
-    raise InputError(f"measure.workers: {workers!r} is not local, auto or ray://host:port")
+    raise InputError(f"advanced.measure.workers: {workers!r} is not local, auto or ray://host:port")
 
 
 def engine_options(options: dict) -> dict:

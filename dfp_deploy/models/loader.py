@@ -102,14 +102,14 @@ def load_model(
     """Build model `name`, load `weights` strictly (None = random init), and return it in eval mode on CPU.
 
     `kwargs` go to the model's constructor/factory; `input_shape` (C, H, W) and `preprocess` override the defaults;
-    `resize` (recipe model.resize) replaces the preprocessing's short-side resize.
+    `resize` (recipe advanced.model.resize) replaces the preprocessing's short-side resize.
     """
     kwargs = _check_kwargs(kwargs)
     input_shape = _check_input_shape(input_shape)
     if preprocess is not None and not isinstance(preprocess, Preprocess):
         raise InputError(f"preprocess must be a Preprocess, got {type(preprocess).__name__}")
     if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < 1):
-        raise InputError(f"model.resize: expected a positive number of pixels, got {resize!r}")
+        raise InputError(f"advanced.model.resize: expected a positive number of pixels, got {resize!r}")
     if not isinstance(name, str) or not name.strip():
         raise InputError(f"model name must be a non-empty string, got {name!r}: {_forms_hint()}")
     name = name.strip()
@@ -196,9 +196,9 @@ def _check_input_shape(shape) -> tuple[int, int, int] | None:
 
 def _with_resize(pre: Preprocess, resize: int, name: str) -> Preprocess:
     if resize < pre.size:
-        raise InputError(f"model.resize: {resize} is smaller than the {pre.size}x{pre.size} input of {name}: the "
-                         f"short side is resized to model.resize and the centre {pre.size}x{pre.size} cut from it, so "
-                         f"it must be at least {pre.size}")
+        raise InputError(f"advanced.model.resize: {resize} is smaller than the {pre.size}x{pre.size} input of {name}: "
+                         f"the short side is resized to advanced.model.resize and the centre {pre.size}x{pre.size} cut "
+                         f"from it, so it must be at least {pre.size}")
     return dataclasses.replace(pre, resize=resize)
 
 

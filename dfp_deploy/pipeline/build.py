@@ -65,7 +65,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
     if t.measure_fingerprint:
         stage.total += 1
         stage(f"measuring the latency fingerprint of {t.backend} {t.precision} batch {t.batch} (once: stored for "
-              "later builds; target.fingerprint: table skips it)")
+              "later builds; advanced.target.fingerprint: table skips it)")
         fingerprint_s = measure_target_fingerprint(plan, quiet=stage.quiet)
         plan = _untimed(resolve_recipe(recipe), timed)  # the channel multiple now follows the fingerprint just stored
 

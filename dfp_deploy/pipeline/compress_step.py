@@ -82,7 +82,8 @@ def check_prunable(select: SelectSpec, analysis) -> None:
         return
     # only values the recipe set: the target's default multiple is reported under `rounding`, not refused
     set_round_to = select.round_to if select.round_to_source == "recipe" else 1
-    for key, value in (("compress.prune.round_to", set_round_to), ("compress.prune.min_channels", select.min_channels)):
+    for key, value in (("compress.prune.round_to", set_round_to), ("advanced.compress.prune.min_channels",
+    select.min_channels)):
         if value >= max(widths):
             raise InputError(f"{key}: {value} is at least the width of every prunable group "
                              f"(the widest has {max(widths)} channels), so nothing would be pruned; use a smaller "
@@ -90,8 +91,9 @@ def check_prunable(select: SelectSpec, analysis) -> None:
 
 
 def measured_statistics(select: SelectSpec, model, analysis, inputs: torch.Tensor | None) -> dict | None:
-    """compress.prune.statistics: calibration — the activation statistics of every compensable group, measured on
-    the calibration inputs in the original model (compress/activation_stats.py); None for the data-free model."""
+    """advanced.compress.prune.statistics: calibration — the activation statistics of every compensable group,
+    measured on the calibration inputs in the original model (compress/activation_stats.py); None for the data-free
+    model."""
     if not select.measures_statistics:
         return None
     from dfp_deploy.compress.select.measured import measured_group_statistics
@@ -101,7 +103,7 @@ def measured_statistics(select: SelectSpec, model, analysis, inputs: torch.Tenso
 
 
 def layer_bits(plan: BuildPlan, model, analysis) -> dict[str, int] | None:
-    """compress.quantize.first_last_bits as per-module overrides of weight_bits."""
+    """advanced.compress.quantize.first_last_bits as per-module overrides of weight_bits."""
     r = plan.repair
     if r.weight_bits is None or r.first_last_bits is None:
         return None

@@ -125,7 +125,7 @@ def check_parity(plan: BuildPlan, loaded, compressed, engine, engine_onnx: Path)
 
 def enforce_parity(spec: ParitySpec, par: dict, ref_kind: str) -> None:
     """fp32/fp16 engines must reproduce PyTorch's logits within the precision-aware rule (measure/parity.py;
-    measure.parity_tolerance is its absolute floor); int8 engines must agree on the predicted class."""
+    advanced.measure.parity_tolerance is its absolute floor); int8 engines must agree on the predicted class."""
     from dfp_deploy.core.errors import ParityError
 
     if spec.precision == "int8":
@@ -133,7 +133,7 @@ def enforce_parity(spec: ParitySpec, par: dict, ref_kind: str) -> None:
         if (ref_kind == "eval images" and par["top1_agreement"] is not None
                 and not par["top1_agreement"] >= spec.int8_min_agreement):
             raise ParityError(f"parity: the int8 engine agrees with PyTorch on {100 * par['top1_agreement']:.1f}% "
-                              f"of the images (< measure.int8_min_agreement {spec.int8_min_agreement:g})")
+                              f"of the images (< advanced.measure.int8_min_agreement {spec.int8_min_agreement:g})")
         return
     from dfp_deploy.measure.parity import enforce
 

@@ -52,7 +52,8 @@ def search(plan: BuildPlan, loaded, analysis, example, work: Path, backend, adap
             with torch.inference_mode():
                 fid = fidelity(reference, candidate(x_proxy))
             out = {"proxy": proxy(fid, S.proxy), **fid, "macs": count_macs(candidate, one)}
-            # search.measure "best": a candidate that could become the best (its proxy, the most its reward can be,
+            # advanced.search.measure "best": a candidate that could become the best (its proxy, the most its reward
+            # can be,
             # beats the best reward so far) is timed on the target; the loop corrects the latency model with it and
             # the reward penalises it if the real engine misses the target. So the plan the search returns was timed.
             # In a batch "so far" means before the batch, so which candidates are timed depends on the proposals
@@ -125,7 +126,7 @@ def latency_model(plan: BuildPlan, model, analysis, space, example, work, backen
     extrapolates, and the reachability check compares the budget with a measured floor (with the budget fraction
     as second point, one noisy point under load tilted the line enough to refuse a reachable budget). Returns the
     model, the timer that measures later candidates on the same scale (measure/workers.py CandidateTimer: on
-    measure.workers, through the measurement cache), and what was measured."""
+    advanced.measure.workers, through the measurement cache), and what was measured."""
     import itertools
 
     import numpy as np

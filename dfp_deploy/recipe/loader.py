@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from dfp_deploy.core.errors import RecipeError
-from dfp_deploy.recipe.schema import Recipe
+from dfp_deploy.recipe.schema import RENAMED_KEYS, Recipe
 
 _PASSTHROUGH = ("pypi:", "synthetic")  # path-typed values that name something other than a file
 # A recipe is a few dozen keys four levels deep; these bounds are far above that and far below what exhausts
@@ -207,6 +207,8 @@ def moved_keys() -> dict[str, str]:
 
 
 def _refuse_moved(key: str) -> None:
+    if key in RENAMED_KEYS:
+        raise RecipeError(f"{key}: {RENAMED_KEYS[key]}")
     new = moved_keys().get(key)
     if new is not None:
         raise RecipeError(f"{_name(key)}: moved to {new} (an advanced key; `dfp-deploy recipe-keys --advanced` "

@@ -169,7 +169,7 @@ class SearchSpec:
     episodes: int
     warmup: int
     target: str  # macs | latency
-    budget: float
+    budget: float  # the fraction of the original MACs or latency kept: 1 - search.ratio (kept_fraction)
     min_keep: float
     include_residual: bool
     proxy: str
@@ -236,10 +236,11 @@ def resolve(recipe: Recipe, *, fingerprint: FingerprintLookup | None = None,
     """The BuildPlan of `recipe`; contradictory settings are refused here, with the key to change."""
     check_consistency(recipe)
     cache = Path(cache) if cache is not None else Path.home() / ".cache" / "dfp-deploy"
-    c, t, m = recipe.compress, recipe.target, recipe.measure
+    c, t, m = recipe.compress, recipe.target, recipe.advanced.measure
+    ac = recipe.advanced.compress
     inputs = _inputs(recipe)
-    calibrate = (CalibrateSpec("calibration", c.calibration.squeeze_epochs, c.calibration.calib_epochs,
-                               recipe.advanced.compress.calibration.lr, recipe.seed) if _two_phase(recipe) else None)
+    calibrate = (CalibrateSpec("calibration", ac.calibration.squeeze_epochs, ac.calibration.calib_epochs,
+                               ac.calibration.lr, recipe.seed) if _two_phase(recipe) else None)
     select = _select(recipe, fingerprint)
     return BuildPlan(
         seed=recipe.seed,
@@ -248,21 +249,19 @@ def resolve(recipe: Recipe, *, fingerprint: FingerprintLookup | None = None,
         repair=_repair(recipe),
         calibrate=calibrate,
         bn_adapt=BnAdaptSpec("bn_adapt") if c.bn_adapt.data else None,
-        int8=(Int8Spec(c.quantize.activations, "calibration" if c.quantize.activations == "calibration" else None,
-                       recipe.advanced.compress.quantize.range_k, qdq_style(t.backend))
+        int8=(Int8Spec(ac.quantize.activations, "calibration" if ac.quantize.activations == "calibration" else None,
+                       ac.quantize.range_k, qdq_style(t.backend))
               if t.precision == "int8" else None),
-        export=ExportSpec(recipe.export.opset, recipe.export.dynamic_batch),
+        export=ExportSpec(recipe.advanced.export.opset, recipe.advanced.export.dynamic_batch),
         target=_target(recipe, fingerprint, cache),
         parity=ParitySpec(t.precision, m.parity_tolerance, m.parity_samples, m.int8_min_agreement),
-        measure=MeasureSpec(m.latency, m.warmup, m.runs, m.rounds,
+        measure=MeasureSpec(recipe.measure.latency, m.warmup, m.runs, m.rounds,
                             # calibrated builds skip it: a second calibration would double their cost
-                            m.rounding_cost and m.latency and calibrate is None and select.round_to != 1,
-                            m.workers, m.local_workers, recipe.advanced.measure.target_resource,
-                            recipe.advanced.measure.worker_timeout,
-                            Path(m.cache) if m.cache else cache / "measurements",
-                            recipe.advanced.measure.remeasure),
+                            m.rounding_cost and recipe.measure.latency and calibrate is None and select.round_to != 1,
+                            m.workers, m.local_workers, m.target_resource, m.worker_timeout,
+                            Path(m.cache) if m.cache else cache / "measurements", m.remeasure),
         search=_search(recipe),
-        eval=EvalSpec(recipe.eval.data, recipe.eval.limit, recipe.eval.start, recipe.eval.metric),
+        eval=EvalSpec(recipe.eval.data, recipe.eval.limit, recipe.advanced.eval.start, recipe.eval.metric),
         inputs=MappingProxyType(inputs),
         data_files=_data_files(recipe),
         cache=cache,
@@ -272,6 +271,7 @@ def resolve(recipe: Recipe, *, fingerprint: FingerprintLookup | None = None,
 def check_consistency(recipe: Recipe) -> None:
     """Settings that contradict each other, refused before anything slow runs (each message names the key)."""
     c, p, s = recipe.compress, recipe.compress.prune, recipe.search
+    ap, aq = recipe.advanced.compress.prune, recipe.advanced.compress.quantize
     shape = recipe.model.input_size
     if shape is not None and recipe.target.batch * math.prod(shape) > MAX_INPUT_ELEMENTS:
         raise InputError(f"model.input_size: {list(shape)} at target.batch {recipe.target.batch} is "
@@ -284,26 +284,26 @@ def check_consistency(recipe: Recipe) -> None:
     if p.allocation != "uniform" and p.importance != "lmmse":
         raise InputError(f"compress.prune.allocation: {p.allocation} needs compress.prune.importance: lmmse "
                          "(only the reconstruction error compares groups with each other)")
-    if p.allocation != "uniform" and p.ratios:
+    if p.allocation != "uniform" and ap.ratios:
         raise InputError(f"compress.prune.allocation: {p.allocation} shares one budget across groups; it "
-                         "cannot be combined with per-group compress.prune.ratios")
-    if p.statistics == "calibration":
+                         "cannot be combined with per-group advanced.compress.prune.ratios")
+    if ap.statistics == "calibration":
         if p.importance != "lmmse":
-            raise InputError("compress.prune.statistics: calibration needs compress.prune.importance: lmmse (only "
-                             "the lmmse selection reads activation statistics)")
+            raise InputError("advanced.compress.prune.statistics: calibration needs compress.prune.importance: lmmse "
+                             "(only the lmmse selection reads activation statistics)")
         if not c.calibration.data:
-            raise InputError("compress.prune.statistics: calibration needs compress.calibration.data (the images "
-                             "whose activations are measured)")
+            raise InputError("advanced.compress.prune.statistics: calibration needs compress.calibration.data (the "
+                             "images whose activations are measured)")
         if s.episodes:
-            raise InputError("compress.prune.statistics: calibration cannot be combined with search (the search "
-                             "is data-free); set compress.prune.statistics: model")
-    if s.episodes and p.exclude:
+            raise InputError("advanced.compress.prune.statistics: calibration cannot be combined with search (the "
+                             "search is data-free); set advanced.compress.prune.statistics: model")
+    if s.episodes and ap.exclude:
         # the agent's budget wall counts every group of its space; silently skipping some would break the budget
-        raise InputError("compress.prune.exclude cannot be combined with search yet (the agent prunes every group "
-                         "of its search space); remove it")
-    if (recipe.target.precision == "int8" and c.quantize.activations == "calibration"
+        raise InputError("advanced.compress.prune.exclude cannot be combined with search yet (the agent prunes "
+                         "every group of its search space); remove it")
+    if (recipe.target.precision == "int8" and aq.activations == "calibration"
             and not c.calibration.data):
-        raise InputError("compress.quantize.activations: calibration needs compress.calibration.data "
+        raise InputError("advanced.compress.quantize.activations: calibration needs compress.calibration.data "
                          "(an .npz of unlabeled images, or 'synthetic')")
     if not _two_phase(recipe):
         return
@@ -313,20 +313,20 @@ def check_consistency(recipe: Recipe) -> None:
     if c.reconstruct != "none":
         raise InputError(f"compress.reconstruct: {c.reconstruct} and compress.calibration.data "
                          "are both set; calibration replaces the data-free repair: set one of them (or "
-                         "compress.calibration.two_phase: false to use the images only for int8 ranges)")
-    if c.quantize.bias_correction:
-        raise InputError("compress.quantize.bias_correction: applies to the data-free repair; with "
+                         "advanced.compress.calibration.two_phase: false to use the images only for int8 ranges)")
+    if aq.bias_correction:
+        raise InputError("advanced.compress.quantize.bias_correction: applies to the data-free repair; with "
                          "compress.calibration.data the calibrated layers need no BN-based correction: remove it")
 
 
 def backend_options(recipe: Recipe, cache: Path) -> dict:
     """The target backend's constructor options."""
-    t = recipe.target
+    t, a = recipe.target, recipe.advanced.target
     if t.backend == "tensorrt":
-        return {"opt_level": t.opt_level, "workspace_mb": t.workspace_mb, "cuda_graph": t.cuda_graph,
+        return {"opt_level": a.opt_level, "workspace_mb": a.workspace_mb, "cuda_graph": a.cuda_graph,
                 "timing_cache_dir": cache / "trt-timing", "engine_cache_dir": cache / "trt-engines"}
     if t.backend == "torch-cuda":
-        return {"cuda_graph": t.cuda_graph}
+        return {"cuda_graph": a.cuda_graph}
     return {}
 
 
@@ -340,17 +340,17 @@ def round_to_source(recipe: Recipe, fingerprint: FingerprintLookup | None) -> tu
     if stored is not None:
         multiple, path = stored
         return multiple, f"fingerprint {path}"
-    why = ("target.fingerprint: table" if t.fingerprint == "table" else
-           "target.fingerprint: auto, int8 on ort-cpu" if _probe_misleads(recipe) else
+    why = ("advanced.target.fingerprint: table" if recipe.advanced.target.fingerprint == "table" else
+           "advanced.target.fingerprint: auto, int8 on ort-cpu" if _probe_misleads(recipe) else
            "no fingerprint stored for this target")
     return default_round_to(t.backend, t.precision), f"table ({why})"
 
 
 def _stored(recipe: Recipe, fingerprint: FingerprintLookup | None) -> tuple[int, str] | None:
     """(multiple, file) of the fingerprint the recipe's defaults follow: the one stored for exactly its target;
-    None under target.fingerprint: table."""
+    None under advanced.target.fingerprint: table."""
     t = recipe.target
-    if t.fingerprint == "table" or fingerprint is None or _probe_misleads(recipe):
+    if recipe.advanced.target.fingerprint == "table" or fingerprint is None or _probe_misleads(recipe):
         return None
     return fingerprint(t.backend, t.precision, t.batch, t.threads)
 
@@ -360,79 +360,79 @@ def _probe_misleads(recipe: Recipe) -> bool:
     slower than the table's 16 (depthwise, 1x1 and sub-16-channel convs; docs/research/latency-fingerprint.md).
     `stored` still applies a stored one."""
     t = recipe.target
-    return t.fingerprint == "auto" and t.precision == "int8" and t.backend == "ort-cpu"
+    return recipe.advanced.target.fingerprint == "auto" and t.precision == "int8" and t.backend == "ort-cpu"
 
 
 def _target(recipe: Recipe, fingerprint: FingerprintLookup | None, cache: Path) -> TargetSpec:
     t, p, s = recipe.target, recipe.compress.prune, recipe.search
+    mode = recipe.advanced.target.fingerprint
     stored = _stored(recipe, fingerprint)
     # auto measures a fingerprint when the default channel multiple is used (pruning with round_to unset), none is
     # stored, and the build times the target here: a build that times nothing may run on another machine than the
     # target, whose fingerprint it would then be
-    prunes = bool(p.ratio or p.ratios or s.episodes)
+    prunes = bool(p.ratio or recipe.advanced.compress.prune.ratios or s.episodes)
     times_here = recipe.measure.latency or bool(s.episodes and s.target == "latency")
-    measure = (t.fingerprint == "auto" and t.backend in FINGERPRINTABLE and prunes and not p.round_to
+    measure = (mode == "auto" and t.backend in FINGERPRINTABLE and prunes and not p.round_to
                and times_here and fingerprint is not None and stored is None and not _probe_misleads(recipe))
     block = stored[0] if stored is not None else default_round_to(t.backend, t.precision)
     return TargetSpec(t.backend, t.precision, t.batch, t.threads, MappingProxyType(backend_options(recipe, cache)),
-                      t.fingerprint, measure, block)
+                      mode, measure, block)
 
 
 def _two_phase(recipe: Recipe) -> bool:
-    c = recipe.compress.calibration
-    return bool(c.data) and c.two_phase
+    return bool(recipe.compress.calibration.data) and recipe.advanced.compress.calibration.two_phase
 
 
 def _needs_calibration_inputs(recipe: Recipe) -> bool:
     """Whether any step reads compress.calibration.data: two-phase calibration, channels chosen on the inputs'
     activations, or int8 activation ranges from them."""
-    c = recipe.compress
-    return (_two_phase(recipe) or c.prune.statistics == "calibration"
-            or (recipe.target.precision == "int8" and c.quantize.activations == "calibration"))
+    a = recipe.advanced.compress
+    return (_two_phase(recipe) or a.prune.statistics == "calibration"
+            or (recipe.target.precision == "int8" and a.quantize.activations == "calibration"))
 
 
 def _inputs(recipe: Recipe) -> dict[str, InputSpec]:
-    c, s = recipe.compress, recipe.search
+    c, s, a = recipe.compress, recipe.search, recipe.advanced
     out = {}
     if c.calibration.data and _needs_calibration_inputs(recipe):
-        out["calibration"] = InputSpec(c.calibration.data, c.calibration.samples, c.calibration.synthetic_steps,
-                                       recipe.seed, SYNTHETIC_CHUNK, "compress.calibration")
+        out["calibration"] = InputSpec(c.calibration.data, c.calibration.samples,
+                                       a.compress.calibration.synthetic_steps, recipe.seed, SYNTHETIC_CHUNK,
+                                       "compress.calibration")
     if c.bn_adapt.data:
         # seed + 1: not the inputs the search scores candidates on (a proxy measured on the inputs the statistics
         # were fitted to would flatter every candidate)
-        out["bn_adapt"] = InputSpec(c.bn_adapt.data, c.bn_adapt.samples, c.bn_adapt.synthetic_steps,
+        out["bn_adapt"] = InputSpec(c.bn_adapt.data, c.bn_adapt.samples, a.compress.bn_adapt.synthetic_steps,
                                     recipe.seed + 1, SYNTHETIC_CHUNK, "compress.bn_adapt")
     if s.episodes:
         # the search matches the statistics over all its inputs in one chunk; its cached inputs are what every
         # documented search ran on
-        out["search"] = InputSpec(s.proxy_data, s.synthetic_samples, s.synthetic_steps, recipe.seed, None,
-                                  "search", samples_key="synthetic_samples")
+        out["search"] = InputSpec(s.data, s.samples, a.search.synthetic_steps, recipe.seed, None, "search")
     return out
 
 
 def _model(recipe: Recipe) -> ModelSpec:
     m = recipe.model
     return ModelSpec(m.name, m.weights, MappingProxyType(dict(m.kwargs or {})),
-                     tuple(m.input_size) if m.input_size else None, m.resize)
+                     tuple(m.input_size) if m.input_size else None, recipe.advanced.model.resize)
 
 
 def _select(recipe: Recipe, fingerprint: FingerprintLookup | None) -> SelectSpec:
-    p = recipe.compress.prune
+    p, a = recipe.compress.prune, recipe.advanced.compress.prune
     round_to, source = round_to_source(recipe, fingerprint)
-    return SelectSpec(p.ratio, MappingProxyType(dict(p.ratios)), tuple(p.exclude), p.importance, p.allocation,
-                      p.statistics, round_to, source, p.min_channels, p.include_residual)
+    return SelectSpec(p.ratio, MappingProxyType(dict(a.ratios)), tuple(a.exclude), p.importance, p.allocation,
+                      a.statistics, round_to, source, a.min_channels, a.include_residual)
 
 
 def _repair(recipe: Recipe) -> RepairSpec:
-    c = recipe.compress
-    q = c.quantize
-    if q.weight_bits is None or _two_phase(recipe):
+    c, a = recipe.compress, recipe.advanced.compress
+    bits = c.quantize.weight_bits
+    if bits is None or _two_phase(recipe):
         bias_correction = None
     else:  # the methods' published defaults: DFQ-style correction with lmmse, none with the others
-        bias_correction = q.bias_correction if q.bias_correction is not None else c.reconstruct == "lmmse"
-    form = recipe.advanced.compress.udfc_form
-    return RepairSpec(c.reconstruct, form if c.reconstruct == "udfc" else None, q.weight_bits,
-                      q.first_last_bits if q.weight_bits is not None else None, bias_correction,
+        bias_correction = (a.quantize.bias_correction if a.quantize.bias_correction is not None
+                           else c.reconstruct == "lmmse")
+    return RepairSpec(c.reconstruct, a.udfc_form if c.reconstruct == "udfc" else None, bits,
+                      a.quantize.first_last_bits if bits is not None else None, bias_correction,
                       "hessian" if c.reconstruct == "lmmse" else "nearest")
 
 
@@ -441,18 +441,29 @@ def _search(recipe: Recipe) -> SearchSpec | None:
     if not s.episodes:
         return None
     a = recipe.advanced
-    scoring = {"model": asdict(recipe.model), "compress": asdict(recipe.compress),
+    # the search log's resume check compares this record: a log written before the compression keys moved under
+    # advanced: (or with search.proxy_data) names another layout and is refused, whatever its budget
+    scoring = {"model": {**asdict(recipe.model), "resize": a.model.resize}, "compress": asdict(recipe.compress),
                "compress_advanced": asdict(a.compress), "proxy": a.search.proxy,
-               "proxy_data": s.proxy_data, "samples": s.synthetic_samples,
-               "steps": s.synthetic_steps if s.proxy_data == SYNTHETIC else None}
-    return SearchSpec(s.episodes, s.warmup if s.warmup is not None else s.episodes // 4, s.target, s.budget,
-                      s.min_keep, s.include_residual, a.search.proxy, "search", s.measure, a.search.latency_penalty,
-                      s.resume, s.batch, MappingProxyType(scoring))
+               "proxy_data": s.data, "samples": s.samples,
+               "steps": a.search.synthetic_steps if s.data == SYNTHETIC else None}
+    return SearchSpec(s.episodes, a.search.warmup if a.search.warmup is not None else s.episodes // 4, s.target,
+                      kept_fraction(s.ratio), a.search.min_keep, a.search.include_residual, a.search.proxy, "search",
+                      a.search.measure, a.search.latency_penalty, a.search.resume, a.search.batch,
+                      MappingProxyType(scoring))
+
+
+def kept_fraction(ratio: float) -> float:
+    """search.ratio (the fraction of the MACs or latency removed, as compress.prune.ratio) -> the fraction the
+    search keeps. Rounded to 12 decimals so that a decimal ratio gives the double a user writing the kept
+    fraction would get (1 - 0.7 is 0.30000000000000004, not 0.3): the budget, and the search log's check of it,
+    do not move by an ulp."""
+    return round(1.0 - ratio, 12)
 
 
 def _data_files(recipe: Recipe) -> tuple[tuple[str, str], ...]:
     c = recipe.compress
     return tuple((key, path) for key, path in (
         ("eval.data", recipe.eval.data), ("compress.calibration.data", c.calibration.data),
-        ("compress.bn_adapt.data", c.bn_adapt.data), ("search.proxy_data", recipe.search.proxy_data))
+        ("compress.bn_adapt.data", c.bn_adapt.data), ("search.data", recipe.search.data))
         if path and path != SYNTHETIC)

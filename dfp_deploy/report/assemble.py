@@ -99,7 +99,7 @@ def latency_warnings(latency: dict) -> list[str]:
         return []
     return [f"the speedup moved between timing rounds ({span[0]:.2f}x to {span[1]:.2f}x; reported "
             f"{latency['speedup']:.2f}x): the machine's load changed while it was measured; rerun on a quiet machine "
-            "or with more measure.runs"]
+            "or with more advanced.measure.runs"]
 
 
 def search_budget_warnings(macs: dict, search: dict | None) -> list[str]:
@@ -120,7 +120,7 @@ def bn_adapt_warnings(bn_adapt: dict | None) -> list[str]:
     agreement = bn_adapt.get("self_agreement") if bn_adapt else None
     if agreement is None or agreement >= SELF_AGREEMENT_WARN:
         return []
-    fix = ("raise compress.bn_adapt.synthetic_steps" if bn_adapt["data"] == "synthetic"
+    fix = ("raise advanced.compress.bn_adapt.synthetic_steps" if bn_adapt["data"] == "synthetic"
            else "give more or more representative images")
     return [f"compress.bn_adapt: re-estimating the UNCHANGED model's BatchNorm statistics on these inputs changes "
             f"its top-1 class on {100 * (1 - agreement):.0f} % of them (self_agreement {agreement:.2f} < "

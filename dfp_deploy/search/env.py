@@ -177,8 +177,8 @@ class PruneEnv:
             full = self.cost(np.ones(self.space.size))
             raise InputError(f"search target {self.target:g} is unreachable: even keeping the minimum of every "
                              f"searched group costs {floor / full:.3f} of the original; raise the target, lower "
-                             "search.min_keep or compress.prune.round_to (kept counts snap up to that multiple), or "
-                             "include residual groups")
+                             "advanced.search.min_keep or compress.prune.round_to (kept counts snap up to that "
+                             "multiple), or include residual groups")
 
     def action_to_keep(self, t: int, action: float) -> float:
         a = float(np.clip(action, -1.0, 1.0))

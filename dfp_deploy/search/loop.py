@@ -97,7 +97,7 @@ def run_search(space: SearchSpace, evaluate: Evaluate, *, episodes: int, warmup:
     on each in turn); see the module docstring."""
     _check_counts(episodes, warmup, seed)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise InputError(f"search.batch: {batch!r} must be an integer >= 1")
+        raise InputError(f"advanced.search.batch: {batch!r} must be an integer >= 1")
     log_path = Path(log_path)
     started = time.perf_counter()
     cost = cost if cost is not None else MacCost(space)
@@ -287,7 +287,7 @@ def _save_checkpoint(log_path: Path, agent: SacAgent, episodes_done: int, meta: 
 # --- helpers ---------------------------------------------------------------------------------------------------
 
 def _check_counts(episodes: int, warmup: int, seed: int) -> None:
-    for key, value, low in (("search.episodes", episodes, 1), ("search.warmup", warmup, 0), ("seed", seed, 0)):
+    for key, value, low in (("search.episodes", episodes, 1), ("advanced.search.warmup", warmup, 0), ("seed", seed, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InputError(f"{key}: {value!r} must be an integer >= {low}")
 

@@ -127,7 +127,7 @@ def build_space(model: nn.Module, analysis: Analysis, example_input: torch.Tenso
     groups = [g for g in analysis.groups if g.prunable and (include_residual or not g.residual)]
     if not groups:
         raise InputError("search: the model has no prunable channel groups to search over; check the analysis "
-                         "warnings (boundaries) or set search.include_residual")
+                         "warnings (boundaries) or set advanced.search.include_residual")
     for group in groups:
         _check_priceable(analysis, group)
     modules = dict(model.named_modules())
@@ -161,7 +161,7 @@ def _check_priceable(analysis: Analysis, group) -> None:
                 raise InputError(
                     f"search: group '{group.name}' joins layers of different widths ('{name}' carries {carried} of "
                     f"its {group.channels} channels, e.g. through zero-padded shortcuts), so the search's MAC model "
-                    "cannot price a cut of it; leave search.include_residual off for this model")
+                    "cannot price a cut of it; leave advanced.search.include_residual off for this model")
 
 
 def _check_args(min_keep: float, round_to: int, eps: float) -> None:

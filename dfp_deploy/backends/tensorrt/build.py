@@ -76,7 +76,7 @@ def static_input_shapes(model) -> dict[str, tuple[int, ...]]:
         if any(s <= 0 for s in shape):
             shown = tuple(d.dim_param or "?" if s <= 0 else s for d, s in zip(dims, shape))
             raise ExportError(f"tensorrt: input {value.name!r} has a dynamic shape {shown}; engines here are built "
-                              "for one static shape: export with export.dynamic_batch: false")
+                              "for one static shape: export with advanced.export.dynamic_batch: false")
         shapes[value.name] = shape
     return shapes
 

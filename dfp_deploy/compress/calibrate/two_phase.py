@@ -148,8 +148,8 @@ def _check_arguments(inputs, squeeze_epochs, calib_epochs, batch, lr, ridge, ls_
         raise DataError(f"compress.calibration: inputs must be a float tensor [N, ...], got {got}")
     if len(inputs) < 1:
         raise DataError("compress.calibration: no calibration inputs; give at least one image (samples >= 1)")
-    for key, value in (("compress.calibration.squeeze_epochs", squeeze_epochs),
-                       ("compress.calibration.calib_epochs", calib_epochs)):
+    for key, value in (("advanced.compress.calibration.squeeze_epochs", squeeze_epochs),
+                       ("advanced.compress.calibration.calib_epochs", calib_epochs)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise InputError(f"{key}: {value!r} must be an integer >= 0")
     for key, value in (("batch", batch), ("ls_samples", ls_samples)):  # arguments of calibrate(), not recipe keys

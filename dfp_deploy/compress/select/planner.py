@@ -57,7 +57,7 @@ class ChannelPlanner:
             raise InputError(f"compress.prune.allocation: {allocation} needs compress.prune.importance: lmmse "
                              "(only the reconstruction error compares groups with each other)")
         if measured is not None and importance != "lmmse":
-            raise InputError("compress.prune.statistics: calibration needs compress.prune.importance: lmmse "
+            raise InputError("advanced.compress.prune.statistics: calibration needs compress.prune.importance: lmmse "
                              "(only the lmmse selection reads activation statistics)")
         self.model, self.analysis, self.progress = model, analysis, progress
         self.measured = measured or {}
@@ -80,7 +80,7 @@ class ChannelPlanner:
         if self.allocation != "uniform":
             if ratios:
                 raise InputError(f"compress.prune.allocation: {self.allocation} shares one budget across groups; it "
-                                 "cannot be combined with per-group compress.prune.ratios")
+                                 "cannot be combined with per-group advanced.compress.prune.ratios")
             return self._macs(base, ratio, compensable)
         from tqdm import tqdm
 

@@ -95,4 +95,4 @@ def signature(graph) -> tuple:
 def require_opset(graph, minimum: int, why: str) -> None:
     if default_opset(graph) < minimum:
         raise ExportError(f"the ONNX model has opset {default_opset(graph)}, but {why} needs opset >= {minimum}; "
-                          f"re-export with export.opset >= {minimum}")
+                          f"re-export with advanced.export.opset >= {minimum}")
