@@ -20,7 +20,8 @@ calibrates given plans instead of uniform ratios: the plan.json of a build (e.g.
 labelled by the file's folder name. --allocation macs / macs-abs (with --importance lmmse) spends the ratio's MAC cut
 across groups (compress/select/planner.py); --statistics calibration chooses the channels from activations measured
 on each calibration input set in the original model (compress/select/measured.py; recipe key
-compress.prune.statistics), so the plan, and its data-free columns, are made per input set; --round-to snaps kept counts (the recipes use 4).
+advanced.compress.prune.statistics), so the plan, and its data-free columns, are made per input set; --round-to snaps
+kept counts (the recipes use 4).
 """
 
 from __future__ import annotations

@@ -62,9 +62,9 @@ def parse_args(argv=None):
     ap.add_argument("--method", default="lmmse", help="reconstruction: none | neuron_merging | udfc | lmmse")
     ap.add_argument("--selections", default="l2,lmmse", help="channel selection(s): an importance name or lmmse")
     ap.add_argument("--round-to", type=int, default=4, help="as the pipeline on ort-cpu")
-    ap.add_argument("--min-keep", type=float, default=0.2, help="search.min_keep")
-    ap.add_argument("--synthetic", type=int, default=64, help="search.synthetic_samples")
-    ap.add_argument("--synthetic-steps", type=int, default=50, help="search.synthetic_steps")
+    ap.add_argument("--min-keep", type=float, default=0.2, help="advanced.search.min_keep")
+    ap.add_argument("--synthetic", type=int, default=64, help="search.samples")
+    ap.add_argument("--synthetic-steps", type=int, default=50, help="advanced.search.synthetic_steps")
     ap.add_argument("--extra-synthetic", type=int, default=0, help="also score on this many synthetic samples")
     ap.add_argument("--seed", type=int, default=0, help="recipe seed (synthetic inputs)")
     ap.add_argument("--no-lmmse-paths", dest="lmmse_paths", action="store_false",

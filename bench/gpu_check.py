@@ -34,9 +34,9 @@ from bench.data_root import REPO, add_data_root, root  # noqa: E402
 GPU_PRECISIONS = {"torch-cuda": ("fp32", "fp16"), "tensorrt": ("fp32", "fp16", "int8"), "ort-cuda": ("fp32",)}
 RESNET56 = ("models/resnet56-4bfd9763.th", "data/cifar10_test_exact932.npz")
 # GPU inferences take well under a millisecond: more runs than the CPU recipes, still seconds per build
-MEASURE = ["measure.warmup=20", "measure.runs=300", "measure.rounds=3"]
-SEARCH = ["search.episodes=6", "search.target=latency", "search.budget=0.7", "search.synthetic_samples=64",
-          "search.synthetic_steps=10"]
+MEASURE = ["advanced.measure.warmup=20", "advanced.measure.runs=300", "advanced.measure.rounds=3"]
+SEARCH = ["search.episodes=6", "search.target=latency", "search.ratio=0.3", "search.samples=64",
+          "advanced.search.synthetic_steps=10"]
 
 
 def plan(data_root: Path, available: dict[str, bool] | None) -> list[dict]:

@@ -35,7 +35,7 @@ from data_root import DEFAULT, REPO, add_data_root, root  # noqa: E402  (bench/d
 ROWS = REPO / "docs" / "results.json"
 PAGE = REPO / "docs" / "RESULTS.md"
 PATH_KEYS = ("model.weights", "eval.data", "compress.calibration.data", "compress.bn_adapt.data",
-             "search.proxy_data")
+             "search.data")
 
 
 def _get(tree: dict, dotted: str):

@@ -69,8 +69,8 @@ def recipe_for(name: str, weights: Path, out: Path, extra: list[str]):
 
     s = input_size(name)
     sets = [f"model.name=torchvision:{name}", f"model.weights={weights}", f"model.input_size=[3,{s},{s}]",
-            "target.batch=1", "measure.latency=false", "measure.rounding_cost=false",
-            "measure.parity_samples=4", "compress.prune.include_residual=true", *extra]
+            "target.batch=1", "measure.latency=false", "advanced.measure.rounding_cost=false",
+            "advanced.measure.parity_samples=4", "advanced.compress.prune.include_residual=true", *extra]
     return load_recipe(None, sets, out=str(out))
 
 
@@ -216,8 +216,9 @@ def latency_row(name: str, work: Path, seed: int, threads: int, runs: int, round
     weights = random_weights(name, work, seed)
     recipe = recipe_for(name, weights, work / f"{name}-latency",
                         [f"compress.prune.ratio={RATIO}", "measure.latency=true", f"target.threads={threads}",
-                         f"measure.runs={runs}", f"measure.rounds={rounds}", "measure.warmup=10",
-                         "target.fingerprint=table"])  # the table's multiple: no fingerprint measured first
+                         f"advanced.measure.runs={runs}", f"advanced.measure.rounds={rounds}",
+                         "advanced.measure.warmup=10",
+                         "advanced.target.fingerprint=table"])  # the table's multiple: no fingerprint measured first
     report = pipeline.build(recipe, quiet=True)
     lat = report["latency"]
     rounds_speedup = lat.get("speedup_rounds") or []

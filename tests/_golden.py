@@ -34,22 +34,25 @@ class Build:
 BUILDS = {
     "efficientnet_lite0_calibrate": Build(
         "efficientnet_lite0_calibrate.yaml",
-        ("compress.prune.exclude=['_blocks.1[2-5]._expand_conv', '_conv_head']", "compress.calibration.samples=16",
-         "compress.calibration.squeeze_epochs=1", "compress.calibration.calib_epochs=1", "eval.start=0",
-         "eval.limit=100", "measure.parity_samples=8"),
+        ("advanced.compress.prune.exclude=['_blocks.1[2-5]._expand_conv', '_conv_head']",
+         "compress.calibration.samples=16",
+         "advanced.compress.calibration.squeeze_epochs=1", "advanced.compress.calibration.calib_epochs=1",
+         "advanced.eval.start=0",
+         "eval.limit=100", "advanced.measure.parity_samples=8"),
         why="the 1152- and 1280-channel groups unpruned, 16 calibration images, one epoch per phase, top-1 on the "
             "first 100 images (5.5 minutes as shipped)"),
     # as shipped, the lmmse selection of the four 1152-channel expand groups and the 1280-channel head takes most of
     # the build's minutes: they are left unpruned here, every other group goes through the same selection and repair
     "efficientnet_lite0": Build(
         "efficientnet_lite0.yaml",
-        ("compress.prune.exclude=['_blocks.1[2-5]._expand_conv', '_conv_head']", "eval.start=0", "eval.limit=100",
-         "measure.parity_samples=8"),
+        ("advanced.compress.prune.exclude=['_blocks.1[2-5]._expand_conv', '_conv_head']", "advanced.eval.start=0",
+         "eval.limit=100",
+         "advanced.measure.parity_samples=8"),
         why="the 1152- and 1280-channel groups unpruned, top-1 on the first 100 images (minutes as shipped)"),
     "cifar_resnet56_calibrate": Build(
         "cifar_resnet56_calibrate.yaml",
-        ("compress.calibration.samples=64", "compress.calibration.squeeze_epochs=1",
-         "compress.calibration.calib_epochs=1", "eval.limit=300"),
+        ("compress.calibration.samples=64", "advanced.compress.calibration.squeeze_epochs=1",
+         "advanced.compress.calibration.calib_epochs=1", "eval.limit=300"),
         why="64 calibration images and one epoch per phase instead of 1024 and two (minutes as shipped), top-1 on "
             "300 of the 932 images"),
     # int8 Q/DQ engine with activation ranges from the BatchNorm statistics (no data), on the headline recipe
@@ -58,14 +61,14 @@ BUILDS = {
     # not fewer: 16 inputs of 10 steps adapt the statistics worse than none (30 % top-1 on 300 images, where the plan
     # without adaptation keeps 52 % on all 932), a regime that would pin noise rather than the method
     "cifar_resnet56_half": Build(
-        "cifar_resnet56_half.yaml", ("compress.bn_adapt.samples=32", "compress.bn_adapt.synthetic_steps=20"),
+        "cifar_resnet56_half.yaml", ("compress.bn_adapt.samples=32", "advanced.compress.bn_adapt.synthetic_steps=20"),
         why="BatchNorm re-estimated on 32 synthetic inputs of 20 steps instead of 256 of 200 (5 minutes)"),
     "cifar_resnet56": Build("cifar_resnet56.yaml"),
     # the documented 3-bit setting (docs/BENCHMARKS.md): UDFC + bias correction, stem and classifier at 8 bits
     "cifar_resnet56_w3": Build(
         "cifar_resnet56.yaml",
         ("compress.prune.ratio=0", "compress.reconstruct=udfc", "compress.quantize.weight_bits=3",
-         "compress.quantize.first_last_bits=8", "compress.quantize.bias_correction=true"),
+         "advanced.compress.quantize.first_last_bits=8", "advanced.compress.quantize.bias_correction=true"),
         why="3-bit weights, no pruning: the documented mixed-precision setting"),
     # the random-weight quickstart reads no files; its rounding is pinned because the default follows the CPU
     # (8 with AVX2, 16 with AVX-512) and the plan must not depend on the machine

@@ -75,7 +75,7 @@ def test_folder_names_are_safe_and_unique():
     ("compress.prune.ratio=0.25,1.3", "--grid variant compress.prune.ratio=1.3: compress.prune.ratio: 1.3 is not "
                                       "in [0, 1)"),
     ("target.batch=2,4", "--grid variant target.batch=2: changes the batch"),
-    ("eval.start=0,8", "--grid variant eval.start=8: changes the evaluation images"),
+    ("advanced.eval.start=0,8", "--grid variant advanced.eval.start=8: changes the evaluation images"),
 ])
 def test_bad_grid_is_one_line_exit_2_before_any_build(tmp_path, monkeypatch, grid, fragment):
     recipe = _write_recipe(tmp_path)

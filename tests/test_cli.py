@@ -14,20 +14,20 @@ from dfp_deploy.cli import main
 
 # builds cost seconds each (two ONNX exports): the tests share them where they can, and time engines only where
 # they read the timing (an untimed build also skips the unrounded plan's engine)
-FAST = ["--set", "measure.latency=false", "--set", "measure.parity_samples=8", "--quiet"]
-TIMED = ["--set", "measure.latency=true", "--set", "measure.runs=50", "--set", "measure.warmup=2",
-         "--set", "measure.rounds=2"]
+FAST = ["--set", "measure.latency=false", "--set", "advanced.measure.parity_samples=8", "--quiet"]
+TIMED = ["--set", "measure.latency=true", "--set", "advanced.measure.runs=50", "--set", "advanced.measure.warmup=2",
+         "--set", "advanced.measure.rounds=2"]
 
 
 def _write_recipe(tmp_path: Path) -> Path:
-    # target.fingerprint: table: these builds test other things; an auto build that times its target would measure
-    # a latency fingerprint first (tests/test_fingerprint.py holds that)
+    # advanced.target.fingerprint: table: these builds test other things; an auto build that times its target
+    # would measure a latency fingerprint first (tests/test_fingerprint.py holds that)
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "eval.npz", x=rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8),
              y=rng.integers(0, 10, 24))
     p = tmp_path / "tiny.yaml"
     p.write_text("model:\n  name: cifar_resnet20\ncompress:\n  prune:\n    ratio: 0.5\n"
-                 "target:\n  batch: 4\n  fingerprint: table\neval:\n  data: eval.npz\n")
+                 "target:\n  batch: 4\neval:\n  data: eval.npz\nadvanced:\n  target:\n    fingerprint: table\n")
     return p
 
 
@@ -86,9 +86,9 @@ def test_failed_build_keeps_the_previous_output(built, tmp_path, monkeypatch):
     shutil.copytree(first, out)
     before = (out / "report.json").read_bytes()
     # a parity tolerance no engine can meet makes the build fail after everything was written to staging (the rule
-    # scales with the logits, measure.parity_tolerance is only its floor: take the relative allowance away too)
+    # scales with the logits, advanced.measure.parity_tolerance is only its floor: take the relative allowance away too)
     monkeypatch.setattr("dfp_deploy.measure.parity.SIGMAS", 0.0)
-    res = run("build", recipe, "--out", out, *FAST, "--set", "measure.parity_tolerance=1e-30")
+    res = run("build", recipe, "--out", out, *FAST, "--set", "advanced.measure.parity_tolerance=1e-30")
     assert res.exit_code == 1
     assert "parity" in res.output
     assert (out / "report.json").read_bytes() == before
@@ -163,7 +163,8 @@ def test_recipe_keys_lists_contract_keys():
 def test_int8_build_runs_integer_kernels(recipe, tmp_path):
     out = tmp_path / "int8"
     res = run("build", recipe, "--out", out, *FAST, "--set", "target.precision=int8",
-              "--set", "measure.int8_min_agreement=0")  # random-init weights: agreement itself is not the point
+              # random-init weights: agreement itself is not the point
+              "--set", "advanced.measure.int8_min_agreement=0")
     assert res.exit_code == 0, res.output
     r = json.loads((out / "report.json").read_text())
     assert r["quantization"]["style"] == "ort-cpu"
@@ -181,8 +182,8 @@ def test_int8_build_runs_integer_kernels(recipe, tmp_path):
 
 # the search tests' common settings: 2 seeded warm-up episodes, 8 synthetic proxy inputs of 2 steps; round_to 8
 # because the CPU default (16 with AVX-512) leaves a MAC floor of 0.600
-SEARCH = [*FAST, "--set", "search.warmup=2", "--set", "search.budget=0.6", "--set", "search.synthetic_samples=8",
-          "--set", "search.synthetic_steps=2", "--set", "compress.prune.round_to=8",
+SEARCH = [*FAST, "--set", "advanced.search.warmup=2", "--set", "search.ratio=0.4", "--set", "search.samples=8",
+          "--set", "advanced.search.synthetic_steps=2", "--set", "compress.prune.round_to=8",
           "--set", "compress.prune.importance=l2", "--set", "compress.reconstruct=udfc"]
 
 
@@ -233,7 +234,7 @@ def test_search_scores_candidates_after_bn_adapt(searched, recipe, tmp_path, mon
     out = tmp_path / "adapted"
     res = run("build", recipe, "--out", out, *SEARCH, "--set", "search.episodes=2",
               "--set", "compress.bn_adapt.data=synthetic", "--set", "compress.bn_adapt.samples=8",
-              "--set", "compress.bn_adapt.synthetic_steps=2")
+              "--set", "advanced.compress.bn_adapt.synthetic_steps=2")
     assert res.exit_code == 0, res.output
     adapted = json.loads((out / "report.json").read_text())
     assert adapted["compress"]["bn_adapt"]["samples"] == 8
@@ -246,18 +247,18 @@ def test_search_scores_candidates_after_bn_adapt(searched, recipe, tmp_path, mon
 
 @pytest.mark.slow
 def test_search_scores_candidates_on_real_images_when_asked(searched, recipe, tmp_path, monkeypatch):
-    """search.proxy_data: an .npz scores the candidates on a seeded subset of its images instead of generated ones
+    """search.data: an .npz scores the candidates on a seeded subset of its images instead of generated ones
     (nothing is generated), and the report says the search was not data-free."""
     import dfp_deploy.data.synthetic as synthetic
 
     def no_generation(*args, **kwargs):
-        raise AssertionError("synthetic inputs generated although search.proxy_data names images")
+        raise AssertionError("synthetic inputs generated although search.data names images")
 
     monkeypatch.setattr(synthetic, "bn_matched_inputs", no_generation)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     data = tmp_path / "eval.npz"
     res = run("build", recipe, "--out", tmp_path / "real", *SEARCH, "--set", "search.episodes=2",
-              "--set", f"search.proxy_data={data}", "--set", "search.synthetic_samples=16")
+              "--set", f"search.data={data}", "--set", "search.samples=16")
     assert res.exit_code == 0, res.output
     r = json.loads((tmp_path / "real" / "report.json").read_text())
     assert (r["search"]["proxy_data"], r["search"]["proxy_samples"]) == (str(data), 16)
@@ -272,9 +273,9 @@ def test_search_scores_candidates_on_real_images_when_asked(searched, recipe, tm
 def test_search_proxy_data_with_too_few_images_is_refused(recipe, tmp_path):
     out = tmp_path / "out"
     res = run("build", recipe, "--out", out, *SEARCH, "--set", "search.episodes=2",
-              "--set", f"search.proxy_data={tmp_path / 'eval.npz'}", "--set", "search.synthetic_samples=100")
+              "--set", f"search.data={tmp_path / 'eval.npz'}", "--set", "search.samples=100")
     assert res.exit_code != 0
-    assert "search.synthetic_samples: 100 images asked for" in res.output and "Traceback" not in res.output
+    assert "search.samples: 100 images asked for" in res.output and "Traceback" not in res.output
     assert not out.exists()
 
 
@@ -309,11 +310,13 @@ def calibrated(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sources, "load_inputs", lambda spec, **k: calls.append(spec.key) or load(spec, **k))
         res = run("build", recipe, "--out", out, *FAST, "--set", f"compress.calibration.data={data}",
-                  "--set", "compress.calibration.samples=16", "--set", "compress.calibration.squeeze_epochs=1",
-                  "--set", "compress.calibration.calib_epochs=1", "--set", "compress.prune.importance=lmmse",
-                  "--set", "compress.prune.allocation=macs-abs", "--set", "compress.prune.statistics=calibration",
+                  "--set", "compress.calibration.samples=16", "--set", "advanced.compress.calibration.squeeze_epochs=1",
+                  "--set", "advanced.compress.calibration.calib_epochs=1", "--set", "compress.prune.importance=lmmse",
+                  "--set", "compress.prune.allocation=macs-abs", "--set",
+                  "advanced.compress.prune.statistics=calibration",
                   "--set", "compress.prune.round_to=1", "--set", "target.precision=int8",
-                  "--set", "measure.int8_min_agreement=0", "--set", "compress.quantize.activations=calibration")
+                  "--set", "advanced.measure.int8_min_agreement=0", "--set",
+                  "advanced.compress.quantize.activations=calibration")
     assert res.exit_code == 0, res.output
     return data, out, calls
 
@@ -375,7 +378,8 @@ def test_calibration_images_are_loaded_once_for_every_use(calibrated):
 ])
 def test_calibration_statistics_are_refused_where_they_cannot_apply(recipe, tmp_path, settings, message):
     sets = [a for s in settings for a in ("--set", s.replace("eval.npz", str(tmp_path / "eval.npz")))]
-    res = run("build", recipe, "--out", tmp_path / "o", "--quiet", "--set", "compress.prune.statistics=calibration",
+    res = run("build", recipe, "--out", tmp_path / "o", "--quiet", "--set",
+              "advanced.compress.prune.statistics=calibration",
               *sets)
     assert res.exit_code == 2, res.output
     assert message in res.output
@@ -438,14 +442,14 @@ def _size_measurer():
 def test_latency_budget_search_fits_its_model_to_the_original_and_the_floor(recipe, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr("dfp_deploy.measure.workers.LocalMeasurer", _size_measurer())
-    common = ["--set", "search.episodes=2", "--set", "search.warmup=1", "--set", "search.synthetic_samples=8",
-              "--set", "search.synthetic_steps=2", "--set", "search.target=latency"]
-    res = run("build", recipe, "--out", tmp_path / "lat", *FAST, *common, "--set", "search.budget=0.95")
+    common = ["--set", "search.episodes=2", "--set", "advanced.search.warmup=1", "--set", "search.samples=8",
+              "--set", "advanced.search.synthetic_steps=2", "--set", "search.target=latency"]
+    res = run("build", recipe, "--out", tmp_path / "lat", *FAST, *common, "--set", "search.ratio=0.05")
     assert res.exit_code == 0, res.output
     fitted = json.loads((tmp_path / "lat" / "report.json").read_text())["search"]["latency_model"]
     assert set(fitted["measured_ms"]) == {"original", "floor"}
     assert fitted["measured_ms"]["original"] == 10.0 and 3.0 < fitted["measured_ms"]["floor"] < 10.0
-    # search.measure "best" (default): the first candidate is always a new best, so it is timed on the target
+    # advanced.search.measure "best" (default): the first candidate is always a new best, so it is timed on the target
     log = [json.loads(line) for line in (tmp_path / "lat" / "search_log.jsonl").read_text().splitlines()]
     timed = [r for r in log if r["latency_ms"] is not None]
     assert log[0]["latency_ms"] is not None and len(timed) == fitted["candidates_timed"] >= 1
@@ -458,7 +462,7 @@ def test_latency_budget_search_fits_its_model_to_the_original_and_the_floor(reci
     assert "engines timed during the search" in (tmp_path / "lat" / "report.md").read_text()
     assert best["best_latency_ms"] == log[best["best_episode"]]["latency_ms"] is not None  # the plan returned was timed
     # the floor keeps >= 20% of every inner group and the whole residual stream: 5% of the latency is out of reach
-    res = run("build", recipe, "--out", tmp_path / "lat5", *FAST, *common, "--set", "search.budget=0.05")
+    res = run("build", recipe, "--out", tmp_path / "lat5", *FAST, *common, "--set", "search.ratio=0.95")
     assert res.exit_code == 2 and "unreachable" in res.output
     assert not (tmp_path / "lat5").exists()
 
@@ -482,12 +486,12 @@ def three_bit(tmp_path_factory):
     def build(name, *extra):
         res = run("build", recipe, "--out", tmp / name, *FAST, "--set", f"model.weights={tmp / 'trained_like.pt'}",
                   "--set", "compress.reconstruct=udfc", "--set", "compress.quantize.weight_bits=3",
-                  "--set", "compress.quantize.first_last_bits=8", *extra)
+                  "--set", "advanced.compress.quantize.first_last_bits=8", *extra)
         assert res.exit_code == 0, res.output
         report = json.loads((tmp / name / "report.json").read_text())
         return report, torch.load(tmp / name / "model.pt", weights_only=False).state_dict(), tmp / name
 
-    return {"default": build("default"), "bc": build("bc", "--set", "compress.quantize.bias_correction=true")}
+    return {"default": build("default"), "bc": build("bc", "--set", "advanced.compress.quantize.bias_correction=true")}
 
 
 @pytest.mark.slow
@@ -514,7 +518,8 @@ def test_first_and_last_layers_keep_their_own_bits(three_bit):
 
 
 def test_bias_correction_with_calibration_is_refused_before_anything_runs(recipe, tmp_path):
-    res = run("build", recipe, "--out", tmp_path / "o", "--quiet", "--set", "compress.quantize.bias_correction=true",
+    res = run("build", recipe, "--out", tmp_path / "o", "--quiet", "--set",
+              "advanced.compress.quantize.bias_correction=true",
               "--set", "compress.quantize.weight_bits=4", "--set", "search.episodes=3",
               "--set", "compress.calibration.data=" + str(tmp_path / "eval.npz"))
     assert res.exit_code == 2
@@ -539,9 +544,10 @@ def test_shipped_search_recipes_can_reach_their_budget():
             continue
         loaded = load_model(recipe.model.name, None)
         one = torch.zeros((1, *loaded.input_shape))
-        space = build_space(loaded.module, analyze(loaded.module, one), one, min_keep=recipe.search.min_keep,
-                            round_to=resolve_recipe(recipe).select.round_to, include_residual=recipe.search.include_residual)
-        PruneEnv(space, MacCost(space), recipe.search.budget).check_reachable()  # raises InputError if not
+        plan = resolve_recipe(recipe)
+        space = build_space(loaded.module, analyze(loaded.module, one), one, min_keep=plan.search.min_keep,
+                            round_to=plan.select.round_to, include_residual=plan.search.include_residual)
+        PruneEnv(space, MacCost(space), plan.search.budget).check_reachable()  # raises InputError if not
         checked += 1
     assert checked >= 1
 
@@ -574,7 +580,8 @@ def test_bn_adapt_reestimates_the_statistics_before_quantizing(recipe, tmp_path)
 
     plain, plain_model = build("plain")
     adapted, adapted_model = build("adapted", "--set", "compress.bn_adapt.data=synthetic",
-                                   "--set", "compress.bn_adapt.samples=12", "--set", "compress.bn_adapt.synthetic_steps=3")
+                                   "--set", "compress.bn_adapt.samples=12", "--set",
+                                   "advanced.compress.bn_adapt.synthetic_steps=3")
     assert plain["compress"]["bn_adapt"] is None
     trust = adapted["compress"]["bn_adapt"].pop("self_agreement")
     assert adapted["compress"]["bn_adapt"] == {"data": "synthetic", "samples": 12, "synthetic_steps": 3}
@@ -641,20 +648,21 @@ def test_input_larger_than_the_images_fails_at_once_naming_model_resize(recipe, 
     assert res.exit_code == 2 and "Traceback" not in res.output
     line = res.output.strip().splitlines()[-1]
     assert line.startswith("error: eval.data: ") and "32x32 images, smaller than the model's 40x40 input" in line
-    assert "model.resize=46" in line and len(line) <= 300
+    assert "advanced.model.resize=46" in line and len(line) <= 300
     assert not (tmp_path / "o").exists()
     res = run("build", recipe, "--out", tmp_path / "o", "--set", "model.input_size=[3,40,40]",
-              "--set", "model.resize=36")
+              "--set", "advanced.model.resize=36")
     assert res.exit_code == 2
-    assert res.output.strip().splitlines()[-1].startswith("error: model.resize: 36 is smaller than the 40x40 input")
-    res = run("build", recipe, "--out", tmp_path / "o", "--set", "eval.start=24")
-    assert res.exit_code == 2 and "eval.start: 24 is beyond the 24 images" in res.output
+    assert res.output.strip().splitlines()[-1].startswith("error: advanced.model.resize: 36 is smaller than the 40x40 "
+                                                          "input")
+    res = run("build", recipe, "--out", tmp_path / "o", "--set", "advanced.eval.start=24")
+    assert res.exit_code == 2 and "advanced.eval.start: 24 is beyond the 24 images" in res.output
 
 
 def test_resize_and_start_reach_the_build(recipe, tmp_path):
-    """A 40-px model on 32-px images with model.resize, evaluated on images 8..19 only."""
+    """A 40-px model on 32-px images with advanced.model.resize, evaluated on images 8..19 only."""
     res = run("build", recipe, "--out", tmp_path / "o", *FAST, "--set", "model.input_size=[3,40,40]",
-              "--set", "model.resize=44", "--set", "eval.start=8", "--set", "eval.limit=12")
+              "--set", "advanced.model.resize=44", "--set", "advanced.eval.start=8", "--set", "eval.limit=12")
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["accuracy"]["start"] == 8 and report["accuracy"]["n"] == 12

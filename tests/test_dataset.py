@@ -73,7 +73,7 @@ def test_centre_crop_without_resize(tmp_path):
 
 def test_image_smaller_than_crop_is_an_error(tmp_path):
     x = random_images(2, 30, 40)
-    with pytest.raises(DataError, match="smaller than the model's 32x32 input; set model.resize"):
+    with pytest.raises(DataError, match="smaller than the model's 32x32 input; set advanced.model.resize"):
         load_images(write_array_npz(tmp_path / "d.npz", x, np.zeros(2, np.int64)), CIFAR)
 
 
@@ -301,7 +301,7 @@ def test_start_and_limit_select_a_split(tmp_path):
     tune, _ = load_images(path, CIFAR, limit=3)
     report, report_y = load_images(path, CIFAR, start=3)
     assert np.array_equal(np.concatenate([tune, report]), x) and np.array_equal(report_y, np.arange(3, 8))
-    with pytest.raises(DataError, match=r"holds 8 images: the first image asked for is index 8.*eval.start"):
+    with pytest.raises(DataError, match=r"holds 8 images: the first image asked for is index 8.*advanced.eval.start"):
         load_images(path, CIFAR, start=8)
 
 
@@ -321,7 +321,7 @@ def test_check_labels_refuses_a_start_beyond_the_file(tmp_path):
     check_labels(tmp_path / "d.npz", 10, limit=2, start=0)
     with pytest.raises(DataError, match=r"1 labels outside"):
         check_labels(tmp_path / "d.npz", 10, start=1)  # label 12 lies in the selected images
-    with pytest.raises(DataError, match=r"^eval.start: 3 is beyond the 3 images"):
+    with pytest.raises(DataError, match=r"^advanced.eval.start: 3 is beyond the 3 images"):
         check_labels(tmp_path / "d.npz", 10, start=3)
 
 
@@ -347,6 +347,7 @@ def test_geometry_is_checked_from_the_first_image(tmp_path):
     check_geometry(tmp_path / "a.npz", CIFAR, "eval.data")  # larger: centre-cropped
     check_geometry(tmp_path / "j.npz", Preprocess(size=30, mean=(0.0,) * 3, std=(1.0,) * 3, resize=30), "eval.data")
     with pytest.raises(DataError, match=r"^compress.calibration.data: .*j.npz holds 25x27 images, smaller than the "
-                                        r"model's 30x30 input; set model.resize \(e.g. model.resize=34"):
+                                        r"model's 30x30 input; set advanced.model.resize \(e.g. "
+                                        r"advanced.model.resize=34"):
         check_geometry(tmp_path / "j.npz", Preprocess(size=30, mean=(0.0,) * 3, std=(1.0,) * 3),
                        "compress.calibration.data")

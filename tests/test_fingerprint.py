@@ -155,8 +155,8 @@ def test_auto_measures_a_fingerprint_only_where_the_build_needs_one_and_times_th
     def needed(*settings):
         return pipeline.resolve_recipe(load_recipe(path, list(settings))).target.measure_fingerprint
 
-    assert needed() and load_recipe(path, []).target.fingerprint == "auto"
-    assert not needed("target.fingerprint=stored") and not needed("target.fingerprint=table")
+    assert needed() and load_recipe(path, []).advanced.target.fingerprint == "auto"
+    assert not needed("advanced.target.fingerprint=stored") and not needed("advanced.target.fingerprint=table")
     assert not needed("compress.prune.round_to=4")  # the recipe's multiple is used: nothing to measure
     assert not needed("compress.prune.ratio=0")  # nothing is pruned
     assert not needed("measure.latency=false")  # nothing is timed here: this machine may not be the target
@@ -177,9 +177,10 @@ def test_target_fingerprint_table_ignores_a_stored_fingerprint(tmp_path, monkeyp
     path = tmp_path / "r.yaml"
     path.write_text("model: {name: cifar_resnet20}\ntarget: {backend: ort-cpu, batch: 2, threads: 1}\n")
     stored = _store_fingerprint(tmp_path, batch=2, multiple=4)
-    assert _source_of(load_recipe(path, ["target.fingerprint=stored"])) == (4, f"fingerprint {stored}")
-    value, source = _source_of(load_recipe(path, ["target.fingerprint=table"]))
-    assert (value, source) == (pipeline.default_round_to("ort-cpu", "fp32"), "table (target.fingerprint: table)")
+    assert _source_of(load_recipe(path, ["advanced.target.fingerprint=stored"])) == (4, f"fingerprint {stored}")
+    value, source = _source_of(load_recipe(path, ["advanced.target.fingerprint=table"]))
+    assert (value, source) == (pipeline.default_round_to("ort-cpu", "fp32"), "table (advanced.target.fingerprint: "
+                                                         "table)")
 
 
 def test_auto_leaves_int8_on_ort_cpu_to_the_table_and_stored_still_applies_it(tmp_path, monkeypatch):
@@ -192,10 +193,10 @@ def test_auto_leaves_int8_on_ort_cpu_to_the_table_and_stored_still_applies_it(tm
     path.write_text("model: {name: cifar_resnet20}\ntarget: {backend: ort-cpu, precision: int8, batch: 2, threads: 1}\n")
     stored = _store_fingerprint(tmp_path, batch=2, multiple=2, precision="int8")
     assert _source_of(load_recipe(path, [])) == (pipeline.default_round_to("ort-cpu", "int8"),
-                                                 "table (target.fingerprint: auto, int8 on ort-cpu)")
+                                                 "table (advanced.target.fingerprint: auto, int8 on ort-cpu)")
     multiple = json.loads(stored.read_text())["multiple"]
     assert multiple != pipeline.default_round_to("ort-cpu", "int8")
-    assert _source_of(load_recipe(path, ["target.fingerprint=stored"])) == (multiple, f"fingerprint {stored}")
+    assert _source_of(load_recipe(path, ["advanced.target.fingerprint=stored"])) == (multiple, f"fingerprint {stored}")
 
 
 @pytest.mark.slow
@@ -210,7 +211,8 @@ def test_a_timed_build_measures_the_missing_fingerprint_once_and_reports_it(tmp_
     recipe.write_text("model: {name: cifar_resnet20, input_size: [3, 8, 8]}\n"
                       "compress: {prune: {ratio: 0.5}, reconstruct: none}\n"
                       "target: {backend: ort-cpu, batch: 2, threads: 1}\n"
-                      "measure: {warmup: 1, runs: 50, rounds: 1, parity_samples: 4, rounding_cost: false}\n")
+                      "advanced: {measure: {warmup: 1, runs: 50, rounds: 1, parity_samples: 4, "
+                      "rounding_cost: false}}\n")
     res = CliRunner().invoke(main, ["build", str(recipe), "--out", str(tmp_path / "out")], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert "[1/9] measuring the latency fingerprint of ort-cpu fp32 batch 2" in res.output

@@ -31,7 +31,7 @@ from dfp_deploy.recipe.schema import Recipe
 CASES = 400
 SEED = 20261207
 BASE = {"model": {"name": "cifar_resnet20"}, "compress": {"prune": {"ratio": 0.5}, "reconstruct": "udfc"},
-        "target": {"batch": 4}, "measure": {"runs": 50}}
+        "target": {"batch": 4}, "advanced": {"measure": {"runs": 50}}}
 
 
 def _leaves(cls=Recipe, prefix=""):
@@ -48,7 +48,7 @@ LEAVES = list(_leaves())
 # mapping is a valid model.kwargs, so that key never gets one)
 ALWAYS_BAD = [float("nan"), float("inf"), float("-inf"), -(10**30), -(2**64), {"a": {"b": 1}}, [[1, [2]]]]
 NON_FINITE = [float("nan"), float("inf"), float("-inf"), "nan", "NaN", "-inf", "1e999"]
-# values some keys accept and others refuse (10^30 is a valid measure.parity_tolerance: "no parity check")
+# values some keys accept and others refuse (10^30 is a valid advanced.measure.parity_tolerance: "no parity check")
 SOMETIMES = [None, 0, 1, -1, 0.5, 1.5, 1e-300, 2**31, 2**64, 10**30, True, False, "", "x", "nan", "1e999", "a\nb",
              "é" * 20,
              "x" * 5000, "/dev/null/x", "../" * 40 + "x", "pypi:nope", "synthetic", "a\0b", [], [3, 32, 32],

@@ -62,15 +62,15 @@ ALIAS_BOMB = "a: &a [x, x]\n" + "".join(f"{c}: &{c} [*{p}, *{p}]\n" for p, c in 
     ("seed: 18446744073709551616\n", ["seed"]),
     ("seed: " + "9" * 5000 + "\n", ["cannot be read"]),
     ("target:\n  threads: 1000000000000\n", ["target.threads"]),
-    ("measure:\n  parity_samples: 1000000000000\n", ["measure.parity_samples"]),
+    ("advanced:\n  measure:\n    parity_samples: 1000000000000\n", ["advanced.measure.parity_samples"]),
     ("model:\n  input_size: [3, 1000000, 1000000]\n", ["model.input_size"]),
     ("model:\n  weights: " + "w" * 5000 + "\n", ["model.weights"]),
     ("eval:\n  data: " + "d" * 5000 + "\n", ["eval.data"]),
     ("compress:\n  prune:\n    ratio: .nan\n", ["compress.prune.ratio", "finite"]),
     ("advanced:\n  compress:\n    quantize:\n      range_k: nan\n", ["advanced.compress.quantize.range_k", "finite"]),
-    ("search:\n  budget: 'nan'\n", ["search.budget", "finite"]),
+    ("search:\n  ratio: 'nan'\n", ["search.ratio", "finite"]),
     ("advanced:\n  compress:\n    calibration:\n      lr: .inf\n", ["advanced.compress.calibration.lr", "finite"]),
-    ("search:\n  min_keep: -.inf\n", ["search.min_keep", "finite"]),
+    ("advanced:\n  search:\n    min_keep: -.inf\n", ["advanced.search.min_keep", "finite"]),
     ("compress:\n  prune:\n    ratio: 0.5\ncompress:\n  reconstruct: udfc\n", ["duplicate key 'compress'"]),
     ("target:\n  batch: 1\n  batch: 2\n", ["duplicate key 'batch'"]),
     ('target:\n  "bat\\nch": 3\n', ["unknown key"]),
@@ -207,8 +207,8 @@ def test_input_size_too_large_for_memory_is_refused(tiny, tmp_path, no_work):
 def test_round_to_that_prunes_nothing_is_refused(tiny, tmp_path):
     res = run("inspect", tiny, "--set", "compress.prune.ratio=0.5", "--set", "compress.prune.round_to=4096")
     assert_refused(res, "compress.prune.round_to", "nothing would be pruned")
-    res = run("inspect", tiny, "--set", "compress.prune.ratio=0.5", "--set", "compress.prune.min_channels=64")
-    assert_refused(res, "compress.prune.min_channels")
+    res = run("inspect", tiny, "--set", "compress.prune.ratio=0.5", "--set", "advanced.compress.prune.min_channels=64")
+    assert_refused(res, "advanced.compress.prune.min_channels")
 
 
 # --- recipes are code only where they name a model factory

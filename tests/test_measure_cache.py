@@ -157,9 +157,10 @@ def build_timing(tmp_path, files):
     from dfp_deploy.recipe import load_recipe
 
     def run(*overrides, graphs=None, device="Fake Device", after_ms=2.0, after=FakeEngine):
-        plan = resolve_recipe(load_recipe(None, ["model.name=cifar_resnet20", "target.fingerprint=table",
-                                                 "measure.runs=50", "measure.rounds=2", "measure.warmup=0",
-                                                 f"measure.cache={tmp_path / 'cache'}", *overrides]))
+        plan = resolve_recipe(load_recipe(None, ["model.name=cifar_resnet20", "advanced.target.fingerprint=table",
+                                                 "advanced.measure.runs=50", "advanced.measure.rounds=2",
+                                                 "advanced.measure.warmup=0",
+                                                 f"advanced.measure.cache={tmp_path / 'cache'}", *overrides]))
         engines = {"before": FakeEngine("before", 4.0), "after": after("after", after_ms),
                    "unrounded": FakeEngine("unrounded", 3.0)}
         graphs = graphs or {"before": files["original"], "after": files["a"], "unrounded": "u" * 64}
@@ -185,7 +186,7 @@ def test_a_changed_graph_protocol_or_device_times_again(build_timing, files):
     build_timing()
     for changed in (dict(graphs={"before": files["original"], "after": files["b"], "unrounded": "u" * 64}),
                     dict(graphs={"before": files["original"], "after": files["a"], "unrounded": "v" * 64}),
-                    dict(overrides=("measure.runs=60",)), dict(overrides=("target.threads=2",)),
+                    dict(overrides=("advanced.measure.runs=60",)), dict(overrides=("target.threads=2",)),
                     dict(device="Other Device")):
         again, _ = build_timing(*changed.pop("overrides", ()), after_ms=1.0, **changed)
         assert again["cached"] is False and again["speedup"] == 4.0, changed

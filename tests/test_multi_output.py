@@ -16,7 +16,7 @@ from dfp_deploy.core.outputs import as_named, concat, flatten, take, to_numpy
 from dfp_deploy.measure.metric import check_result, evaluate
 from dfp_deploy.measure.parity import ParityRule, parity
 
-QUICK = ["--set", "measure.latency=false", "--set", "measure.parity_samples=8", "--quiet"]
+QUICK = ["--set", "measure.latency=false", "--set", "advanced.measure.parity_samples=8", "--quiet"]
 
 
 class _Engine:
@@ -73,7 +73,7 @@ def test_metric_data_pairs_arrays_with_the_evaluated_images_and_is_read_only():
     images = np.zeros((3, 3, 4, 4), np.float32)
     data = eval_data(images, {"y": np.arange(5), "classes": np.arange(2)}, count=5)
     assert data["y"].tolist() == [0, 1, 2] and data["classes"].tolist() == [0, 1] and data["images"] is images
-    later = eval_data(images, {"y": np.arange(5)}, count=5, start=2)  # eval.start: file images 2..4
+    later = eval_data(images, {"y": np.arange(5)}, count=5, start=2)  # advanced.eval.start: file images 2..4
     assert later["y"].tolist() == [2, 3, 4]
     with pytest.raises(ValueError, match="read-only"):
         data["images"][0] = 1
@@ -110,8 +110,8 @@ def run(*args):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", [["target.backend=ort-cpu", "measure.latency=true", "measure.runs=50",
-                                     "measure.warmup=1", "measure.rounds=2"],
+@pytest.mark.parametrize("target", [["target.backend=ort-cpu", "measure.latency=true", "advanced.measure.runs=50",
+                                     "advanced.measure.warmup=1", "advanced.measure.rounds=2"],
                                     ["target.backend=ort-cpu", "target.precision=int8", "target.batch=2"],
                                     ["target.backend=torch-cpu"]], ids=["ort-fp32-timed", "ort-int8", "torch-cpu"])
 def test_a_yolo_style_tuple_model_prunes_exports_builds_and_passes_parity_per_output(tmp_path, target):

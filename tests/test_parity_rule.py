@@ -148,7 +148,7 @@ def test_pipeline_check_accepts_an_fp32_engine_on_large_logits_and_names_the_rul
     from dfp_deploy.recipe import load_recipe
     from dfp_deploy.recipe.resolve import resolve
 
-    spec = resolve(load_recipe(None)).parity  # the default recipe: fp32, measure.parity_tolerance 1e-3
+    spec = resolve(load_recipe(None)).parity  # the default recipe: fp32, advanced.measure.parity_tolerance 1e-3
     # ResNet-56's shape for the rule (55 convs up to 64x3x3 inputs, one linear); its random-weight logits are ~2.5e4
     model = nn.Sequential(*[nn.Conv2d(64, 64, 3) for _ in range(55)], nn.Flatten(), nn.Linear(64, 10))
     ref = np.linspace(-2.5e4, 2.5e4, 40).reshape(4, 10)

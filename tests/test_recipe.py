@@ -6,6 +6,9 @@ import pytest
 
 from dfp_deploy.core.errors import RecipeError
 from dfp_deploy.recipe import iter_keys, load_recipe, recipe_to_dict
+from dfp_deploy.recipe.loader import moved_keys
+from dfp_deploy.recipe.resolve import kept_fraction, resolve
+from dfp_deploy.recipe.schema import RENAMED_KEYS
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -67,12 +70,12 @@ def test_out_overrides_output_dir(tmp_path, monkeypatch):
     ("target: 3\n", [], "target: expected a section"),
     ("", ["target.bach=3"], "target.bach: unknown key (did you mean target.batch?)"),
     ("", ["target.batch"], "expected key=value"),
-    ("", ["measure.runs=10"], "measure.runs: 10 is not in [50, 1000000]"),
+    ("", ["advanced.measure.runs=10"], "advanced.measure.runs: 10 is not in [50, 1000000]"),
     ("compress:\n  quantize:\n    weight_bits: 1\n", [], "compress.quantize.weight_bits: 1 is not in [2, 8]"),
     ("compress:\n  reconstruct: magic\n", [], "compress.reconstruct: 'magic' is not one of none"),
     ("- a\n- b\n", [], "must be a mapping of sections"),
     ("model: {name: [\n", [], "is not valid YAML"),
-    ("compress:\n  prune:\n    include_residual: 1\n", [], "expected true or false"),
+    ("", ["advanced.compress.prune.include_residual=1"], "expected true or false"),
 ])
 def test_bad_input_names_the_key(tmp_path, text, overrides, message):
     p = write(tmp_path, text)
@@ -84,8 +87,9 @@ def test_bad_input_names_the_key(tmp_path, text, overrides, message):
 
 
 def test_yaml11_exponent_floats_are_numbers(tmp_path):
-    r = load_recipe(write(tmp_path, "measure:\n  parity_tolerance: 1e-4\n"), ["compress.prune.ratio=5e-1"])
-    assert r.measure.parity_tolerance == 1e-4 and r.compress.prune.ratio == 0.5
+    r = load_recipe(write(tmp_path, "advanced:\n  measure:\n    parity_tolerance: 1e-4\n"),
+                    ["compress.prune.ratio=5e-1"])
+    assert r.advanced.measure.parity_tolerance == 1e-4 and r.compress.prune.ratio == 0.5
 
 
 def test_missing_recipe_file(tmp_path):
@@ -94,8 +98,8 @@ def test_missing_recipe_file(tmp_path):
 
 
 def test_resolved_recipe_round_trips_to_a_dict():
-    d = recipe_to_dict(load_recipe(None, ["compress.prune.exclude=[layer1*]"]))
-    assert d["compress"]["prune"]["exclude"] == ["layer1*"]
+    d = recipe_to_dict(load_recipe(None, ["advanced.compress.prune.exclude=[layer1*]"]))
+    assert d["advanced"]["compress"]["prune"]["exclude"] == ["layer1*"]
     assert d["target"]["backend"] == "ort-cpu"
 
 
@@ -200,18 +204,65 @@ def test_check_output_dir(tmp_path):
             check_output_dir(out, "--out")
 
 
-@pytest.mark.parametrize("where", ["set", "file"])
-def test_a_moved_key_fails_in_one_line_naming_its_new_place(tmp_path, where):
-    if where == "set":
+MOVED = sorted(moved_keys().items())
+USER_KEYS = [k for k, *_ in iter_keys() if not k.startswith("advanced.")]
+
+
+def test_the_moved_table_comes_from_the_schema():
+    moved = dict(MOVED)
+    assert moved["compress.udfc_form"] == "advanced.compress.udfc_form"
+    assert moved["compress.prune.min_channels"] == "advanced.compress.prune.min_channels"
+    assert moved["export"] == "advanced.export"  # a section left only under advanced: moved as a whole
+    assert not set(moved) & set(USER_KEYS)
+
+
+@pytest.mark.parametrize("old, new", MOVED, ids=[old for old, _ in MOVED])
+def test_every_moved_key_fails_in_one_line_naming_its_new_place(tmp_path, old, new):
+    assert new == f"advanced.{old}"
+    *sections, leaf = old.split(".")
+    text = leaf + ": {}\n"  # a mapping fits a moved section; a moved key is refused before its value is read
+    for section in reversed(sections):
+        text = section + ":\n" + "".join("  " + line + "\n" for line in text.splitlines())
+    # a file meets a section that moved as a whole (export) before the keys inside it
+    parts = old.split(".")
+    section = next(p for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1)) if p in moved_keys())
+    for load, named in ((lambda: load_recipe(None, [f"{old}=1"]), old),
+                        (lambda: load_recipe(write(tmp_path, text)), section)):
         with pytest.raises(RecipeError) as err:
-            load_recipe(None, ["compress.udfc_form=vector"])
-    else:
+            load()
+        message = str(err.value)
+        assert "\n" not in message and message.startswith(f"{named}: moved to advanced.{named} ")
+
+
+@pytest.mark.parametrize("old, new", [("search.budget", "search.ratio = 1 − budget"),
+                                      ("search.proxy_data", "search.data"),
+                                      ("search.synthetic_samples", "search.samples")])
+def test_a_renamed_search_key_fails_in_one_line_naming_the_new_one(tmp_path, old, new):
+    assert set(RENAMED_KEYS) == {"search.budget", "search.proxy_data", "search.synthetic_samples"}
+    for load in (lambda: load_recipe(None, [f"{old}=0.5"]),
+                 lambda: load_recipe(write(tmp_path, f"search:\n  {old.split('.')[1]}: 0.5\n"))):
         with pytest.raises(RecipeError) as err:
-            load_recipe(write(tmp_path, "search:\n  episodes: 4\n  latency_penalty: 3\n"))
-    message = str(err.value)
-    assert "\n" not in message and "moved to advanced." in message
-    moved = "compress.udfc_form" if where == "set" else "search.latency_penalty"
-    assert message.startswith(f"{moved}: moved to advanced.{moved}")
+            load()
+        assert "\n" not in str(err.value) and str(err.value).startswith(f"{old}: renamed ")
+        assert new in str(err.value)
+
+
+def test_the_user_level_stays_small_and_keeps_the_contract_keys():
+    assert len(USER_KEYS) <= 30, f"{len(USER_KEYS)} user-level keys; move the rarely set ones under advanced:"
+    contract = {"model.weights", "eval.data", "compress.prune.ratio", "compress.reconstruct",
+                "compress.quantize.weight_bits", "compress.calibration.data", "compress.calibration.samples",
+                "target.backend", "target.precision", "target.batch", "search.episodes"}
+    assert contract <= set(USER_KEYS)
+    # the three consumers of unlabeled inputs spell them alike
+    for section in ("compress.calibration", "compress.bn_adapt", "search"):
+        assert {f"{section}.data", f"{section}.samples"} <= set(USER_KEYS)
+
+
+@pytest.mark.parametrize("ratio, kept", [(0.5, 0.5), (0.7, 0.3), (0.3, 0.7), (0.0, 1.0), (0.95, 0.05)])
+def test_search_ratio_is_the_fraction_removed(ratio, kept):
+    assert kept_fraction(ratio) == kept  # exactly the double of the decimal, not 1 - 0.7 = 0.30000000000000004
+    plan = resolve(load_recipe(None, ["search.episodes=4", f"search.ratio={ratio}"]))
+    assert plan.search.budget == kept
 
 
 def test_advanced_keys_load_under_advanced_with_their_ranges(tmp_path):
@@ -220,3 +271,10 @@ def test_advanced_keys_load_under_advanced_with_their_ranges(tmp_path):
     assert (r.advanced.search.proxy, r.advanced.compress.quantize.range_k) == ("top1", 4.0)
     with pytest.raises(RecipeError, match=r"advanced.compress.quantize.range_k: 0 is not in \(0, inf\)"):
         load_recipe(None, ["advanced.compress.quantize.range_k=0"])
+
+
+def test_the_readme_key_table_lists_exactly_the_user_keys():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("The user keys, all of them", 1)[1].split("\n\n", 2)[1]
+    listed = [line.split("`")[1] for line in table.splitlines() if line.startswith("| `")]
+    assert listed == USER_KEYS

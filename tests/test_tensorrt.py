@@ -689,13 +689,14 @@ def test_recipe_target_keys_reach_the_tensorrt_builder_settings():
     def _backend_options(recipe):
         return dict(resolve(recipe).target.options)
 
-    recipe = load_recipe(None, ["target.backend=tensorrt", "target.opt_level=5", "target.workspace_mb=512",
-                                "target.cuda_graph=false"])
+    recipe = load_recipe(None, ["target.backend=tensorrt", "advanced.target.opt_level=5",
+                                "advanced.target.workspace_mb=512",
+                                "advanced.target.cuda_graph=false"])
     backend = get_backend("tensorrt", **_backend_options(recipe))
     assert (backend.opt_level, backend.workspace_mb, backend.cuda_graph) == (5, 512, False)
     assert str(backend.timing_cache_dir).endswith("trt-timing")
     assert str(backend.engine_cache_dir).endswith("trt-engines")  # builds reuse the plans of identical graphs
     assert _backend_options(load_recipe(None)) == {}  # ORT backends take no builder options
-    torch_cuda = load_recipe(None, ["target.backend=torch-cuda", "target.cuda_graph=false"])
+    torch_cuda = load_recipe(None, ["target.backend=torch-cuda", "advanced.target.cuda_graph=false"])
     assert get_backend("torch-cuda", **_backend_options(torch_cuda)).cuda_graph is False
     assert get_backend("torch-cuda").cuda_graph is True

@@ -90,9 +90,9 @@ def test_an_ort_graph_prepared_off_the_target_builds_the_engine_the_raw_graph_bu
 
 
 def test_bad_worker_settings_are_input_errors(probes):
-    with pytest.raises(InputError, match="measure.workers: 'ray:/x' is not local, auto or ray://host:port"):
+    with pytest.raises(InputError, match="advanced.measure.workers: 'ray:/x' is not local, auto or ray://host:port"):
         make_measurer(spec(), probes[32], workers="ray:/x")
-    with pytest.raises(InputError, match="measure.local_workers"):
+    with pytest.raises(InputError, match="advanced.measure.local_workers"):
         LocalMeasurer(spec(), probes[32], workers=0)
     torch_spec = TargetSpec("torch-cpu", "fp32", 1, 1, np.zeros((1, 1, 4, 4), np.float32))
     with pytest.raises(InputError, match="runs the PyTorch module itself"):

@@ -280,7 +280,8 @@ def _build(tmp_path, factory: str, weights, ratio: float, *extra: str) -> dict:
 
     sets = [f"model.name={factory}", f"model.weights={weights}", f"model.input_size=[3,{SIZE},{SIZE}]",
             f"compress.prune.ratio={ratio}", "target.batch=1", "measure.latency=false",
-            "measure.rounding_cost=false", "measure.parity_samples=2", "compress.prune.round_to=1", *extra]
+            "advanced.measure.rounding_cost=false", "advanced.measure.parity_samples=2", "compress.prune.round_to=1",
+            *extra]
     return build(load_recipe(None, sets, out=str(tmp_path / "out")), quiet=True)
 
 
@@ -346,7 +347,7 @@ def test_notice_names_include_residual_when_only_residual_groups_are_prunable(mo
     from dfp_deploy.analysis import nothing_pruned_notice
 
     analysis = analyze(models["ResNeXtLike"], _x(1))
-    assert "compress.prune.include_residual=true" in nothing_pruned_notice(analysis)
+    assert "advanced.compress.prune.include_residual=true" in nothing_pruned_notice(analysis)
     assert "keep every channel" in nothing_pruned_notice(analysis, include_residual=True)
     vit = nothing_pruned_notice(analyze(models["TinyViT"], _x(1)))
     assert vit.startswith("nothing was pruned: none of the model's") and len(vit) <= 280

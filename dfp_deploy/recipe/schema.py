@@ -258,8 +258,8 @@ class AdvancedMeasure:
                                        "(default target:<target.backend>)")
     worker_timeout: float = spec(60.0, "seconds to wait for a worker holding the target before failing", lo=0.0,
                                  lo_open=True)
-    remeasure: bool = spec(False, "time on the target again even where the measurement cache (measure.cache) holds "
-                           "the timing; the fresh timing replaces the stored one")
+    remeasure: bool = spec(False, "time on the target again even where the measurement cache "
+                           "(advanced.measure.cache) holds the timing; the fresh timing replaces the stored one")
 
 
 @dataclass(frozen=True)
