@@ -152,7 +152,7 @@ class _Accepted(Exception):
     """Raised by the stand-in build: the recipe got through every check the CLI makes before building."""
 
 
-def _stand_in_build(recipe, recipe_path=None, *, quiet=False):
+def _stand_in_build(recipe, recipe_path=None, *, quiet=False, out=None, timed=True):
     """What a valid recipe promises the pipeline, checked instead of building: finite floats everywhere."""
     dfp_deploy.recipe.resolve.check_consistency(recipe)
 
