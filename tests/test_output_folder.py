@@ -33,7 +33,7 @@ def _real_build_into_signature():
     return inspect.signature(sequence._build_into)
 
 
-def fake_build_into(recipe, recipe_path, work, stage, *, files=None):
+def fake_build_into(recipe, recipe_path, work, stage, timed=True, *, files=None):
     """Stands in for the seconds-long real build: writes artifacts into `work` and returns a report dict with
     the keys build() reads, like pipeline/build.py's _build_into (whose signature the fixture checks)."""
     files = files or {"model.onnx": "onnx", "model.pt": "pt", "report.md": "# report\n"}
@@ -48,12 +48,12 @@ def fake_build_into(recipe, recipe_path, work, stage, *, files=None):
 @pytest.fixture
 def fake_build(monkeypatch):
     """build(out, **files): the real pipeline.build (staging, marker, lock, swap) around a fake stage sequence."""
-    assert (list(inspect.signature(fake_build_into).parameters)[:4]
+    assert (list(inspect.signature(fake_build_into).parameters)[:5]
             == list(_real_build_into_signature().parameters))
 
     def run(out: Path, files: dict | None = None):
         monkeypatch.setattr(sequence, "_build_into",
-                            lambda r, p, w, s: fake_build_into(r, p, w, s, files=files))
+                            lambda r, p, w, s, t=True: fake_build_into(r, p, w, s, t, files=files))
         return pipeline.build(load_recipe(QUICKSTART, [], out=str(out)), QUICKSTART, quiet=True)
 
     return run
