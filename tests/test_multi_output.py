@@ -16,12 +16,51 @@ from dfp_deploy.core.outputs import as_named, concat, flatten, take, to_numpy
 from dfp_deploy.measure.metric import check_result, evaluate
 from dfp_deploy.measure.parity import ParityRule, parity
 
-QUICK = ["--set", "measure.latency=false", "--set", "advanced.measure.parity_samples=8", "--quiet"]
+QUICK_SETS = ["measure.latency=false", "advanced.measure.parity_samples=8"]
+QUICK = [a for s in QUICK_SETS for a in ("--set", s)] + ["--quiet"]
 
 
 class _Engine:
     def __init__(self, fn):
         self.name, self.run = "fake", fn
+
+
+class _Int8Engine:
+    """An int8 engine stand-in, held to the real Engine API (backends/registry.py): it returns `reference`'s outputs
+    with requantization-sized rounding noise, and optionally one output zeroed (an engine that lost a head)."""
+
+    static_batch, threads = None, 1
+
+    def __init__(self, reference, *, noise: float = 0.02, zeroed: str | None = None, name: str = "fake int8"):
+        self.name, self.reference, self.noise, self.zeroed = name, reference, noise, zeroed
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        rng = np.random.default_rng(1)
+        out = {}
+        for key, v in as_named(self.reference(x)).items():
+            rms = float(np.sqrt(np.mean(np.square(v))))
+            out[key] = (np.zeros_like(v) if key == self.zeroed else
+                        v + (self.noise * rms * rng.standard_normal(v.shape)).astype(v.dtype))
+        return out
+
+    def prepare(self, x: np.ndarray):
+        return lambda: None
+
+    def inspect(self):
+        from dfp_deploy.core.types import EngineSummary
+
+        return EngineSummary(self.name, "int8", "int8")
+
+
+def test_the_int8_stand_in_engine_has_the_real_engine_api():
+    import inspect
+
+    from dfp_deploy.backends.registry import Engine
+
+    for method in ("run", "prepare", "inspect"):
+        assert (list(inspect.signature(getattr(_Int8Engine, method)).parameters)
+                == list(inspect.signature(getattr(Engine, method)).parameters))
+    assert all(hasattr(_Int8Engine(None), attr) for attr in Engine.__annotations__)
 
 
 def test_outputs_are_named_after_the_tuple_index_and_the_dict_key():
@@ -65,6 +104,47 @@ def test_an_output_too_small_for_parity_to_mean_anything_is_flagged():
     # int8 (no tolerance): the absolute floor of a numerically zero reference still flags it
     int8 = parity(lambda x: ref, _Engine(lambda x: ref), np.zeros((2, 1)))
     assert not int8["outputs"]["scores"]["informative"] and int8["outputs"]["boxes"]["informative"]
+
+
+def test_relative_rms_known_answers():
+    from dfp_deploy.measure.parity import relative_rms
+
+    ref = np.array([[3.0, -4.0]])
+    assert relative_rms(ref, np.array([[3.3, -4.4]])) == pytest.approx(0.1)  # |(0.3, -0.4)| / |(3, -4)|
+    assert relative_rms(ref, np.zeros_like(ref)) == 1.0 and relative_rms(ref, -ref) == 2.0
+    assert relative_rms(np.zeros(3), np.zeros(3)) == 0.0 and relative_rms(np.zeros(3), np.ones(3)) == float("inf")
+    assert relative_rms(ref, np.array([[np.nan, 0.0]])) == float("inf")
+
+
+def test_the_int8_gate_judges_every_output_of_a_yolo_style_model_against_its_simulation():
+    """int8 engines of models with several outputs have no class to agree on: each output must reproduce the
+    simulated quantization within INT8_MAX_REL_RMS of its own RMS; one zeroed head fails the build in one line
+    that names it (before, any such engine passed)."""
+    from dfp_deploy.core.errors import ParityError
+    from dfp_deploy.measure.parity import int8_verdict
+    from dfp_deploy.pipeline.engine_step import enforce_parity, torch_runner
+    from dfp_deploy.recipe.resolve import ParitySpec
+    from tests._detectors import TinyYolo
+
+    torch.manual_seed(0)
+    simulation = torch_runner(TinyYolo().eval())
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32), dtype=np.float32)
+    spec = ParitySpec("int8", 1e-3, 2, 0.9)
+
+    def gate(engine):
+        sim = parity(simulation, engine, x)
+        par = {"top1_agreement": None, "simulated": {"rule": int8_verdict(sim)}}
+        enforce_parity(spec, par, "gaussian noise")
+        return sim
+
+    good = gate(_Int8Engine(simulation))
+    assert all(0.01 < o["rel_rms"] < 0.05 for o in good["outputs"].values())
+    with pytest.raises(ParityError) as err:
+        gate(_Int8Engine(simulation, zeroed="output_1"))
+    message = str(err.value)
+    assert message.startswith("parity: the int8 engine differs from its simulated quantization on output "
+                              "'output_1' by 1 x the output's RMS (> 0.5") and "\n" not in message
+    assert "output_0" not in message and "output_2" not in message and len(message) <= 300
 
 
 def test_metric_data_pairs_arrays_with_the_evaluated_images_and_is_read_only():
@@ -130,12 +210,35 @@ def test_a_yolo_style_tuple_model_prunes_exports_builds_and_passes_parity_per_ou
     if "target.precision=int8" in target:
         assert list(par["simulated"]["outputs"]) == names and par["top1_agreement"] is None
         assert all(o["rel_err"] < 0.5 for o in par["outputs"].values())
+        assert par["simulated"]["rule"]["passed"] and par["simulated"]["rel_rms"] <= 0.5
+        _int8_engine_with_a_lost_head_is_refused(recipe, sets, tmp_path / "out")
     else:
         assert par["rule"]["passed"] and all(o["passed"] for o in par["outputs"].values())
         assert par["max_abs_err"] <= 1e-3
     if "measure.latency=true" in target:
         assert r["latency"]["after"]["p50_ms"] > 0
     assert "| output_2 |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def _int8_engine_with_a_lost_head_is_refused(recipe: Path, sets: list[str], out: Path):
+    """The build's own parity step on the real int8 graph and its simulation, with the built engine's
+    output_2 zeroed: refused in one line naming that output."""
+    from dfp_deploy.backends.registry import get_backend
+    from dfp_deploy.core.errors import ParityError
+    from dfp_deploy.pipeline import compress_step, engine_step
+    from dfp_deploy.pipeline.context import resolve_recipe
+    from dfp_deploy.recipe import load_recipe
+
+    plan = resolve_recipe(load_recipe(recipe, [*QUICK_SETS, *(s for s in sets if s != "--set")]))
+    loaded = compress_step.load(plan)
+    compressed = torch.load(out / "model.pt", weights_only=False).eval()
+    onnx_path = out / "model.int8.onnx"
+    real = get_backend("ort-cpu").build(onnx_path, precision="int8", threads=1, out_dir=out, torch_model=compressed)
+    lost = _Int8Engine(real.run, noise=0.0, zeroed="output_2")
+    lost.static_batch = real.static_batch
+    with pytest.raises(ParityError, match=r"^parity: the int8 engine differs from its simulated quantization on "
+                                          r"output 'output_2' by 1 x"):
+        engine_step.check_parity(plan, loaded, compressed, lost, onnx_path)
 
 
 def test_a_weight_shared_by_two_convs_gets_one_dequantize_node_name_per_conv():

@@ -16,6 +16,11 @@ u_p, on a network of L conv/linear layers whose longest dot product has K terms:
 Several outputs (a detector's boxes and scores): each output o is judged alone with its own s_o = max|R_o|, so a
 small-valued head is not excused by a large one. A pass is uninformative when tolerance >= 0.1 * s (an engine off by
 a tenth of every value passes; at tolerance >= s one returning zeros does): such outputs are flagged, not failed.
+
+int8 engines against their simulated quantization S (the same Q/DQ graph run as float ops), output by output:
+  rel_rms = sqrt(mean (E - S)^2) / sqrt(mean S^2)      pass when rel_rms <= INT8_MAX_REL_RMS
+The integer kernels only round some values to the neighbouring step of the same grid; an output that is zeros
+(rel_rms = 1), rescaled, shifted or permuted is not the graph's (docs/methods/parity_tolerance.md).
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ SCALE_TOO_SMALL = 1e-6  # below this max|R| the reference is ~0 (the flag for in
 # a pass proves little once the tolerance reaches this fraction of max|R| (an engine that is off by that much
 # everywhere passes; at a tolerance >= max|R| one that returns zeros does): such outputs are flagged
 UNINFORMATIVE_FRACTION = 0.1
+# int8 engine vs its simulated quantization: the largest RMS error, as a fraction of the output's RMS, still taken
+# for requantization rounding (correct engines: 0 to ~0.1 on the random-weight zoo; an output of zeros is 1.0)
+INT8_MAX_REL_RMS = 0.5
 
 
 @dataclass(frozen=True)
@@ -147,7 +155,19 @@ def _compare(expected: np.ndarray, actual: np.ndarray) -> dict:
     finite_ref = expected[np.isfinite(expected)]
     scale = float(np.abs(finite_ref).max()) if finite_ref.size else 0.0
     return {"max_abs_err": max_err, "mean_abs_err": mean_err, "nonfinite": nonfinite, "ref_scale": scale,
-            "size": int(expected.size)}
+            "rel_rms": relative_rms(expected, actual), "size": int(expected.size)}
+
+
+def relative_rms(expected: np.ndarray, actual: np.ndarray) -> float:
+    """sqrt(mean (A - E)^2) / sqrt(mean E^2): 0 for equal arrays, 1 for zeros in place of E; infinite on NaN/inf
+    or when E is all zeros and A is not."""
+    if expected.size == 0:
+        return 0.0
+    if not (np.isfinite(expected).all() and np.isfinite(actual).all()):
+        return float("inf")
+    err = float(np.sqrt(np.mean(np.square(actual - expected))))
+    ref = float(np.sqrt(np.mean(np.square(expected))))
+    return err / ref if ref > 0 else (0.0 if err == 0 else float("inf"))
 
 
 def _agreement(expected: np.ndarray, actual: np.ndarray) -> float:
@@ -215,6 +235,24 @@ def _combine(rule: ParityRule, verdicts: dict[str, dict]) -> dict:
             "formula": "every output: max|E-R| <= max(abs_floor, rel_tolerance * max|R| of that output)",
             "warnings": [w for v in verdicts.values() for w in v["warnings"]],
             "passed": not failures, "failure": "; ".join(failures) or None}
+
+
+def int8_verdict(simulated: dict) -> dict:
+    """The int8 gate on parity(simulation, engine): every informative output within INT8_MAX_REL_RMS of its own
+    RMS (module docstring). Outputs whose reference is ~0 are flagged by parity() and not judged here."""
+    single = list(simulated["outputs"]) == [SINGLE_OUTPUT]
+    bad = {key: out["rel_rms"] for key, out in simulated["outputs"].items()
+           if out["informative"] and not out["rel_rms"] <= INT8_MAX_REL_RMS}
+    failure = None
+    if bad:
+        named = ("its logits" if single else
+                 ("output " if len(bad) == 1 else "outputs ") + ", ".join(f"{k!r}" for k in list(bad)[:3])
+                 + (f" and {len(bad) - 3} more" if len(bad) > 3 else ""))
+        failure = (f"the int8 engine differs from its simulated quantization on {named} by "
+                   f"{max(bad.values()):.3g} x the output's RMS (> {INT8_MAX_REL_RMS:g}, more than requantization "
+                   "rounding): the engine does not compute its Q/DQ graph")
+    return {"formula": "every output: rms(E-S) <= max_rel_rms * rms(S), S = the simulated quantization",
+            "max_rel_rms": INT8_MAX_REL_RMS, "passed": not bad, "failure": failure}
 
 
 def enforce(result: dict) -> None:

@@ -102,7 +102,7 @@ class ChunkedEngine:
 
 def check_parity(plan: BuildPlan, loaded, compressed, engine, engine_onnx: Path) -> dict:
     """The engine against PyTorch on the reference inputs, with the precision-aware rule; refused when it fails."""
-    from dfp_deploy.measure.parity import parity
+    from dfp_deploy.measure.parity import int8_verdict, parity
 
     t = plan.target
     x_ref, ref_kind = reference_inputs(plan, loaded)
@@ -116,20 +116,27 @@ def check_parity(plan: BuildPlan, loaded, compressed, engine, engine_onnx: Path)
         simulated = simulation(t.precision, engine_onnx, t.threads)
         sim = parity(chunked(simulated.run, t.batch), ChunkedEngine(engine, t.batch), x_ref)
         par["simulated"] = {k: sim[k] for k in ("max_abs_err", "mean_abs_err", "top1_agreement")}
+        par["simulated"]["rel_rms"] = max(o["rel_rms"] for o in sim["outputs"].values())
         if len(sim["outputs"]) > 1:  # several outputs: no class agreement to read, so each output's error
-            par["simulated"]["outputs"] = {k: {"max_abs_err": o["max_abs_err"], "rel_err": o["rel_err"]}
-                                           for k, o in sim["outputs"].items()}
+            par["simulated"]["outputs"] = {k: {"max_abs_err": o["max_abs_err"], "rel_err": o["rel_err"],
+                                               "rel_rms": o["rel_rms"]} for k, o in sim["outputs"].items()}
+        par["simulated"]["rule"] = int8_verdict(sim)
     enforce_parity(plan.parity, par, ref_kind)
     return par
 
 
 def enforce_parity(spec: ParitySpec, par: dict, ref_kind: str) -> None:
     """fp32/fp16 engines must reproduce PyTorch's logits within the precision-aware rule (measure/parity.py;
-    advanced.measure.parity_tolerance is its absolute floor); int8 engines must agree on the predicted class."""
+    advanced.measure.parity_tolerance is its absolute floor); int8 engines must reproduce their simulated
+    quantization on every output (any inputs) and, with one logits output and real images, agree with PyTorch on
+    the class."""
     from dfp_deploy.core.errors import ParityError
 
     if spec.precision == "int8":
         par["min_agreement"] = spec.int8_min_agreement
+        sim_rule = par.get("simulated", {}).get("rule")
+        if sim_rule is not None and not sim_rule["passed"]:
+            raise ParityError(f"parity: {sim_rule['failure']}")
         if (ref_kind == "eval images" and par["top1_agreement"] is not None
                 and not par["top1_agreement"] >= spec.int8_min_agreement):
             raise ParityError(f"parity: the int8 engine agrees with PyTorch on {100 * par['top1_agreement']:.1f}% "

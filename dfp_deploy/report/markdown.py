@@ -61,9 +61,13 @@ def render_markdown(r: dict) -> str:
                   f"{rnd['p50_ms_rounded']:.3f} ms ({rnd['latency_gain']:.2f}x; the unrounded plan's engine was timed "
                   "in the same rounds).", ""]
     par = r["parity"]
+    sim_rule = (par.get("simulated") or {}).get("rule")
     gate = (f"tolerance {par['tolerance']:g}" if par.get("tolerance") is not None
             else "tolerance per output" if "tolerance" in par
-            else f"int8: gate is top-1 agreement ≥ {100 * par['min_agreement']:g}% on real images")
+            else "int8: gates are "
+                 + (f"RMS error vs the simulated quantization ≤ {sim_rule['max_rel_rms']:g}x each output's RMS and "
+                    if sim_rule else "")
+                 + f"top-1 agreement ≥ {100 * par['min_agreement']:g}% on real images")
     agree = (f", top-1 agreement {100 * par['top1_agreement']:.2f}%" if par.get("top1_agreement") is not None
              else "")
     lines += [f"Parity (engine vs PyTorch, {par['n']} inputs from {par['inputs']}): max |diff| "
@@ -81,7 +85,9 @@ def render_markdown(r: dict) -> str:
         sim_agree = (f"top-1 agreement {100 * sim['top1_agreement']:.2f}%, " if sim.get("top1_agreement") is not None
                      else "")
         lines += [f"Against the simulated quantization (the Q/DQ graph run as float ops): {sim_agree}"
-                  f"max |diff| {sim['max_abs_err']:.2e}: what the integer "
+                  f"max |diff| {sim['max_abs_err']:.2e}"
+                  + (f", RMS error {sim['rel_rms']:.2g}x the output's RMS" if "rel_rms" in sim else "")
+                  + ": what the integer "
                   "kernels' own rounding changes.", ""]
     if "quantization" in r:
         q = r["quantization"]
