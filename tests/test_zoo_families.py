@@ -301,11 +301,30 @@ def test_pruned_inception_with_aux_head_builds_and_trains(models, tmp_path):
 def test_shuffled_channels_split_again_build_data_free_int8(models, tmp_path):
     """ShuffleNet's second unit splits a tensor whose channels the shuffle mixed (its data-free statistics are one
     summary channel): the split must give each half that summary, not an empty half (a ValueError before)."""
+    from dfp_deploy.cli import _summary
+
     weights = tmp_path / "w.pt"
     torch.save(models["ShuffleLike"].state_dict(), weights)
-    report = _build(tmp_path, "test_zoo_families:ShuffleLike", weights, 0.0, "target.precision=int8")
+    report = _build(tmp_path, "test_zoo_families:ShuffleLike", weights, 0.3, "target.precision=int8")
     assert report["parity"]["top1_agreement"] >= 0.5
     assert report["parity"]["max_abs_err"] <= 0.25 * report["parity"]["ref_scale"]
+    # the branch-internal groups pruned, the shuffled ones held: the CLI says which op holds them, in one line
+    assert report["prune"]["groups_pruned"] >= 1
+    notice = report["prune"]["notice"]
+    assert notice.startswith("not pruned: 3 of 7 channel groups, held by 8 ops the pruner cannot resize, e.g. "
+                             "'chunk'") and len(notice) <= 300
+    assert _summary(report).splitlines()[0] == f"notice: {notice}"
+
+
+def test_a_grouped_convolution_is_named_as_what_holds_its_channels(models):
+    """ResNeXt/RegNet: the grouped conv's channels stay, the rest prunes, and the build's notice says why."""
+    from dfp_deploy.analysis import partly_pruned_notice
+
+    notice = partly_pruned_notice(analyze(models["ResNeXtLike"], _x(1)))
+    assert notice == ("not pruned: 1 of 3 channel groups, held by 1 op the pruner cannot resize, e.g. 'grouped_0' "
+                      "(target grouped.0): grouped convolution (groups=4, in=16, out=16) ties channels in blocks; "
+                      "`dfp-deploy inspect` lists each")
+    assert partly_pruned_notice(analyze(models["DenseLike"], _x(1))) is None  # nothing held: nothing to say
 
 
 def test_nothing_prunable_builds_with_a_notice(models, tmp_path):

@@ -174,6 +174,20 @@ def nothing_pruned_notice(analysis: Analysis, *, include_residual: bool = False,
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def partly_pruned_notice(analysis: Analysis, *, limit: int = 280) -> str | None:
+    """One line for a build that pruned some groups while others are frozen at ops the pruner cannot resize
+    (grouped convolutions, channel shuffles, flattens into a Linear), naming the first such op; None if none are."""
+    held = [g for g in analysis.groups if not g.prunable and "boundary '" in g.reason]
+    boundaries = [w for w in analysis.warnings if w.startswith("boundary at node ")]
+    if not held or not boundaries:
+        return None
+    example = boundaries[0][len("boundary at node "):].split("; the channels around it")[0]
+    text = (f"not pruned: {len(held)} of {len(analysis.groups)} channel groups, held by {len(boundaries)} "
+            f"op{'s' if len(boundaries) > 1 else ''} the pruner cannot resize, e.g. {example}; "
+            "`dfp-deploy inspect` lists each")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _unused_warnings(model: nn.Module, gm: fx.GraphModule) -> list[str]:
     """Submodules whose parameters the traced (eval-mode) forward never reads, e.g. a training-only auxiliary head:
     pruning resizes the tensors they would read but not them, so they no longer fit the pruned model."""

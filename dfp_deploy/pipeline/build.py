@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from dfp_deploy.analysis import analyze, count_macs, count_params, nothing_pruned_notice
+from dfp_deploy.analysis import analyze, count_macs, count_params, nothing_pruned_notice, partly_pruned_notice
 from dfp_deploy.backends.registry import get_backend
 from dfp_deploy.core import output
 from dfp_deploy.core.atomic import write_json_atomic, write_text_atomic
@@ -159,7 +159,8 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
                             "fingerprint": fingerprint_report(plan, fingerprint_s)},
                # pruning asked for, nothing prunable: the CLI prints why on stdout
                **({"notice": nothing_pruned_notice(analysis, include_residual=plan.select.include_residual)}
-                  if plan.select.prunes and not keep.keep else {})},
+                  if plan.select.prunes and not keep.keep else
+                  {"notice": partly_pruned_notice(analysis)} if keep.keep and partly_pruned_notice(analysis) else {})},
         compress={"reconstruct": r.method, "udfc_form": r.udfc_form, "weight_bits": r.weight_bits,
                   "layer_bits": cs.layer_bits(plan, model, analysis), "bias_correction": r.bias_correction,
                   "bn_adapt": bn_adapt,
