@@ -1,9 +1,12 @@
-"""The export cache hands back an earlier export only for the same computation and settings, and never a bad file."""
+"""The export cache hands back an earlier export only for the same computation and settings, and never a bad file;
+a model of the same structure with other weights is derived from the stored template, identical to a fresh export."""
 
 from __future__ import annotations
 
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 from torch import nn
 
 from dfp_deploy.export import onnx_export
@@ -17,9 +20,10 @@ class _Net(nn.Module):
         self.bn = nn.BatchNorm2d(4)
         self.fc = nn.Linear(4, 2)
         self.scale = scale  # a plain attribute forward reads: part of the computation
+        self.offset = torch.zeros(4)  # an unregistered tensor: traced in as a constant, by value
 
     def forward(self, x):
-        x = torch.relu(self.bn(self.conv(x))) * self.scale
+        x = torch.relu(self.bn(self.conv(x))) * self.scale + self.offset[:, None, None]
         return self.fc(x.mean(dim=(2, 3)))
 
 
@@ -50,18 +54,16 @@ def test_the_same_model_is_exported_once_and_the_copy_is_identical(tmp_path, cou
     assert (first.exporter, first.nodes, first.op_counts) == (second.exporter, second.nodes, second.op_counts)
 
 
-@pytest.mark.parametrize("change", ["weight", "buffer", "plain attribute", "input shape", "batch mode", "opset"])
+@pytest.mark.parametrize("change", ["plain attribute", "tensor attribute", "input shape", "batch mode", "opset"])
 def test_any_change_to_the_computation_or_settings_exports_again(tmp_path, counted, change):
     x = torch.randn(2, 3, 8, 8)
     export_onnx(_net(), x, tmp_path / "a.onnx", cache=tmp_path / "cache")
     net, kwargs = _net(), {}
     with torch.no_grad():
-        if change == "weight":
-            net.conv.weight[0, 0, 0, 0] += 1e-6
-        elif change == "buffer":
-            net.bn.running_var[1] += 1e-6
-        elif change == "plain attribute":
+        if change == "plain attribute":
             net.scale = 2.0
+        elif change == "tensor attribute":
+            net.offset[2] = 1.0
         elif change == "input shape":
             x = torch.randn(2, 3, 10, 10)
         elif change == "batch mode":
@@ -70,17 +72,69 @@ def test_any_change_to_the_computation_or_settings_exports_again(tmp_path, count
             kwargs["opset"] = 19
     export_onnx(net, x, tmp_path / "b.onnx", cache=tmp_path / "cache", **kwargs)
     assert len(counted) == 2
+    assert _outputs(tmp_path / "b.onnx", x) == pytest.approx(net(x).detach().numpy().ravel().tolist(), abs=1e-5)
+
+
+def _outputs(path, x) -> list[float]:
+    from dfp_deploy.backends.ort import cpu_session
+
+    session = cpu_session(path)
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0].ravel().tolist()
+
+
+def _graph(path) -> tuple:
+    """What an export computes: every node's op, attributes and tensor names in order, and every initializer's
+    bytes; node names and metadata (counters and provenance notes of the exporter) left out."""
+    model = onnx.load(str(path))
+    nodes = [(n.op_type, n.domain, tuple(n.input), tuple(n.output), tuple(a.SerializeToString() for a in n.attribute))
+             for n in model.graph.node]
+    inits = {i.name: (tuple(i.dims), numpy_helper.to_array(i).tobytes()) for i in model.graph.initializer}
+    return nodes, inits, [o.name for o in model.graph.output]
+
+
+@pytest.mark.parametrize("change", ["weight", "buffer"])
+@pytest.mark.parametrize("optimize", [True, False])
+def test_other_weights_are_derived_from_the_template_exactly_as_a_fresh_export(tmp_path, counted, change, optimize):
+    x = torch.randn(2, 3, 8, 8)
+    export_onnx(_net(), x, tmp_path / "a.onnx", cache=tmp_path / "cache", optimize=optimize)
+    net = _net()
+    with torch.no_grad():
+        if change == "weight":
+            net.conv.weight.mul_(-3.0)
+        else:
+            net.bn.running_var.mul_(5.0)
+            net.bn.running_mean.add_(0.5)
+    export_onnx(net, x, tmp_path / "b.onnx", cache=tmp_path / "cache", optimize=optimize)
+    assert len(counted) == 1  # the second export traced nothing
+    export_onnx(net, x, tmp_path / "fresh.onnx", optimize=optimize)  # no cache: traced anew
+    assert _graph(tmp_path / "b.onnx") == _graph(tmp_path / "fresh.onnx")
+    assert _graph(tmp_path / "b.onnx")[1] != _graph(tmp_path / "a.onnx")[1]
+    expected = net(x).detach().numpy().ravel().tolist()
+    assert _outputs(tmp_path / "b.onnx", x) == pytest.approx(expected, abs=1e-5)
+
+
+def _entries(cache, template: bool, suffix: str) -> list:
+    return [p for p in cache.glob(f"*{suffix}") if p.name.startswith("template-") == template]
 
 
 def test_a_damaged_entry_is_exported_again_and_a_bad_one_never_passes(tmp_path, counted):
     x = torch.randn(2, 3, 8, 8)
-    export_onnx(_net(), x, tmp_path / "a.onnx", cache=tmp_path / "cache")
-    (entry,) = (tmp_path / "cache").glob("*.json")
-    entry.write_text("{")  # metadata damaged: the entry does not count
-    export_onnx(_net(), x, tmp_path / "b.onnx", cache=tmp_path / "cache")
+    cache = tmp_path / "cache"
+    export_onnx(_net(), x, tmp_path / "a.onnx", cache=cache)
+    for entry in _entries(cache, False, ".json") + _entries(cache, True, ".json"):
+        entry.write_text("{")  # metadata damaged: the entry does not count
+    export_onnx(_net(), x, tmp_path / "b.onnx", cache=cache)
     assert len(counted) == 2
-    (onnx_file,) = (tmp_path / "cache").glob("*.onnx")
+    (onnx_file,) = _entries(cache, False, ".onnx")
     onnx_file.write_bytes(b"not an onnx model")  # content damaged: validation refuses it, nothing is written
     with pytest.raises(Exception):
-        export_onnx(_net(), x, tmp_path / "c.onnx", cache=tmp_path / "cache")
+        export_onnx(_net(), x, tmp_path / "c.onnx", cache=cache)
     assert not (tmp_path / "c.onnx").exists()
+    (template,) = _entries(cache, True, ".onnx")
+    template.write_bytes(b"not an onnx model")  # a damaged template is a miss: traced again, right weights
+    net = _net()
+    with torch.no_grad():
+        net.fc.weight.mul_(2.0)
+    export_onnx(net, x, tmp_path / "d.onnx", cache=cache)
+    assert len(counted) == 3
+    assert _outputs(tmp_path / "d.onnx", x) == pytest.approx(net(x).detach().numpy().ravel().tolist(), abs=1e-5)

@@ -29,7 +29,7 @@ def has_dynamic_batch(onnx_path: Path) -> bool:
 
 def int8_onnx(model: nn.Module, example: torch.Tensor, fp32_onnx: Path, out_path: Path, *, style: str,
               preprocess: Preprocess, calibration_inputs: np.ndarray | None = None, range_k: float = 6.0,
-              opset: int = 18, threads: int | None = None) -> Path:
+              opset: int = 18, threads: int | None = None, export_cache: Path | None = None) -> Path:
     """Write the Q/DQ model of `fp32_onnx` (exported from `model`) for `style` ("ort-cpu" | "tensorrt") to out_path.
 
     With calibration_inputs, activation ranges are min/max over them (ORT runs the fp32 graph); without, they come
@@ -38,7 +38,8 @@ def int8_onnx(model: nn.Module, example: torch.Tensor, fp32_onnx: Path, out_path
     name), so that export must trace the model exactly as the fp32 one did: a dynamic batch adds symbolic-size
     nodes that shift the exporter's name counters (a static export names a residual sum `add`, a dynamic one
     `add_130`), so the BN-kept copy takes the fp32 file's batch mode. Tensors the exporter's optimizer renamed
-    (Split outputs) are recomputed on the fp32 graph itself (`data_free_ranges(..., target=)`).
+    (Split outputs) are recomputed on the fp32 graph itself (`data_free_ranges(..., target=)`). With
+    `export_cache` (the folder the fp32 graph was exported with) the BN-kept copy is that export's template.
     """
     from dfp_deploy.export.onnx_export import export_onnx
     from dfp_deploy.export.passes.prepare import prepare_int8_onnx
@@ -52,7 +53,7 @@ def int8_onnx(model: nn.Module, example: torch.Tensor, fp32_onnx: Path, out_path
         bn_kept = out_path.parent / f".{out_path.stem}.bn_kept.onnx"
         try:
             export_onnx(model, example, bn_kept, dynamic_batch=has_dynamic_batch(fp32_onnx), opset=opset,
-                        optimize=False)
+                        optimize=False, cache=export_cache)
             ranges = data_free_ranges(bn_kept, input_range(preprocess), k=range_k, target=fp32_onnx)
         finally:
             bn_kept.unlink(missing_ok=True)

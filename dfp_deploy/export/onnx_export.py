@@ -17,6 +17,12 @@ So the dynamo exporter is used. Two cases fall back to the TorchScript exporter,
 18 and the down-converter has no Pad adapter, in which case it silently keeps opset 18), and a model that
 torch.export cannot capture (data-dependent control flow), where tracing is the more forgiving of the two.
 
+A dynamo export is made in two steps: the unoptimised graph (its initializers named like the state dict), then
+the weights substituted and the onnxscript optimizer run, as torch itself does after capture. With a cache folder
+the unoptimised graph is kept as a template (export_cache.py), so a model of the same structure with other weights
+is derived from it without tracing again; without one the two steps run back to back. Either way one path makes
+every dynamo export, and the BN-kept copy the int8 ranges read names its tensors exactly as the fp32 graph does.
+
 The file is exported to a hidden temp name, validated (checker + strict shape inference), checked for
 a single input, outputs named as core/outputs.py names the model's tensor/tuple/dict result, and the requested
 opset, and only then renamed into place. An interrupt is never
@@ -146,6 +152,69 @@ def _run_exporter(model, x, temp: Path, dynamic_batch: bool, opset: int, optimiz
             return "torchscript"
 
 
+def _optimizer():
+    """torch's own post-capture optimizer (the onnxscript API its exporter calls), or None where this torch does not
+    expose it: then every export runs the exporter with the optimize flag, as a plain torch.onnx.export does."""
+    try:
+        from torch.onnx._internal._lazy_import import onnxscript_apis
+
+        return onnxscript_apis.optimize
+    except (ImportError, AttributeError):
+        return None
+
+
+def _substitute_weights(graph_model: onnx.ModelProto, model: nn.Module) -> bool:
+    """Put `model`'s parameter and buffer values into the initializers named like them; False (nothing trusted)
+    when a name's shape or dtype differs from the template's."""
+    from onnx import numpy_helper
+
+    state = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    for init in graph_model.graph.initializer:
+        tensor = state.get(init.name)
+        if tensor is None:
+            continue  # a constant of the computation itself (the structure key holds it)
+        new = numpy_helper.from_array(tensor.detach().cpu().contiguous().numpy(), init.name)
+        if list(new.dims) != list(init.dims) or new.data_type != init.data_type:
+            return False
+        for typed in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+            init.ClearField(typed)
+        init.raw_data = new.raw_data
+    return True
+
+
+def _export_through_template(model, x, temp: Path, dynamic_batch: bool, opset: int, optimize: bool,
+                             names: list[str], cache: Path | None) -> str:
+    """Export to `temp` (see the module docstring: template, substitute, optimize); return the exporter's name."""
+    optimizer = _optimizer()
+    if opset < DYNAMO_MIN_OPSET or optimizer is None:
+        return _run_exporter(model, x, temp, dynamic_batch, opset, optimize, names)
+    key = template = None
+    if cache is not None:
+        key = export_cache.structure_key(model, x, opset=opset, dynamic_batch=dynamic_batch,
+                                         exporter_source=Path(__file__))
+        if export_cache.fetch(cache, key, temp) == "dynamo":
+            with contextlib.suppress(Exception):  # a damaged template is only a miss
+                template = onnx.load(str(temp))
+            if template is not None and not _substitute_weights(template, model):
+                template = None
+    if template is None:
+        exporter = _run_exporter(model, x, temp, dynamic_batch, opset, False, names)
+        interrupts.raise_if_received()
+        if exporter != "dynamo":
+            return exporter  # the TorchScript fallback traces values in: no template, and it folds constants itself
+        template = onnx.load(str(temp))
+        if key is not None:
+            export_cache.store(cache, key, temp, exporter)
+    if optimize:
+        import onnx_ir
+
+        with _quiet_exporter():
+            template = onnx_ir.to_proto(optimizer(onnx_ir.from_proto(template)))
+        interrupts.raise_if_received()
+    onnx.save(template, str(temp))
+    return "dynamo"
+
+
 def _default_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), -1)
 
@@ -189,7 +258,8 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, *, dy
                                           optimize=optimize, exporter_source=Path(__file__))
             exporter = export_cache.fetch(cache, key, temp)
         if exporter is None:
-            exporter = _run_exporter(model, example_input, temp, dynamic_batch, opset, optimize, names)
+            exporter = _export_through_template(model, example_input, temp, dynamic_batch, opset, optimize, names,
+                                                cache)
             # an interrupt lost inside the exporter (raised in a destructor, so only printed) still stops here
             interrupts.raise_if_received()
             if not temp.is_file():

@@ -117,7 +117,8 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
     exp_after = export_onnx(compressed, example, work / "model.onnx", dynamic_batch=dyn, opset=opset, cache=exports)
 
     stage(f"building {t.backend} engines: original fp32, compressed {t.precision} (batch {t.batch})")
-    engine_onnx = es.engine_onnx(plan, loaded, compressed, example, exp_after.path, work / "model", calib_inputs)
+    engine_onnx = es.engine_onnx(plan, loaded, compressed, example, exp_after.path, work / "model", calib_inputs,
+                                 exports)
     # the original is always the fp32 engine: the report compares what the user has with what they ship
     eng_before = backend.build(exp_before.path, precision="fp32", threads=t.threads, out_dir=work,
                                torch_model=model)

@@ -13,7 +13,7 @@ from dfp_deploy.pipeline.compress_step import compress, metric_function
 
 
 def int8_onnx(plan: BuildPlan, loaded, compressed, example, fp32_onnx: Path, out: Path,
-              calib_inputs: torch.Tensor | None) -> Path:
+              calib_inputs: torch.Tensor | None, exports: Path | None = None) -> Path:
     """The Q/DQ graph of the compressed model, with activation ranges from BN statistics or calibration inputs."""
     from dfp_deploy.export.int8 import int8_onnx as make_int8
 
@@ -21,7 +21,7 @@ def int8_onnx(plan: BuildPlan, loaded, compressed, example, fp32_onnx: Path, out
     calib = calib_inputs.numpy() if q.inputs is not None and calib_inputs is not None else None
     return make_int8(compressed, example, fp32_onnx, out, style=q.style, preprocess=loaded.preprocess,
                      calibration_inputs=calib, range_k=q.range_k, opset=plan.export.opset,
-                     threads=plan.target.threads)
+                     threads=plan.target.threads, export_cache=exports)
 
 
 def unrounded_engine(plan: BuildPlan, loaded, analysis, keep: PrunePlan, example, work: Path, adapt_inputs,
@@ -36,7 +36,7 @@ def unrounded_engine(plan: BuildPlan, loaded, analysis, keep: PrunePlan, example
     model = compress(plan, loaded.module, analysis, keep, adapt_inputs=adapt_inputs).eval()
     path = export_onnx(model, example, work / ".unrounded.onnx", dynamic_batch=plan.export.dynamic_batch,
                        opset=plan.export.opset, cache=cache).path
-    path = engine_onnx(plan, loaded, model, example, path, work / ".unrounded", calib_inputs)
+    path = engine_onnx(plan, loaded, model, example, path, work / ".unrounded", calib_inputs, cache)
     engine = backend.build(path, precision=t.precision, threads=t.threads, out_dir=work, torch_model=model)
     graph = file_sha256(path)  # the timing's cache key names this engine by its graph
     for leftover in work.glob(".unrounded*"):
@@ -61,12 +61,12 @@ def reference_inputs(plan: BuildPlan, loaded) -> tuple[np.ndarray, str]:
 
 
 def engine_onnx(plan: BuildPlan, loaded, compressed, example, fp32_onnx: Path, out_stem: Path,
-                calib_inputs: torch.Tensor | None) -> Path:
+                calib_inputs: torch.Tensor | None, exports: Path | None = None) -> Path:
     """The graph the compressed engine is built from: the Q/DQ graph for int8, the fp16 rewrite for fp16, else the
-    exported fp32 graph."""
+    exported fp32 graph (`exports`: the export cache the fp32 graph came from)."""
     if plan.int8 is not None:
         return int8_onnx(plan, loaded, compressed, example, fp32_onnx, out_stem.with_suffix(".int8.onnx"),
-                         calib_inputs)
+                         calib_inputs, exports)
     if plan.target.precision == "fp16":
         from dfp_deploy.export.passes.fp16 import write_fp16_onnx
 
