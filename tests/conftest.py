@@ -21,7 +21,7 @@ if _ROOT not in sys.path:
 # the suite never reads or writes the user's caches (ONNX exports, latency fingerprints, measurements): a fingerprint
 # stored on this machine would change the default channel multiple, and with it the plans the tests check
 _CACHE = tempfile.mkdtemp(prefix="dfp-deploy-tests-cache-")
-os.environ["XDG_CACHE_HOME"] = _CACHE
+os.environ["XDG_CACHE_HOME"] = os.environ["DFP_TESTS_CACHE"] = _CACHE  # _helpers.own_cache shares its exports
 
 
 def pytest_collection_modifyitems(config, items):

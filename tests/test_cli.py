@@ -12,6 +12,8 @@ from click.testing import CliRunner
 
 from dfp_deploy.cli import main
 
+from _helpers import own_cache
+
 # builds cost seconds each (two ONNX exports): the tests share them where they can, and time engines only where
 # they read the timing (an untimed build also skips the unrounded plan's engine)
 FAST = ["--set", "measure.latency=false", "--set", "advanced.measure.parity_samples=8", "--quiet"]
@@ -194,7 +196,7 @@ def searched(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("searched")
     recipe = _write_recipe(tmp)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("XDG_CACHE_HOME", str(tmp / "cache"))
+        mp.setenv("XDG_CACHE_HOME", own_cache(tmp / "cache"))
         res = run("build", recipe, "--out", tmp / "out", *SEARCH, "--set", "search.episodes=3")
     assert res.exit_code == 0, res.output
     return tmp
@@ -220,7 +222,7 @@ def test_search_build_meets_the_mac_budget_and_logs_episodes(searched):
 
 @pytest.mark.slow
 def test_lmmse_search_build_meets_the_mac_budget_and_logs_episodes(recipe, tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", own_cache(tmp_path / "cache"))
     out = tmp_path / "searched"
     res = run("build", recipe, "--out", out, *SEARCH, "--set", "search.episodes=3",
               "--set", "compress.prune.importance=lmmse", "--set", "compress.reconstruct=lmmse")
@@ -230,7 +232,7 @@ def test_lmmse_search_build_meets_the_mac_budget_and_logs_episodes(recipe, tmp_p
 
 @pytest.mark.slow
 def test_search_scores_candidates_after_bn_adapt(searched, recipe, tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(searched / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", own_cache(searched / "cache"))
     out = tmp_path / "adapted"
     res = run("build", recipe, "--out", out, *SEARCH, "--set", "search.episodes=2",
               "--set", "compress.bn_adapt.data=synthetic", "--set", "compress.bn_adapt.samples=8",
@@ -255,7 +257,7 @@ def test_search_scores_candidates_on_real_images_when_asked(searched, recipe, tm
         raise AssertionError("synthetic inputs generated although search.data names images")
 
     monkeypatch.setattr(synthetic, "bn_matched_inputs", no_generation)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", own_cache(tmp_path / "cache"))
     data = tmp_path / "eval.npz"
     res = run("build", recipe, "--out", tmp_path / "real", *SEARCH, "--set", "search.episodes=2",
               "--set", f"search.data={data}", "--set", "search.samples=16")
@@ -285,7 +287,7 @@ def test_resumed_search_refuses_changed_scoring(searched, tmp_path, monkeypatch)
     repair) must not continue a log whose proxies were measured the old way, while the same recipe resumes."""
     copy = tmp_path / "copy"
     shutil.copytree(searched, copy)  # recipe, output, search state and cache, as the interrupted search left them
-    monkeypatch.setenv("XDG_CACHE_HOME", str(copy / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", own_cache(copy / "cache"))
     recipe, out = copy / "tiny.yaml", copy / "out"
     first = (out / "search_log.jsonl").read_text().splitlines()
     res = run("build", recipe, "--out", out, *SEARCH, "--set", "search.episodes=4",
@@ -440,7 +442,7 @@ def _size_measurer():
 
 @pytest.mark.slow
 def test_latency_budget_search_fits_its_model_to_the_original_and_the_floor(recipe, tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", own_cache(tmp_path / "cache"))
     monkeypatch.setattr("dfp_deploy.measure.workers.LocalMeasurer", _size_measurer())
     common = ["--set", "search.episodes=2", "--set", "advanced.search.warmup=1", "--set", "search.samples=8",
               "--set", "advanced.search.synthetic_steps=2", "--set", "search.target=latency"]

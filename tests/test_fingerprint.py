@@ -12,6 +12,8 @@ from dfp_deploy.cli import main
 from dfp_deploy.core.errors import InputError
 from dfp_deploy.measure import fingerprint as fp
 
+from _helpers import own_cache
+
 CHANNELS = fp.DEFAULT_CHANNELS
 
 
@@ -204,7 +206,7 @@ def test_a_timed_build_measures_the_missing_fingerprint_once_and_reports_it(tmp_
     from dfp_deploy import pipeline
     from dfp_deploy.pipeline import context
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", own_cache(tmp_path / "cache"))
     # a short sweep (the rule needs 8 counts); the default one is what a real build measures
     monkeypatch.setattr(context, "AUTO_FINGERPRINT_CHANNELS", tuple(range(65, 73)))
     recipe = tmp_path / "r.yaml"
