@@ -140,8 +140,10 @@ def latency_model(plan: BuildPlan, model, analysis, space, example, work, backen
     numbers = itertools.count()
 
     def export(m) -> Candidate:
+        # through the export cache: a rerun or resumed search, or another build of the same recipe, traces the
+        # original, the floor and every candidate it already exported only once
         return Candidate(export_onnx(m, example, work / f".search_{next(numbers)}.onnx",
-                                     opset=plan.export.opset).path, m)
+                                     opset=plan.export.opset, cache=plan.cache / "onnx").path, m)
 
     spec = TargetSpec(t.backend, "fp32", t.batch, t.threads, example.numpy(), warmup=M.warmup, runs=50, rounds=5,
                       options=dict(t.options))
