@@ -315,11 +315,17 @@ def test_a_metric_that_misbehaves_is_one_line(metric, message):
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
-def test_steps_that_read_a_class_decision_say_so_for_a_model_with_several_outputs(tmp_path):
+def test_steps_that_read_a_class_decision_say_so_for_a_model_with_several_outputs(tmp_path, monkeypatch):
+    import dfp_deploy.data.synthetic as synthetic
     from dfp_deploy.compress.calibrate.bn_adapt import self_agreement
     from tests._detectors import TinyRetina
 
     assert self_agreement(TinyRetina().eval(), torch.randn(4, 3, 32, 32)) is None  # no top-1 class to keep
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("proxy inputs generated for a search the model cannot have")
+
+    monkeypatch.setattr(synthetic, "bn_matched_inputs", no_generation)  # the refusal comes before any work
     res = run("build", _recipe(tmp_path, "TinyYolo"), "--out", tmp_path / "out", *QUICK, "--set", "search.episodes=4")
     assert res.exit_code == 2 and res.output.startswith("error: search.episodes: the search scores candidates by "
                                                         "their logits' fidelity"), res.output

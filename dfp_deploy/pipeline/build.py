@@ -24,7 +24,7 @@ from dfp_deploy.pipeline import compress_step as cs
 from dfp_deploy.pipeline import engine_step as es
 from dfp_deploy.pipeline.context import (Stages, cache_dir, fingerprint_report, measure_target_fingerprint, output_dir,
                                          resolve_recipe)
-from dfp_deploy.pipeline.search_step import search
+from dfp_deploy.pipeline.search_step import refuse_unsearchable, search
 from dfp_deploy.recipe import Recipe, recipe_to_dict
 from dfp_deploy.report import assemble
 from dfp_deploy.report.assemble import REPORT_NAME
@@ -71,6 +71,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
 
     stage(f"loading model {plan.model.name}")
     loaded = cs.load(plan)
+    refuse_unsearchable(plan, loaded)
     model = loaded.module
     example = cs.example_input(loaded, t.batch, plan.seed)
     one = example[:1]

@@ -14,6 +14,15 @@ from dfp_deploy.recipe.resolve import BuildPlan
 from dfp_deploy.pipeline.compress_step import compress, planner
 
 
+def refuse_unsearchable(plan: BuildPlan, loaded) -> None:
+    """A search needs one [N, classes] logits tensor to score candidates by; the build asks right after loading the
+    model, before generating the proxy inputs (seconds to minutes of work that would be thrown away)."""
+    if plan.search is not None and loaded.num_classes is None:
+        raise InputError(f"search.episodes: the search scores candidates by their logits' fidelity, and "
+                         f"{plan.model.name} returns other outputs (not one [N, classes] tensor); set "
+                         "search.episodes: 0 and choose compress.prune.ratio")
+
+
 def search(plan: BuildPlan, loaded, analysis, example, work: Path, backend, adapt_inputs, x_proxy: torch.Tensor,
            *, quiet: bool) -> tuple[PrunePlan, dict]:
     """AutoDFP: the SAC agent picks per-group ratios; each candidate is compressed exactly as the final build will
@@ -28,10 +37,7 @@ def search(plan: BuildPlan, loaded, analysis, example, work: Path, backend, adap
     from dfp_deploy.search.space import build_space
 
     S, select, model = plan.search, plan.select, loaded.module
-    if loaded.num_classes is None:
-        raise InputError(f"search.episodes: the search scores candidates by their logits' fidelity, and "
-                         f"{plan.model.name} returns other outputs (not one [N, classes] tensor); set "
-                         "search.episodes: 0 and choose compress.prune.ratio")
+    refuse_unsearchable(plan, loaded)
     one = example[:1]
     space = build_space(model, analysis, one, min_keep=S.min_keep, round_to=select.round_to,
                         include_residual=S.include_residual)
