@@ -303,7 +303,7 @@ def check_geometry(path: str | Path, preprocess: Preprocess, key: str) -> None:
     raise DataError(f"{key}: {path} holds {hw[0]}x{hw[1]} images, smaller than the model's {size}x{size} input; "
                     f"set advanced.model.resize (e.g. advanced.model.resize={suggested_resize(size)}: short side "
                     f"resized to {suggested_resize(size)}, centre {size}x{size} cut) or model.input_size to the "
-                    f"images' size")
+                    "images' size")
 
 
 def _progress(iterable, total: int, desc: str):

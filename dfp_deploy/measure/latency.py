@@ -55,8 +55,8 @@ def _check_protocol(runners, warmup, runs, rounds, batch) -> None:
     _require_int("advanced.measure.runs", runs, MIN_RUNS)
     _require_int("advanced.measure.rounds", rounds, 1)
     if rounds > runs:
-        raise InputError(f"advanced.measure.rounds: {rounds} is more than advanced.measure.runs ({runs}); use rounds "
-                         f"<= runs")
+        raise InputError(f"advanced.measure.rounds: {rounds} is more than advanced.measure.runs ({runs}); "
+                         "use rounds <= runs")
     _require_int("target.batch", batch, 1)
 
 

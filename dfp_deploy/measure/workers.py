@@ -166,7 +166,7 @@ class LocalMeasurer:
         else:
             if spec.backend in RUNS_MODULE:
                 raise InputError(f"advanced.measure.local_workers: {spec.backend} runs the PyTorch module itself, "
-                                 f"which worker processes cannot receive as ONNX; use advanced.measure.local_workers=1")
+                                 "which worker processes cannot receive as ONNX; use advanced.measure.local_workers=1")
             self._original = Path(original.onnx).read_bytes()
             self._start_pool()
 
@@ -205,8 +205,8 @@ class LocalMeasurer:
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 if attempt == MAX_ATTEMPTS:
                     raise NoTargetWorker(f"advanced.measure.local_workers: timing worker processes died {attempt} "
-                                         f"times while timing one batch of candidates; see the system log (out of "
-                                         f"memory?)"
+                                         "times while timing one batch of candidates; see the system log (out of "
+                                         "memory?)"
                                          ) from None
                 self._start_pool()
         return results  # unreachable
@@ -281,7 +281,7 @@ def _check_reachable(address: str | None, timeout_s: float) -> None:
     endpoint = _ray_endpoint(address)
     if endpoint is None:
         raise NoTargetWorker(f"advanced.measure.workers: no Ray cluster to connect to at {address!r} (none running "
-                             f"here: start one with ray start --head, or give ray://host:port)")
+                             "here: start one with ray start --head, or give ray://host:port)")
     try:
         socket.create_connection(endpoint, timeout=timeout_s).close()
     except OSError as e:
@@ -301,7 +301,7 @@ class RayMeasurer:
                              "advanced.measure.workers=local") from None
         if spec.backend in RUNS_MODULE:
             raise InputError(f"advanced.measure.workers: {spec.backend} runs the PyTorch module itself, which Ray "
-                             f"workers cannot receive as ONNX; use advanced.measure.workers=local")
+                             "workers cannot receive as ONNX; use advanced.measure.workers=local")
         self._ray, self.resource, self.timeout_s, self.task_timeout_s = ray, resource, timeout_s, task_timeout_s
         if not ray.is_initialized():
             _check_reachable(address, timeout_s)
