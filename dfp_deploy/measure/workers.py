@@ -313,8 +313,11 @@ class RayMeasurer:
                                      ) from None
         self._cls = _target_worker_class(ray).options(num_cpus=0, resources={resource: 1})
         # a backend that can do part of its build off the target (ORT: the graph) gets build tasks on any worker; a
-        # TensorRT plan is only valid on the GPU model it was built on, so its whole build stays on the target
-        self._prepare = _prepare_task(ray) if hasattr(spec.make_backend(), "prepare_graph") else None
+        # TensorRT plan is only valid on the GPU model it was built on, so its whole build stays on the target. A
+        # cluster without a CPU to give a task (targets declared with --num-cpus=0 only) builds on the target too
+        offers_cpu = ray.cluster_resources().get("CPU", 0) >= 1
+        self._prepare = (_prepare_task(ray) if offers_cpu and hasattr(spec.make_backend(), "prepare_graph")
+                         else None)
         self.build_sites: list[dict] = []  # where each build task ran (pid, node, the Ray resources it held)
         self._spec, self._sites = spec, []
         self._original = self._prepared([ray.put(Path(original.onnx).read_bytes())])[0]
