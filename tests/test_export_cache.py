@@ -92,8 +92,7 @@ def _graph(path) -> tuple:
     return nodes, inits, [o.name for o in model.graph.output]
 
 
-@pytest.mark.parametrize("change", ["weight", "buffer"])
-@pytest.mark.parametrize("optimize", [True, False])
+@pytest.mark.parametrize(("change", "optimize"), [("weight", True), ("buffer", False)])
 def test_other_weights_are_derived_from_the_template_exactly_as_a_fresh_export(tmp_path, counted, change, optimize):
     x = torch.randn(2, 3, 8, 8)
     export_onnx(_net(), x, tmp_path / "a.onnx", cache=tmp_path / "cache", optimize=optimize)
