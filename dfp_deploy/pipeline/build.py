@@ -148,7 +148,8 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
         latency["cuda_graph"] = graphs
 
     stage("evaluating accuracy" if plan.eval.data else "accuracy skipped (no eval.data)")
-    accuracy = es.accuracy(plan, loaded, eng_before, eng_after, quiet=stage.quiet) if plan.eval.data else None
+    accuracy = es.accuracy(plan, loaded, eng_before, eng_after, quiet=stage.quiet, original=exp_before.path,
+                           target=backend.info()) if plan.eval.data else None
 
     bn_adapt = _bn_adapt_report(plan, adapt_inputs, adapt_trust)
     engine = eng_after.inspect().report() or None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -230,7 +231,11 @@ def _timing_key(plan: BuildPlan, graphs: dict, target, protocol: dict):
                     extra=extra)
 
 
-def accuracy(plan: BuildPlan, loaded, eng_before, eng_after, *, quiet: bool) -> dict:
+def accuracy(plan: BuildPlan, loaded, eng_before, eng_after, *, quiet: bool, original: Path | None = None,
+             target=None) -> dict:
+    """Top-1 of both engines on eval.data (or the user's eval.metric). With the original's ONNX file and the backend's
+    BackendInfo, the original's top-1 goes through the accuracy cache (measure/accuracy_cache.py): measured once per
+    graph, image set and target, and reported as `before_cached`; advanced.measure.remeasure evaluates it again."""
     from dfp_deploy.data.images import load_images, to_tensor
     from dfp_deploy.measure.accuracy import top1
 
@@ -239,8 +244,35 @@ def accuracy(plan: BuildPlan, loaded, eng_before, eng_after, *, quiet: bool) -> 
     x8, y = load_images(plan.eval.data, loaded.preprocess, limit=plan.eval.limit, start=plan.eval.start)
     x = to_tensor(x8, loaded.preprocess)
     kw = dict(batch=plan.target.batch, static_batch=not plan.export.dynamic_batch, progress=not quiet)
-    return {"data": plan.eval.data, "start": plan.eval.start, "n": int(len(y)), "metric": "top1_percent",
-            "before": top1(eng_before.run, x, y, **kw), "after": top1(eng_after.run, x, y, **kw)}
+    cache = key = stored = None
+    if original is not None and target is not None:
+        from dfp_deploy.measure.accuracy_cache import AccuracyCache
+
+        cache, key = AccuracyCache(plan.measure.cache / "accuracy"), _accuracy_key(plan, loaded, original, target)
+        stored = None if plan.measure.remeasure else cache.get(key)
+        if stored is not None and stored[1] != len(y):
+            stored = None
+    before = stored[0] if stored is not None else top1(eng_before.run, x, y, **kw)
+    if cache is not None and stored is None:
+        cache.put(key, before, len(y))
+    result = {"data": plan.eval.data, "start": plan.eval.start, "n": int(len(y)), "metric": "top1_percent",
+              "before": before, "after": top1(eng_after.run, x, y, **kw)}
+    if cache is not None:
+        result["before_cached"] = stored is not None
+    return result
+
+
+def _accuracy_key(plan: BuildPlan, loaded, original: Path, target) -> dict:
+    from dfp_deploy.core.digest import file_sha256
+    from dfp_deploy.measure.accuracy_cache import accuracy_key
+    from dfp_deploy.measure.workers import engine_options
+
+    t, e = plan.target, plan.eval
+    return accuracy_key(graph=file_sha256(original), data=file_sha256(Path(e.data)), start=e.start, limit=e.limit,
+                        preprocess=repr(loaded.preprocess), backend=t.backend, precision="fp32", batch=t.batch,
+                        static_batch=not plan.export.dynamic_batch, threads=t.threads or 0, device=target.device,
+                        version=target.version, options=json.dumps(engine_options(dict(t.options)), sort_keys=True,
+                                                                   default=str))
 
 
 def custom_metric(plan: BuildPlan, loaded, eng_before, eng_after, *, quiet: bool) -> dict:

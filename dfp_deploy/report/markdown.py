@@ -54,6 +54,9 @@ def render_markdown(r: dict) -> str:
                      "again." if lat.get("cached") else ""), ""]
     else:
         lines += ["Latency: not measured (measure.latency is false).", ""]
+    if acc and acc.get("before_cached"):
+        lines += ["The original's top-1 was read from the accuracy cache: measured by an earlier build on the same "
+                  "graph, images and target; advanced.measure.remeasure: true evaluates it again.", ""]
     rnd = r.get("rounding")
     if rnd:
         lines += [f"Channel rounding to multiples of {rnd['round_to']}: {_count(rnd['macs_unrounded'])} → "
