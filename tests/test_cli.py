@@ -209,6 +209,7 @@ def _search_log(out: Path) -> list[dict]:
 def _check_search_build(out: Path, episodes: int) -> None:
     r = json.loads((out / "report.json").read_text())
     assert r["search"]["episodes"] == episodes
+    assert (r["search"]["ratio"], r["search"]["budget"]) == (0.4, 0.6)  # removed, as in the recipe; and kept
     assert r["macs"]["after"] <= 0.6 * r["macs"]["before"] * 1.0001
     log = _search_log(out)
     assert len(log) == episodes and all(e["macs"] <= 0.6 * r["macs"]["before"] * 1.0001 for e in log)

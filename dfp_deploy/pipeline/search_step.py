@@ -93,7 +93,7 @@ def search(plan: BuildPlan, loaded, analysis, example, work: Path, backend, adap
             shutil.copy2(f, work / Path(f).name)
     rep = result.as_report()
     rep.update(log="search_log.jsonl", pareto_plot="search_pareto.png" if result.plot_path else None,
-               target=S.target, budget=S.budget, proxy_metric=S.proxy, proxy_data=plan.inputs[S.inputs].source,
+               target=S.target, ratio=round(1.0 - S.budget, 12), budget=S.budget, proxy_metric=S.proxy, proxy_data=plan.inputs[S.inputs].source,
                proxy_samples=int(len(x_proxy)), state_dir=str(state),
                latency_penalty=S.latency_penalty if S.target == "latency" else None,
                latency_model=fitted, batch=S.batch)

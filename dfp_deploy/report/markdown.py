@@ -104,7 +104,8 @@ def render_markdown(r: dict) -> str:
     srch = r.get("search")
     if srch:
         lines += [f"Search (AutoDFP, SAC): {srch['episodes']} episodes, {srch['evaluations']} candidates scored in "
-                  f"{srch['seconds']:.0f} s; budget {srch['budget']:g} of the original {srch['target']}; best episode "
+                  f"{srch['seconds']:.0f} s; search.ratio {srch['ratio']:g} (at most {srch['budget']:g} of the original "
+                  f"{srch['target']} kept); best episode "
                   f"{srch['best_episode']} (proxy {srch['best_proxy']:.4g}, {_proxy_inputs(srch)}). "
                   f"Log `{srch['log']}`"
                   + (f", Pareto plot `{srch['pareto_plot']}`." if srch.get("pareto_plot") else "."), ""]
