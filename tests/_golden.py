@@ -92,8 +92,17 @@ main()
 """
 
 
-def _die_with_parent() -> None:
-    """Linux: the build is killed when pytest dies (a killed pytest runs no clean-up of its own)."""
+def _child_setup() -> None:
+    """In the build process before it starts: lower priority, and (Linux) killed when pytest dies.
+
+    Nice 10: the builds fill whatever the cores leave, while the rest of the suite, a single process that waits on
+    each test in turn, keeps a core to itself; at equal priority three processes share two cores and the suite's
+    own tests, the longest chain, run at two thirds of a core. A killed pytest runs no clean-up of its own, hence
+    the parent-death signal."""
+    try:
+        os.nice(10)
+    except OSError:
+        pass
     try:
         import ctypes
         import signal
@@ -147,7 +156,7 @@ class Runner:
                 raise RuntimeError("the golden runner was closed")
             proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(work / "cpu_s"), *args], cwd=ROOT, env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    preexec_fn=_die_with_parent)
+                                    preexec_fn=_child_setup)
             self._procs.add(proc)
         try:
             output, _ = proc.communicate(timeout=BUILD_TIMEOUT_S)
