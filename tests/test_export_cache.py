@@ -154,3 +154,24 @@ def test_a_damaged_entry_is_exported_again_and_a_bad_one_never_passes(tmp_path, 
     export_onnx(net, x, tmp_path / "d.onnx", cache=cache)
     assert len(counted) == 2
     assert _outputs(tmp_path / "d.onnx", x) == pytest.approx(net(x).detach().numpy().ravel().tolist(), abs=1e-5)
+
+
+def test_the_torchlib_registry_is_built_once_and_a_reused_one_exports_the_same_graph(tmp_path, monkeypatch):
+    from torch.onnx._internal.exporter import _registration
+
+    monkeypatch.setattr(onnx_export, "_TORCHLIB_REGISTRIES", {})
+    built = []
+    real = _registration.ONNXRegistry.__dict__["from_torchlib"]
+
+    def counting(cls, *args, **kwargs):
+        built.append(1)
+        return real.__func__(cls, *args, **kwargs)
+
+    monkeypatch.setattr(_registration.ONNXRegistry, "from_torchlib", classmethod(counting))
+    x = torch.randn(2, 3, 8, 8)
+    export_onnx(_net(), x, tmp_path / "a.onnx")
+    export_onnx(_net(scale=2.0), x, tmp_path / "b.onnx")  # after another export, with its registry
+    assert len(built) == 1
+    onnx_export._TORCHLIB_REGISTRIES.clear()
+    export_onnx(_net(scale=2.0), x, tmp_path / "fresh.onnx")  # a registry of its own
+    assert len(built) == 2 and _graph(tmp_path / "b.onnx") == _graph(tmp_path / "fresh.onnx")

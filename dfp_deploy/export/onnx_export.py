@@ -103,12 +103,44 @@ def _quiet_exporter():
         registration.setLevel(level)
 
 
+_TORCHLIB_REGISTRIES: dict = {}  # opset -> the registry torch built for it, reused by later exports
+
+
+@contextlib.contextmanager
+def _reused_torchlib_registry():
+    """torch builds its ATen-to-ONNX registry from torchlib anew on every export (about 0.3 s, a quarter of a small
+    model's export, the same for every model). Only custom translation tables change a registry, and this project
+    passes none, so within this context one registry per opset serves every export. Where torch no longer has the
+    hook, exports build their own as before."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+
+        registry_class = _registration.ONNXRegistry
+        build = registry_class.__dict__["from_torchlib"]
+    except (ImportError, AttributeError, KeyError):
+        yield
+        return
+
+    def reused(cls, *args, **kwargs):
+        key = (cls, args, tuple(sorted(kwargs.items())))
+        if key not in _TORCHLIB_REGISTRIES:
+            _TORCHLIB_REGISTRIES[key] = build.__func__(cls, *args, **kwargs)
+        return _TORCHLIB_REGISTRIES[key]
+
+    registry_class.from_torchlib = classmethod(reused)
+    try:
+        yield
+    finally:
+        registry_class.from_torchlib = build
+
+
 def _export_dynamo(model, x, temp: Path, dynamic_batch: bool, opset: int, optimize: bool = True,
                    names: list[str] = (OUTPUT_NAME,)) -> None:
     shapes = ({0: torch.export.Dim(BATCH_DIM)},) if dynamic_batch else None
-    torch.onnx.export(model, (x,), str(temp), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                      output_names=list(names), dynamic_shapes=shapes, external_data=False, optimize=optimize,
-                      verbose=False, report=False)
+    with _reused_torchlib_registry():
+        torch.onnx.export(model, (x,), str(temp), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+                          output_names=list(names), dynamic_shapes=shapes, external_data=False, optimize=optimize,
+                          verbose=False, report=False)
 
 
 def _export_torchscript(model, x, temp: Path, dynamic_batch: bool, opset: int,
