@@ -57,9 +57,15 @@ class FakeTarget:
 
     def build(self, onnx_path: Path, *, precision: str, threads: int | None, out_dir: Path,
               torch_model=None) -> FakeEngine:
-        if self.die_marker is not None and os.path.exists(self.die_marker):
-            os.remove(self.die_marker)
-            os._exit(1)  # a worker lost mid-task: no exception, no clean-up, as when a node goes away
+        if self.die_marker is not None:
+            try:
+                # removing the marker is the claim: of two workers that both saw it, exactly one dies (checking
+                # for it first let both try, and the loser's FileNotFoundError failed the batch)
+                os.remove(self.die_marker)
+            except FileNotFoundError:
+                pass
+            else:
+                os._exit(1)  # a worker lost mid-task: no exception, no clean-up, as when a node goes away
         onnx_path = Path(onnx_path)
         if not onnx_path.is_file():
             raise FileNotFoundError(onnx_path)
