@@ -144,9 +144,14 @@ def _metric_value(value) -> str:
               help="vary a recipe key over comma-separated values, parsed as --set parses one (repeatable: the "
                    "variants are every combination)")
 @_set_option
+@click.option("--with", "with_dirs", multiple=True, metavar="DIR",
+              help="an existing `dfp-deploy build` output folder timed in the same run (repeatable), e.g. a searched "
+                   "plan; it must come from the recipe's model, weights, input shape, backend and batch")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="run the interleaved schedule this many times, the order reversed every other time")
 @click.option("--out", type=str, default=None, help="bench folder (default: the recipe's output folder + -bench)")
 @click.option("--quiet", is_flag=True, help="no progress output")
-def bench(recipe: Path, grid, overrides, out, quiet):
+def bench(recipe: Path, grid, overrides, with_dirs, repeats, out, quiet):
     """Build every variant of a --grid through the pipeline, time them interleaved with the original, one table."""
     import shlex
 
@@ -155,10 +160,11 @@ def bench(recipe: Path, grid, overrides, out, quiet):
     from dfp_deploy.report.bench_table import table
 
     words = ["dfp-deploy", "bench", str(recipe), *(w for g in grid for w in ("--grid", g)),
-             *(w for s in overrides for w in ("--set", s)), *(["--out", out] if out is not None else [])]
+             *(w for s in overrides for w in ("--set", s)), *(w for d in with_dirs for w in ("--with", d)),
+             *(["--repeats", str(repeats)] if repeats != 1 else []), *(["--out", out] if out is not None else [])]
     with handled():  # SIGTERM and SIGHUP end the bench like Ctrl-C: previous bench folder kept, no staging left
-        result = run_bench(recipe, list(overrides), list(grid), out=out,
-                           command=shlex.join(words), quiet=quiet)
+        result = run_bench(recipe, list(overrides), list(grid), out=out, command=shlex.join(words), quiet=quiet,
+                           with_dirs=list(with_dirs), repeats=repeats)
     click.echo("\n".join(table(result)))
     click.echo(f"wrote {result['dir']}/bench.md and bench.json")
 

@@ -179,3 +179,112 @@ def test_a_failing_variant_names_itself_and_leaves_nothing(tmp_path, monkeypatch
     assert res.output.strip() == ("error: --grid variant compress.prune.ratio=0.25: parity: max |diff| 1e-2 exceeds "
                                   "the tolerance")
     assert not (tmp_path / "b").exists() and not [p for p in tmp_path.iterdir() if ".building-" in p.name]
+
+
+def test_interpolation_known_answer():
+    from dfp_deploy.report.bench_table import equal_points, interpolate
+
+    pts = [(0.7, 92.0), (0.5, 90.0), (0.3, 80.0)]  # unsorted on purpose
+    assert interpolate(0.6, pts) == pytest.approx(91.0)
+    assert interpolate(0.4, pts) == pytest.approx(85.0)
+    assert interpolate(0.5, pts) == pytest.approx(90.0)
+    assert interpolate(0.2, pts) is None and interpolate(0.8, pts) is None
+
+    def row(name, speedup, macs, top1):
+        return {"name": name, "speedup": speedup, "macs": macs,
+                "accuracy": {"metric": "top1_percent", "value": top1}}
+
+    grid = [row("a", 2.0, 100, 80.0), row("b", 1.25, 300, 90.0)]  # relative p50 0.5 and 0.8
+    got = equal_points(grid, [row("s", 1 / 0.6, 250, 88.0), row("far", 4.0, 50, 70.0)])
+    assert got[0]["name"] == "s" and got[0]["relative_p50"] == pytest.approx(0.6)
+    assert got[0]["grid_top1_at_equal_latency"] == pytest.approx(80 + 10 * (0.1 / 0.3))
+    assert got[0]["grid_top1_at_equal_macs"] == pytest.approx(87.5)
+    assert got[1]["grid_top1_at_equal_latency"] is None and got[1]["grid_top1_at_equal_macs"] is None
+
+
+def _foreign(folder: Path, edit) -> Path:
+    rep = json.loads((folder / "report.json").read_text())
+    edit(rep)
+    (folder / "report.json").write_text(json.dumps(rep))
+    return folder
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (None, "not a `dfp-deploy build` output folder (no report.json)"),
+    (lambda r: r["recipe"]["target"].update(batch=2), "built with batch 2, the bench times 4"),
+    (lambda r: r["model"].update(weights="/elsewhere/other.pth"), "built with weights '/elsewhere/other.pth'"),
+    (lambda r: r["model"].update(input_shape=[3, 64, 64]), "built with input shape [3, 64, 64]"),
+    (lambda r: r["recipe"]["target"].update(backend="tensorrt"), "built with target backend 'tensorrt'"),
+])
+def test_a_foreign_with_folder_is_refused_before_any_build(benched, tmp_path, monkeypatch, edit, fragment):
+    recipe, first, res, _ = benched
+    assert res.exit_code == 0, res.output
+    folder = tmp_path / "other"
+    if edit is None:
+        folder.mkdir()
+    else:
+        _foreign(shutil.copytree(first / "ratio-0.25", folder), edit)
+
+    def no_build(*a, **k):
+        raise AssertionError("a variant was built before the --with folders were checked")
+
+    monkeypatch.setattr(bench_mod, "build", no_build)
+    res = run("bench", recipe, *GRID, *SETS, "--with", folder, "--out", tmp_path / "b")
+    assert res.exit_code == 2, res.output
+    line = res.output.strip()
+    assert "\n" not in line and line.startswith(f"error: --with {folder}: ") and fragment in line, line
+    assert not (tmp_path / "b").exists()
+
+
+def test_with_rows_and_repeats_in_one_run(benched, tmp_path, monkeypatch):
+    """A second bench of one variant (its build replaced by a copy of the first bench's) with a --with folder and
+    two repeats, timed by a stand-in held to time_interleaved's signature that calls every runner once and returns
+    known p50s: the folder's row reads its report, the second repeat runs the engines in reverse order, the row's
+    numbers are the medians over the repeats, and the equal-latency section compares the folder with the grid."""
+    from dfp_deploy.measure.latency import summarise
+
+    recipe, first, res, _ = benched
+    assert res.exit_code == 0, res.output
+    real_build = inspect.signature(importlib.import_module("dfp_deploy.pipeline.build").build)
+    real_time = inspect.signature(bench_mod.time_interleaved)
+
+    def build(recipe_, recipe_path, *, quiet, out, timed):
+        real_build.bind(recipe_, recipe_path, quiet=quiet, out=out, timed=timed)
+        shutil.copytree(first / "ratio-0.25", out)
+        return json.loads((out / "report.json").read_text())
+
+    p50 = [{"original": 10.0, "ratio-0.25": 5.0, "searched": 4.0},
+           {"original": 12.0, "ratio-0.25": 6.0, "searched": 4.0}]
+    calls = []
+
+    def timed(runners, **kw):
+        real_time.bind(runners, **kw)
+        calls.append(list(runners))
+        for run_once in runners.values():
+            run_once()
+        return {n: summarise([[p50[len(calls) - 1][n]]], warmup=kw["warmup"], batch=kw["batch"],
+                             threads=kw["threads"]) for n in runners}
+
+    monkeypatch.setattr(bench_mod, "build", build)
+    monkeypatch.setattr(bench_mod, "time_interleaved", timed)
+    searched = shutil.copytree(first / "ratio-0.5", tmp_path / "searched")
+    res = run("bench", recipe, "--grid", "compress.prune.ratio=0.25", *SETS, "--with", searched, "--repeats", "2",
+              "--out", tmp_path / "b")
+    assert res.exit_code == 0, res.output
+    assert calls == [["original", "ratio-0.25", "searched"], ["searched", "ratio-0.25", "original"]]
+    b = json.loads((tmp_path / "b" / "bench.json").read_text())
+    report = json.loads((searched / "report.json").read_text())
+    row = b["with"][0]
+    assert row["name"] == "searched" and row["dir"] == str(searched)
+    assert (row["macs"], row["params"]) == (report["macs"]["after"], report["params"]["after"])
+    assert row["accuracy"]["value"] == report["accuracy"]["after"]
+    assert row["parity_max_abs_err"] == report["parity"]["max_abs_err"]
+    assert (row["p50_ms"], row["speedup"], row["speedup_repeats"]) == (4.0, 2.75, [2.5, 3.0])
+    assert b["original"]["p50_ms"] == 11.0 and b["variants"][0]["speedup"] == 2.0
+    assert b["protocol"]["repeats"] == 2 and "--with" in b["command"] and "--repeats 2" in b["command"]
+    assert b["equal"] == [{"name": "searched", "top1": row["accuracy"]["value"], "relative_p50": 1 / 2.75,
+                           "macs": row["macs"], "grid_top1_at_equal_latency": None,
+                           "grid_top1_at_equal_macs": None}]  # one grid row brackets nothing
+    md = (tmp_path / "b" / "bench.md").read_text()
+    assert "| searched (--with) |" in md and "(its report.json)" in md and "| 2.50-3.00 |" in md
+    assert "outside the grid" in md

@@ -3,19 +3,24 @@
 Every variant is validated (loaded and resolved) before the first build starts, so a bad key or value costs
 nothing. The builds skip their own timing; afterwards the original engine and every variant's engine are rebuilt
 from the graphs the builds shipped and timed together under measure/latency.py's protocol, so each speedup is the
-original's p50 over the variant's from the same run. The bench folder is staged and swapped into place like a
-build's output (core/output.py): an interrupted bench leaves the previous one intact.
+original's p50 over the variant's from the same run. Existing build folders (`--with`, e.g. searched plans) are
+checked against the recipe before anything is built and timed in the same run from the graphs they shipped; the run
+can be repeated (`--repeats`, order reversed every other time). The bench folder is staged and swapped into place
+like a build's output (core/output.py): an interrupted bench leaves the previous one intact.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import re
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from dfp_deploy.backends.registry import get_backend
@@ -29,7 +34,7 @@ from dfp_deploy.pipeline.build import build
 from dfp_deploy.pipeline.context import output_dir, resolve_recipe
 from dfp_deploy.recipe import Recipe, load_recipe
 from dfp_deploy.recipe.loader import check_output_dir
-from dfp_deploy.report.bench_table import BENCH_JSON, BENCH_MD, render_bench_markdown
+from dfp_deploy.report.bench_table import BENCH_JSON, BENCH_MD, equal_points, render_bench_markdown
 
 _NAME_LIMIT = 80  # folder names from overrides; the build stages beside each under a longer name
 
@@ -159,12 +164,82 @@ def _say(quiet: bool, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
+@dataclass(frozen=True)
+class Existing:
+    """A `--with` build folder: its name in the table, its path and its report.json."""
+
+    name: str
+    path: Path
+    report: dict
+
+
+def load_existing(dirs, plan, loaded, taken: set[str]) -> list[Existing]:
+    """Every --with folder's report, refused in one line when it is not a build output or was built from another
+    model, weights, input shape, target backend or batch than the bench times (its row would compare unlike
+    engines). `loaded` is the bench's model as the recipe loads it; `taken` the names already in the table."""
+    out, names = [], set(taken)
+    for d in dirs:
+        path = Path(d)
+        rep = _read_report(path, d)
+        name = path.resolve().name or str(d)
+        if name in names:
+            raise InputError(f"--with {d}: a row is already named {name!r} (a grid variant, the original or another "
+                             "--with folder); give folders with distinct names")
+        names.add(name)
+        recorded = rep["model"]
+        target = rep["recipe"].get("target", {})
+        for what, theirs, ours in (
+                ("model", recorded.get("name"), loaded.name),
+                ("weights", _file(recorded.get("weights")), _file(loaded.weights)),
+                ("input shape", list(recorded.get("input_shape") or []), list(loaded.input_shape)),
+                ("target backend", target.get("backend"), plan.target.backend),
+                ("batch", target.get("batch"), plan.target.batch)):
+            if theirs != ours:
+                raise InputError(f"--with {d}: built with {what} {theirs!r}, the bench times {ours!r}; give a "
+                                 f"folder built from the same {what} as the recipe, or bench it with its own recipe")
+        out.append(Existing(name, path, rep))
+    return out
+
+
+def _read_report(path: Path, shown) -> dict:
+    not_build = f"--with {shown}: not a `dfp-deploy build` output folder"
+    try:
+        rep = json.loads((path / "report.json").read_text())
+    except FileNotFoundError:
+        raise InputError(f"{not_build} (no report.json); give a folder that a build wrote") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{not_build} (report.json unreadable: {str(exc)[:80]}); rebuild it") from None
+    try:
+        ok = all(k in rep for k in ("model", "recipe", "macs", "params", "parity", "latency"))
+        onnx = path / rep["artifacts"]["onnx"]
+    except (KeyError, TypeError):
+        ok = False
+    if not ok or not isinstance(rep, dict):
+        raise InputError(f"{not_build} (report.json lacks the build's keys); give a folder that a build wrote")
+    if not onnx.is_file():
+        raise InputError(f"--with {shown}: its engine graph {rep['artifacts']['onnx']} is missing; rebuild the folder")
+    return rep
+
+
+def _file(weights) -> str | None:
+    """A weights file as one spelling (relative and absolute paths to one file compare equal)."""
+    return None if weights is None else os.path.realpath(str(weights))
+
+
 def bench(recipe_path: Path | None, sets=(), grid_items=(), *, out: str | Path | None = None,
-          command: str | None = None, quiet: bool = False) -> dict:
-    """Build every variant of the grid into <out>/<variant>, time them interleaved with the original, write
-    <out>/bench.json and bench.md; return the bench dict."""
+          command: str | None = None, quiet: bool = False, with_dirs=(), repeats: int = 1) -> dict:
+    """Build every variant of the grid into <out>/<variant>, time them interleaved with the original and the
+    --with folders (`repeats` times), write <out>/bench.json and bench.md; return the bench dict."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise InputError(f"--repeats: {repeats!r} must be an integer >= 1")
     grid = parse_grid(list(grid_items), sets)
     base, variants = expand(recipe_path, list(sets), grid)
+    existing = []
+    if with_dirs:
+        plan = resolve_recipe(base)
+        with cs.recipe_code(recipe_path):
+            loaded = cs.load(plan)
+        existing = load_existing(list(with_dirs), plan, loaded, {"original", *(v.name for v in variants)})
     if out is not None:
         check_output_dir(str(out), "--out")  # before Path(), which turns "" into "."
     named = Path(out) if out is not None else default_out(base, recipe_path)
@@ -175,7 +250,7 @@ def bench(recipe_path: Path | None, sets=(), grid_items=(), *, out: str | Path |
     output.remove_stale(target)
     stage_dir = output.start_staging(target)
     try:
-        result = _bench_into(recipe_path, base, grid, variants, stage_dir, command, quiet)
+        result = _bench_into(recipe_path, base, grid, variants, existing, repeats, stage_dir, command, quiet)
         output.commit(stage_dir, target)
     except BaseException:
         output.discard_staging(stage_dir)
@@ -184,7 +259,8 @@ def bench(recipe_path: Path | None, sets=(), grid_items=(), *, out: str | Path |
     return result
 
 
-def _bench_into(recipe_path, base: Recipe, grid, variants: list[Variant], work: Path, command, quiet) -> dict:
+def _bench_into(recipe_path, base: Recipe, grid, variants: list[Variant], existing: list[Existing], repeats: int,
+                work: Path, command, quiet) -> dict:
     reports = []
     for i, v in enumerate(variants, 1):
         _say(quiet, f"[{i}/{len(variants)}] building {v.label()} -> {v.name}/")
@@ -195,10 +271,12 @@ def _bench_into(recipe_path, base: Recipe, grid, variants: list[Variant], work: 
         _say(quiet, f"[{i}/{len(variants)}] {v.name}: {_brief(reports[-1])}")
     plan = resolve_recipe(base)
     t, m = plan.target, plan.measure
-    _say(quiet, f"timing the original and {len(variants)} variant(s) interleaved ({t.backend}, batch {t.batch}, "
-                f"{m.runs} runs in {m.rounds} rounds each)")
-    stats, threads = _time(recipe_path, plan, variants, reports, work, quiet)
-    result = _assemble(recipe_path, grid, variants, reports, stats, plan, command, threads)
+    more = f" and {len(existing)} --with build(s)" if existing else ""
+    times = f", {repeats} times (order reversed every other time)" if repeats > 1 else ""
+    _say(quiet, f"timing the original, {len(variants)} variant(s){more} interleaved ({t.backend}, batch {t.batch}, "
+                f"{m.runs} runs in {m.rounds} rounds each{times})")
+    reps, threads = _time(recipe_path, plan, variants, reports, existing, repeats, work, quiet)
+    result = _assemble(recipe_path, grid, variants, reports, existing, reps, plan, command, threads)
     write_json_atomic(work / BENCH_JSON, result)
     write_text_atomic(work / BENCH_MD, render_bench_markdown(result))
     return result
@@ -212,9 +290,10 @@ def _brief(report: dict) -> str:
             f"parity max|diff| {report['parity']['max_abs_err']:.1e}")
 
 
-def _time(recipe_path, plan, variants, reports, work: Path, quiet: bool) -> dict:
-    """The original (fp32, as every build's `before`) and each variant's shipped graph, rebuilt on the target and
-    timed in one interleaved run. Keys: "original" and the variants' folder names."""
+def _time(recipe_path, plan, variants, reports, existing, repeats: int, work: Path, quiet: bool):
+    """The original (fp32, as every build's `before`), each variant's and each --with folder's shipped graph,
+    rebuilt on the target and timed in one interleaved run, `repeats` times with the order reversed every other
+    time. Returns one {name: LatencyStats} per repeat (keys: "original", the variants' and folders' names)."""
     t, m = plan.target, plan.measure
     backend = get_backend(t.backend, **t.options)
     with cs.recipe_code(recipe_path), tempfile.TemporaryDirectory(prefix="dfp-bench-") as tmp:
@@ -222,15 +301,22 @@ def _time(recipe_path, plan, variants, reports, work: Path, quiet: bool) -> dict
         example = cs.example_input(loaded, t.batch, plan.seed).numpy()
         engines = {"original": backend.build(work / variants[0].name / "original.onnx", precision="fp32",
                                              threads=t.threads, out_dir=Path(tmp), torch_model=loaded.module)}
-        for v, rep in zip(variants, reports):
-            folder = work / v.name
-            model = torch.load(folder / rep["artifacts"]["model_pt"], weights_only=False)
-            engines[v.name] = backend.build(folder / rep["artifacts"]["onnx"], precision=resolve_recipe(v.recipe)
-                                            .target.precision, threads=t.threads, out_dir=Path(tmp), torch_model=model)
+        shipped = [(v.name, work / v.name, rep, resolve_recipe(v.recipe).target.precision)
+                   for v, rep in zip(variants, reports)]
+        shipped += [(e.name, e.path, e.report, e.report["latency"]["precision"]) for e in existing]
+        for name, folder, rep, precision in shipped:
+            pt = rep["artifacts"].get("model_pt")
+            model = torch.load(folder / pt, weights_only=False) if pt and (folder / pt).is_file() else None
+            engines[name] = backend.build(folder / rep["artifacts"]["onnx"], precision=precision, threads=t.threads,
+                                          out_dir=Path(tmp), torch_model=model)
         runners = {name: engine.prepare(example) for name, engine in engines.items()}
-        stats = time_interleaved(runners, warmup=m.warmup, runs=m.runs, rounds=m.rounds, batch=t.batch,
-                                 threads=t.threads, progress=not quiet)
-        return stats, getattr(engines["original"], "threads", None) or t.threads
+        names = list(runners)
+        reps = []
+        for k in range(repeats):  # reversed every other repeat: who goes first in each round alternates too
+            order = names[::-1] if k % 2 else names
+            reps.append(time_interleaved({n: runners[n] for n in order}, warmup=m.warmup, runs=m.runs,
+                                         rounds=m.rounds, batch=t.batch, threads=t.threads, progress=not quiet))
+        return reps, getattr(engines["original"], "threads", None) or t.threads
 
 
 def _accuracy(acc: dict | None, side: str) -> dict | None:
@@ -240,36 +326,54 @@ def _accuracy(acc: dict | None, side: str) -> dict | None:
             "n": acc["n"]}
 
 
-def _assemble(recipe_path, grid, variants, reports, stats, plan, command, threads) -> dict:
+def _timing(reps: list[dict], name: str) -> dict:
+    """A row's timing. One repeat: its p50/p90 and original p50 / row p50. Several: the median over repeats of each
+    repeat's p50 (p90), and of original p50 / row p50 within each repeat (load drifting between repeats cancels),
+    with that ratio's per-repeat range."""
+    if len(reps) == 1:
+        orig, s = reps[0]["original"], reps[0][name]
+        rounds = round_speedups(orig, s)
+        return {"p50_ms": s.p50_ms, "p90_ms": s.p90_ms, "speedup": orig.p50_ms / s.p50_ms,
+                "speedup_rounds": [min(rounds), max(rounds)] if rounds else None, "stats": s.as_dict()}
+    per = [r["original"].p50_ms / r[name].p50_ms for r in reps]
+    rounds = [x for r in reps for x in round_speedups(r["original"], r[name])]
+    return {"p50_ms": float(np.median([r[name].p50_ms for r in reps])),
+            "p90_ms": float(np.median([r[name].p90_ms for r in reps])), "speedup": float(np.median(per)),
+            "speedup_rounds": [min(rounds), max(rounds)] if rounds else None, "speedup_repeats": [min(per), max(per)],
+            "stats_by_repeat": [r[name].as_dict() for r in reps]}
+
+
+def _assemble(recipe_path, grid, variants, reports, existing, reps, plan, command, threads) -> dict:
     from dfp_deploy import __version__
 
     t, m = plan.target, plan.measure
     first = reports[0]
-    orig = stats["original"]
-
-    def timing(name: str) -> dict:
-        s = stats[name]
-        rounds = round_speedups(orig, s)
-        return {"p50_ms": s.p50_ms, "p90_ms": s.p90_ms, "speedup": orig.p50_ms / s.p50_ms,
-                "speedup_rounds": [min(rounds), max(rounds)] if rounds else None, "stats": s.as_dict()}
-
     original = {"name": "original", "overrides": {}, "precision": "fp32",
                 "params": first["params"]["before"], "macs": first["macs"]["before"], "macs_cut": 0.0,
                 "accuracy": _accuracy(first.get("accuracy"), "before"), "parity_max_abs_err": None,
-                **timing("original")}
-    rows = []
-    for v, rep in zip(variants, reports):
-        macs = rep["macs"]
-        rows.append({"name": v.name, "overrides": dict(v.overrides), "precision": rep["latency"]["precision"],
-                     "params": rep["params"]["after"], "macs": macs["after"],
-                     "macs_cut": 1 - macs["after"] / macs["before"] if macs["before"] else 0.0,
-                     "accuracy": _accuracy(rep.get("accuracy"), "after"),
-                     "parity_max_abs_err": rep["parity"]["max_abs_err"], "plan": f"{v.name}/plan.json",
-                     **timing(v.name)})
-    return {"recipe": str(recipe_path) if recipe_path else None, "model": first["model"]["name"],
-            "grid": {k: vals for k, vals in grid}, "command": command,
-            "dfp_deploy_version": __version__,
-            "target": {"backend": t.backend, "batch": t.batch, "threads": threads},
-            "protocol": {"warmup": m.warmup, "runs": m.runs, "rounds": m.rounds,
-                         "order": "interleaved, rotating; original and every variant in one run"},
-            "environment": environment(), "original": original, "variants": rows}
+                **_timing(reps, "original")}
+    rows = [_row(v.name, dict(v.overrides), rep, _timing(reps, v.name), plan=f"{v.name}/plan.json")
+            for v, rep in zip(variants, reports)]
+    built = [_row(e.name, {}, e.report, _timing(reps, e.name), plan=str(e.path / "plan.json"), dir=str(e.path))
+             for e in existing]
+    order = "interleaved, rotating; original and every variant in one run"
+    result = {"recipe": str(recipe_path) if recipe_path else None, "model": first["model"]["name"],
+              "grid": {k: vals for k, vals in grid}, "command": command,
+              "dfp_deploy_version": __version__,
+              "target": {"backend": t.backend, "batch": t.batch, "threads": threads},
+              "protocol": {"warmup": m.warmup, "runs": m.runs, "rounds": m.rounds, "repeats": len(reps),
+                           "order": order + (", order reversed every other repeat" if len(reps) > 1 else "")},
+              "environment": environment(), "original": original, "variants": rows}
+    if built:
+        result["with"] = built
+        result["equal"] = equal_points(rows, built)
+    return result
+
+
+def _row(name: str, overrides: dict, rep: dict, timing: dict, **where) -> dict:
+    macs = rep["macs"]
+    return {"name": name, "overrides": overrides, "precision": rep["latency"]["precision"],
+            "params": rep["params"]["after"], "macs": macs["after"],
+            "macs_cut": 1 - macs["after"] / macs["before"] if macs["before"] else 0.0,
+            "accuracy": _accuracy(rep.get("accuracy"), "after"),
+            "parity_max_abs_err": rep["parity"]["max_abs_err"], **where, **timing}
