@@ -124,7 +124,7 @@ def render_bench_markdown(bench: dict) -> str:
              "medians over the repeats, speedup the median of each repeat's ratio, by repeat its range."
              if repeats > 1 else "")
     built = (" A row marked --with is an existing build folder timed in the same run; its MACs, params, parity and "
-             "top-1 come from its report.json." if bench.get("with") else "")
+             "top-1 come from its report.json, and bench.json names its folder (`dir`)." if bench.get("with") else "")
     lines = [f"# dfp-deploy bench: {bench['model']}", ""]
     if bench.get("command"):
         lines += ["```", bench["command"], "```", ""]
