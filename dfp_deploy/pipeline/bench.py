@@ -195,8 +195,8 @@ def load_existing(dirs, plan, loaded, taken: set[str]) -> list[Existing]:
                 ("target backend", target.get("backend"), plan.target.backend),
                 ("batch", target.get("batch"), plan.target.batch)):
             if theirs != ours:
-                raise InputError(f"--with {d}: built with {what} {theirs!r}, the bench times {ours!r}; give a "
-                                 f"folder built from the same {what} as the recipe, or bench it with its own recipe")
+                raise InputError(f"--with {d}: built with {what} {theirs!r}, the bench times {ours!r}; give a build "
+                                 f"of the recipe's {what}")
         out.append(Existing(name, path, rep))
     return out
 
