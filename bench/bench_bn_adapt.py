@@ -8,9 +8,10 @@ Markdown row: MACs change, top-1 data-free, then top-1 after adapt_batchnorm on 
 --steps value (--samples inputs, seed --seed, cached under --cache). The first row is the ORIGINAL model adapted the
 same way: how far the synthetic inputs themselves move an unchanged model (0 with perfect inputs). E.g.
 
-  python bench/bench_bn_adapt.py --weights ../shared/models/resnet56-4bfd9763.th --eval /tmp/jpeg_tune.npz \\
+  python bench/bench_bn_adapt.py --eval /tmp/jpeg_tune.npz \\
       --ratios 0.3 0.5 --plans l2 lmmse-macs --methods none,udfc,lmmse --steps 50 200
 
+For cifar_resnet56, --weights and --eval default to the ResNet-56 weights and CIFAR test set under --data-root.
 Single-threaded by default (--threads 1); the lmmse-macs planning of ResNet-56 takes about a minute per ratio.
 """
 
@@ -25,16 +26,12 @@ import time
 import torch
 
 from dfp_deploy.analysis import analyze, count_macs
-from dfp_deploy.compress.calibrate.bn_adapt import adapt_batchnorm, self_agreement
-from dfp_deploy.compress.prune import prune_model
-from dfp_deploy.compress.repair.apply import compress_model
-from dfp_deploy.compress.select.plan import make_plan
-from dfp_deploy.compress.select.planner import ChannelPlanner
-from dfp_deploy.core.types import PrunePlan
-from dfp_deploy.data.images import load_images, to_tensor
-from dfp_deploy.data.sources import load_calibration_inputs
+from dfp_deploy.compress import ChannelPlanner, adapt_batchnorm, compress_model, make_plan, prune_model, self_agreement
+from dfp_deploy.core import PrunePlan
+from dfp_deploy.data import load_calibration_inputs, load_images, to_tensor
 from dfp_deploy.models import load_model
 from dfp_deploy.pipeline import cache_dir
+from data_root import add_data_root, fill  # bench/data_root.py (the script's folder is on sys.path)
 
 
 def top1(model: torch.nn.Module, x: torch.Tensor, y) -> float:
@@ -61,7 +58,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="cifar_resnet56")
     ap.add_argument("--weights", default=None)
-    ap.add_argument("--eval", required=True, help="labelled test .npz")
+    ap.add_argument("--eval", default=None, help="labelled test .npz (cifar_resnet56: the CIFAR test set)")
+    add_data_root(ap)
     ap.add_argument("--ratios", type=float, nargs="*", default=[0.5])
     ap.add_argument("--plans", nargs="*", default=["l2"], choices=["l2", "lmmse", "lmmse-macs", "lmmse-macs-abs"])
     ap.add_argument("--plan-json", nargs="*", default=[], help="plan.json files of builds (e.g. a searched plan)")
@@ -76,6 +74,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench_bn_adapt.jsonl")
     args = ap.parse_args(argv)
+    if args.model == "cifar_resnet56":
+        fill(args, {"weights": "models/resnet56-4bfd9763.th", "eval": "data/cifar10_test_exact932.npz"})
+    elif args.eval is None:
+        ap.error(f"--eval is required with --model {args.model} (a labelled test .npz)")
     torch.set_num_threads(args.threads)
 
     loaded = load_model(args.model, args.weights)

@@ -2,12 +2,13 @@
 
 For every prune ratio, the same plan (make_plan with --importance, or with --importance lmmse the lmmse channel
 selection, ChannelPlanner(importance="lmmse", allocation="uniform"), same kept counts) is scored as: plain pruning,
-UDFC and lmmse (dfp_deploy.compress.repair.apply.compress_model, data-free), then calibrate() with each calibration
+UDFC and lmmse (dfp_deploy.compress.compress_model, data-free), then calibrate() with each calibration
 source × size. One line of JSON per calibrated configuration is appended to --out, and a Markdown row is printed, e.g.
 
-  python bench/bench_calibrate.py --model cifar_resnet56 --weights ../shared/models/resnet56-4bfd9763.th \\
-      --calib ../shared/data/cifar10_train_exact4660.npz --eval ../shared/data/cifar10_test_exact932.npz \\
-      --ratios 0.3 0.5 --samples 64 256 1024 --synthetic 256
+  python bench/bench_calibrate.py --model cifar_resnet56 --ratios 0.3 0.5 --samples 64 256 1024 --synthetic 256
+
+(for cifar_resnet56, --weights, --calib and --eval default to the ResNet-56 weights and the CIFAR training and test
+sets under --data-root, default ../shared beside the checkout).
 
 Calibration images are a seeded random subset of --calib (a TRAINING file; never point it at test images; labels are
 ignored), and --synthetic N... adds runs on N BN-matched generated inputs (data/synthetic.py, --synthetic-steps
@@ -35,16 +36,13 @@ import time
 import torch
 
 from dfp_deploy.analysis import analyze, count_macs
-from dfp_deploy.compress.calibrate.two_phase import CalibrationLog, auto_batch, calibrate
-from dfp_deploy.compress.prune import prune_model
-from dfp_deploy.compress.repair.apply import compress_model
-from dfp_deploy.compress.select.measured import measured_group_statistics
-from dfp_deploy.compress.select.plan import make_plan
-from dfp_deploy.compress.select.planner import ALLOCATIONS, ChannelPlanner, RANKINGS
-from dfp_deploy.core.types import PrunePlan
-from dfp_deploy.data.images import load_images, to_tensor
-from dfp_deploy.data.sources import load_calibration_inputs
+from dfp_deploy.compress import (ALLOCATIONS, RANKINGS, CalibrationLog, ChannelPlanner, auto_batch,
+                                 calibrate_model as calibrate, compress_model, make_plan, measured_group_statistics,
+                                 prune_model)
+from dfp_deploy.core import PrunePlan
+from dfp_deploy.data import load_calibration_inputs, load_images, to_tensor
 from dfp_deploy.models import load_model
+from data_root import add_data_root, fill  # bench/data_root.py (the script's folder is on sys.path)
 
 
 def top1(model: torch.nn.Module, x: torch.Tensor, y) -> float:
@@ -94,7 +92,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="cifar_resnet56")
     ap.add_argument("--weights", default=None)
     ap.add_argument("--calib", default=None, help="training-image .npz (real calibration images)")
-    ap.add_argument("--eval", required=True, help="labelled test .npz")
+    ap.add_argument("--eval", default=None, help="labelled test .npz (cifar_resnet56: the CIFAR test set)")
+    add_data_root(ap)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
     ap.add_argument("--samples", type=int, nargs="*", default=[64, 256, 1024], help="real image counts")
     ap.add_argument("--synthetic", type=int, nargs="*", default=[], help="synthetic input counts")
@@ -122,6 +121,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench_calibrate.jsonl")
     args = ap.parse_args(argv)
+    if args.model == "cifar_resnet56":  # the shared files under --data-root, unless named
+        fill(args, {"weights": "models/resnet56-4bfd9763.th", "eval": "data/cifar10_test_exact932.npz",
+                    "calib": "data/cifar10_train_exact4660.npz"})
+    elif args.eval is None:
+        ap.error(f"--eval is required with --model {args.model} (a labelled test .npz)")
     torch.set_num_threads(args.threads)
     if args.samples and not args.calib:
         ap.error("--samples needs --calib (a training .npz); use --samples with no values for synthetic only")

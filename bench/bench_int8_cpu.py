@@ -33,11 +33,8 @@ import numpy as np
 import onnx
 import torch
 
-from dfp_deploy.export.onnx_export import export_onnx
-from dfp_deploy.export.passes import prepare_int8_onnx
-from dfp_deploy.export.passes.prepare import default_reduce_range
-from dfp_deploy.export.calibrated_ranges import calibration_ranges
-from dfp_deploy.export.ranges import DEFAULT_K, data_free_ranges
+from dfp_deploy.export import (DEFAULT_K, calibration_ranges, data_free_ranges, default_reduce_range, export_onnx,
+                               prepare_int8_onnx)
 from dfp_deploy.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -1,7 +1,7 @@
 """Benchmark: ORT CPU latency of original vs pruned engines, timed interleaved in one process, next to MAC cuts.
 
 Regenerates the latency tables of docs/research/latency-cpu.md and int8-cpu.md, e.g.
-  python bench/bench_latency.py --model cifar_resnet56 --weights ../shared/models/resnet56-4bfd9763.th \
+  python bench/bench_latency.py --model cifar_resnet56 \
       --eval ../shared/data/cifar10_test_exact932.npz --batch 1 8 --threads 1 --int8
 With --int8 every variant is also built as an ORT-CPU int8 engine (Q/DQ, data-free activation ranges from BN
 statistics, 7-bit weights on CPUs without VNNI) and its top-1 is that of the int8 engine itself.
@@ -22,19 +22,18 @@ import numpy as np
 import torch
 
 from dfp_deploy.analysis import analyze, count_macs
-from dfp_deploy.backends.registry import get_backend
-from dfp_deploy.compress.select.planner import ChannelPlanner
-from dfp_deploy.export.int8 import int8_onnx
-from dfp_deploy.export.onnx_export import export_onnx
-from dfp_deploy.measure.accuracy import top1
-from dfp_deploy.data.images import load_images, to_tensor
-from dfp_deploy.measure.latency import time_interleaved
+from dfp_deploy.backends import get_backend
+from dfp_deploy.compress import ChannelPlanner
+from dfp_deploy.data import load_images, to_tensor
+from dfp_deploy.export import export_onnx, int8_onnx
+from dfp_deploy.measure import time_interleaved, top1
 from dfp_deploy.models import load_model
+from data_root import add_data_root, fill  # bench/data_root.py (the script's folder is on sys.path)
 
 
 def variants(model, analysis, ratios: list[float], round_tos: list[int], importance: str, allocation: str,
              reconstruct: str, residual: bool):
-    from dfp_deploy.compress.repair.apply import compress_model
+    from dfp_deploy.compress import compress_model
 
     yield "original", model
     for include_residual in (False, True) if residual else (False,):
@@ -54,6 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="cifar_resnet56")
     ap.add_argument("--weights", default=None)
     ap.add_argument("--eval", default=None, help="labelled .npz for top-1 (optional)")
+    add_data_root(ap)
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=10)
     args = ap.parse_args(argv)
+    if args.model == "cifar_resnet56":  # its trained weights under --data-root, unless named
+        fill(args, {"weights": "models/resnet56-4bfd9763.th"})
     torch.set_num_threads(args.threads)
 
     loaded = load_model(args.model, args.weights)

@@ -27,11 +27,9 @@ import numpy as np
 import torch
 
 from dfp_deploy.analysis import analyze
-from dfp_deploy.measure.latency import time_interleaved
-from dfp_deploy.measure.workers import Candidate, CandidateTimer, TargetSpec
+from dfp_deploy.measure import Candidate, CandidateTimer, TargetSpec, time_interleaved
 from dfp_deploy.models import load_model
-from dfp_deploy.search.loop import run_search
-from dfp_deploy.search.space import build_space
+from dfp_deploy.search import build_space, run_search
 
 sys.path.insert(0, str(Path(__file__).parent))
 from mdtable import markdown  # noqa: E402

@@ -54,12 +54,9 @@ import numpy as np
 import torch
 
 from dfp_deploy.analysis import analyze, count_macs
-from dfp_deploy.compress.quantize.weights import edge_layers
-from dfp_deploy.compress.repair.apply import METHODS, RepairOptions, compress_model
-from dfp_deploy.compress.select.lmmse import select_plan
-from dfp_deploy.compress.select.plan import make_plan
-from dfp_deploy.core.types import PrunePlan
-from dfp_deploy.data.images import to_tensor
+from dfp_deploy.compress import METHODS, RepairOptions, compress_model, edge_layers, make_plan, select_plan
+from dfp_deploy.core import PrunePlan
+from dfp_deploy.data import to_tensor
 from dfp_deploy.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -167,7 +164,7 @@ def load_set(path: str, preprocess, start: int = 0, count: int | None = None):
     if "x" in data.files:
         x = data["x"][start:end]
     else:  # JPEG layout of the full test set
-        from dfp_deploy.data.images import load_images
+        from dfp_deploy.data import load_images
 
         x, _ = load_images(path, preprocess, limit=end)
         x = x[start:]
@@ -406,8 +403,7 @@ class Bench:
         return model
 
     def peers(self, ev):
-        from dfp_deploy.export.int8 import int8_onnx
-        from dfp_deploy.export.onnx_export import export_onnx
+        from dfp_deploy.export import export_onnx, int8_onnx
 
         a = self.args
         rows, record = [], []

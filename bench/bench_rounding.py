@@ -27,8 +27,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from dfp_deploy.backends.registry import get_backend
-from dfp_deploy.measure.latency import time_interleaved
+from dfp_deploy.backends import get_backend
+from dfp_deploy.measure import time_interleaved
 
 
 def engine_onnx(folder: Path, original: bool = False) -> Path:

@@ -39,14 +39,11 @@ import numpy as np
 import torch
 
 from dfp_deploy.analysis import analyze, count_macs
-from dfp_deploy.compress.select.paths import LmmseSelector
-from dfp_deploy.compress.select.plan import make_plan
-from dfp_deploy.core.types import PrunePlan
+from dfp_deploy.compress import LmmseSelector, make_plan
+from dfp_deploy.core import PrunePlan
+from dfp_deploy.data import bn_matched_inputs
 from dfp_deploy.models import load_model
-from dfp_deploy.search.env import MacCost, PruneEnv
-from dfp_deploy.search.reward import fidelity
-from dfp_deploy.search.space import build_space
-from dfp_deploy.data.synthetic import bn_matched_inputs
+from dfp_deploy.search import MacCost, PruneEnv, build_space, fidelity
 from data_root import add_data_root, fill  # bench/data_root.py (the script's folder is on sys.path)
 from mdtable import markdown  # bench/mdtable.py
 
@@ -122,7 +119,7 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 class Bench:
     def __init__(self, args):
-        from dfp_deploy.data.images import load_images, to_tensor
+        from dfp_deploy.data import load_images, to_tensor
 
         torch.set_num_threads(args.threads)
         self.args = args
@@ -175,8 +172,7 @@ class Bench:
         return make_plan(self.model, self.analysis, ratio=0.0, ratios=ratios, round_to=1, importance=selection)
 
     def compress(self, plan: PrunePlan):
-        from dfp_deploy.compress.prune import prune_model
-        from dfp_deploy.compress.repair.apply import compress_model
+        from dfp_deploy.compress import compress_model, prune_model
 
         if self.args.method == "none":
             return prune_model(self.model, self.analysis, plan).eval()
@@ -283,8 +279,8 @@ def proxy_table(rows: list[dict], bench: Bench) -> str:
 # --- search section ------------------------------------------------------------------------------------------
 
 def section_search(bench: Bench, results: dict) -> None:
-    from dfp_deploy.compress.select.lmmse import select_plan
-    from dfp_deploy.search.loop import run_search
+    from dfp_deploy.compress import select_plan
+    from dfp_deploy.search import run_search
 
     args = bench.args
     seeds = [int(s) for s in args.search_seeds.split(",") if s]
@@ -393,9 +389,9 @@ def section_replay(bench: Bench, results: dict) -> None:
 
 
 def measure_latency(bench: Bench, models: dict) -> dict:
-    from dfp_deploy.backends.registry import get_backend
-    from dfp_deploy.export.onnx_export import export_onnx
-    from dfp_deploy.measure.latency import time_interleaved
+    from dfp_deploy.backends import get_backend
+    from dfp_deploy.export import export_onnx
+    from dfp_deploy.measure import time_interleaved
 
     args = bench.args
     backend = get_backend("ort-cpu")

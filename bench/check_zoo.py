@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dfp_deploy.data.images import load_images, to_tensor
+from dfp_deploy.data import load_images, to_tensor
 from dfp_deploy.models import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

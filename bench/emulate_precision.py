@@ -33,10 +33,9 @@ def evaluate(key: str, root: Path, images: int) -> list[dict]:
     import numpy as np
     import torch
 
-    from dfp_deploy.data.images import load_images, to_tensor
-    from dfp_deploy.measure.emulate import corrupt_one_weight, emulated
-    from dfp_deploy.measure.parity import ParityRule, network_size, parity
-    from dfp_deploy.models.loader import load_model
+    from dfp_deploy.data import load_images, to_tensor
+    from dfp_deploy.measure import ParityRule, check_parity as parity, corrupt_one_weight, emulated, network_size
+    from dfp_deploy.models import load_model
 
     name, weights, data = MODELS[key]
     loaded = load_model(name, str(root / weights))

@@ -145,7 +145,7 @@ def main(argv=None) -> int:
               f"{Path(args.out) / 'layers'}/*.layers.json")
         return 0
 
-    from dfp_deploy.backends.registry import list_backends
+    from dfp_deploy.backends import list_backends
 
     started = time.perf_counter()
     out = Path(args.out)

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dfp_deploy.core import output  # noqa: E402
+from dfp_deploy.core import remove_stale, write_marker  # noqa: E402
 
 # (label, progress-line prefix, seconds after it)
 STAGES = [("1 load model", "[1/8]", 0.0), ("2 analyse", "[2/8]", 0.3), ("3 compress", "[3/8]", 0.3),
@@ -43,7 +43,7 @@ def _previous(out: Path) -> dict:
     out.mkdir(parents=True)
     (out / "model.onnx").write_bytes(b"previous engine")
     (out / "report.json").write_text('{"previous": true}\n')
-    output.write_marker(out)
+    write_marker(out)
     (out / "notes.txt").write_text("the user's")
     return _tree(out)
 
@@ -71,7 +71,7 @@ def cell(recipe: Path, sig: signal.Signals, label: str, line: str, delay: float,
         leftovers = sorted(p.name for p in Path(tmp).iterdir() if p.name != "out")
         cleaned = None
         if leftovers:
-            output.remove_stale(out)  # what the next build does first
+            remove_stale(out)  # what the next build does first
             cleaned = sorted(p.name for p in Path(tmp).iterdir() if p.name != "out") == []
         return {"signal": sig.name, "stage": label, "sent": sent, "exit": proc.returncode,
                 "previous_intact": after == before, "finished": finished,

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from dfp_deploy.core.errors import DfpError
-from dfp_deploy.models.random_init import non_degenerate_
+from dfp_deploy.core import DfpError
+from dfp_deploy.models import non_degenerate_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mdtable import markdown  # noqa: E402  (bench/mdtable.py)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dfp_deploy.backends.registry import get_backend, simulation
-from dfp_deploy.measure.parity import INT8_MAX_REL_RMS, int8_verdict, parity
+from dfp_deploy.backends import get_backend, simulation
+from dfp_deploy.measure import INT8_MAX_REL_RMS, check_parity as parity, int8_verdict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mdtable import markdown  # noqa: E402  (bench/mdtable.py)

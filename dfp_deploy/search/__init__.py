@@ -1,7 +1,36 @@
 """AutoDFP search: an agent picks per-group keep ratios under a cost budget, rewarded by data-free fidelity.
 
-Entry points: space.build_space (what is searched),
-reward.fidelity / reward.proxy (score a candidate), env.MacCost / env.LatencyModel (budget cost models) and
-loop.run_search (the search itself). Which channels a searched count keeps is the pipeline's plan callable
-(compress/select/). Import the submodules directly; this package imports nothing heavy.
+build_space (what is searched), fidelity / proxy (score a candidate), MacCost / LatencyModel (budget cost
+models), PruneEnv and run_search (the search itself). Which channels a searched count keeps is the pipeline's
+plan callable (compress/select/). These names are the public API; nothing heavy loads until one is used.
 """
+
+from __future__ import annotations
+
+import importlib
+
+# name -> module that defines it; loaded on first use, so importing the package stays cheap and acyclic
+_EXPORTS = {
+    "LatencyModel": ("dfp_deploy.search.env", "LatencyModel"),
+    "MacCost": ("dfp_deploy.search.env", "MacCost"),
+    "PruneEnv": ("dfp_deploy.search.env", "PruneEnv"),
+    "build_space": ("dfp_deploy.search.space", "build_space"),
+    "fidelity": ("dfp_deploy.search.reward", "fidelity"),
+    "proxy": ("dfp_deploy.search.reward", "proxy"),
+    "run_search": ("dfp_deploy.search.loop", "run_search"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attr = _EXPORTS[name]
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
