@@ -7,7 +7,7 @@ plan callable (compress/select/). These names are the public API; nothing heavy 
 
 from __future__ import annotations
 
-import importlib
+from dfp_deploy.core.lazy import lazy_exports
 
 # name -> module that defines it; loaded on first use, so importing the package stays cheap and acyclic
 _EXPORTS = {
@@ -20,17 +20,4 @@ _EXPORTS = {
     "run_search": ("dfp_deploy.search.loop", "run_search"),
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module, attr = _EXPORTS[name]
-    value = getattr(importlib.import_module(module), attr)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
