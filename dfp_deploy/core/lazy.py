@@ -9,10 +9,17 @@ import sys
 from collections.abc import Callable, Mapping
 
 
-def lazy_exports(package: str, exports: Mapping[str, tuple[str, str]]) -> tuple[Callable, Callable, list[str]]:
-    """(__getattr__, __dir__, __all__) for `package`, whose public names map to (module, attribute)."""
+def lazy_exports(package: str, modules: Mapping[str, str]) -> tuple[Callable, Callable, list[str]]:
+    """(__getattr__, __dir__, __all__) for `package`. `modules` maps a submodule (relative to the package, e.g.
+    ".select.planner") to the names it gives, separated by spaces; "public=attr" exports `attr` under another name
+    (where the attribute shares its name with a submodule)."""
     namespace = sys.modules[package].__dict__
-    public = sorted(exports)
+    exports = {}
+    for module, names in modules.items():
+        for entry in names.split():
+            public, _, attr = entry.partition("=")
+            exports[public] = (package + module, attr or public)
+    public_names = sorted(exports)
 
     def __getattr__(name: str):
         if name not in exports:
@@ -23,6 +30,6 @@ def lazy_exports(package: str, exports: Mapping[str, tuple[str, str]]) -> tuple[
         return value
 
     def __dir__() -> list[str]:
-        return sorted(set(namespace) | set(public))
+        return sorted(set(namespace) | set(public_names))
 
-    return __getattr__, __dir__, public
+    return __getattr__, __dir__, public_names

@@ -59,8 +59,9 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
     torch.manual_seed(plan.seed)
     t = plan.target
     backend = get_backend(t.backend, **t.options)
-    if not backend.info().available:
-        raise BackendUnavailable(f"target.backend: {t.backend} is unavailable here: {backend.info().reason}")
+    info = backend.info()  # the device and runtime version that key the measurement and accuracy caches
+    if not info.available:
+        raise BackendUnavailable(f"target.backend: {t.backend} is unavailable here: {info.reason}")
     fingerprint_s = None
     if t.measure_fingerprint:
         stage.total += 1
@@ -138,7 +139,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
 
     stage("timing engines (before/after interleaved)" if plan.measure.latency else "timing skipped")
     latency, stats = es.time_engines(plan, engines, example, quiet=stage.quiet, graphs=timed_graphs,
-                                     target=backend.info())
+                                     target=info)
     if rounding is not None and stats is not None:
         rounding.update(macs_rounded=sizes["macs"]["after"], p50_ms_rounded=stats["after"].p50_ms,
                         p50_ms_unrounded=stats["unrounded"].p50_ms,
@@ -149,7 +150,7 @@ def _build_into(recipe: Recipe, recipe_path: Path | None, work: Path, stage: Sta
 
     stage("evaluating accuracy" if plan.eval.data else "accuracy skipped (no eval.data)")
     accuracy = es.accuracy(plan, loaded, eng_before, eng_after, quiet=stage.quiet, original=exp_before.path,
-                           target=backend.info()) if plan.eval.data else None
+                           target=info) if plan.eval.data else None
 
     bn_adapt = _bn_adapt_report(plan, adapt_inputs, adapt_trust)
     engine = eng_after.inspect().report() or None
